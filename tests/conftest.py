@@ -1,0 +1,19 @@
+"""Shared fixtures: where the shared assets are, and skips when they are absent."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+ASSETS_DIR = pathlib.Path(os.environ.get("ERASABLEMASK_ASSETS", REPO_ROOT.parent / "shared" / "assets"))
+
+
+@pytest.fixture(scope="session")
+def assets_dir() -> pathlib.Path:
+  """`../shared/assets` (or $ERASABLEMASK_ASSETS); skips the test with the reason when it is absent."""
+  if not (ASSETS_DIR / "MANIFEST.md").is_file():
+    pytest.skip(f"shared assets not found at {ASSETS_DIR} (set ERASABLEMASK_ASSETS or place ../shared beside the repo)")
+  return ASSETS_DIR
