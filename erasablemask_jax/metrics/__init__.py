@@ -1,0 +1,10 @@
+"""Evaluation metrics: image quality (L1, MSE, LPIPS, FID), recognition success rates, attack baselines, remote FR.
+
+Modules:
+  quality: L1 and MSE on the [0, 1] scale.
+  lpips: LPIPS (AlexNet / VGG16 trunks + v0.1 linear heads) in Flax, and its checkpoint conversion.
+  fid: the pytorch-fid InceptionV3 pool3 features in Flax, and the Frechet distance.
+  recognition: cosines, ASR / ESR, and the FGSM / PGD impersonation baselines.
+  remote: a client for a black-box HTTP face-compare endpoint; compare_server: a local reference endpoint.
+  availability: the `Unavailable` marker a metric returns instead of a number when it cannot be computed.
+"""
