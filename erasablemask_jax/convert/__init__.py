@@ -1,0 +1,38 @@
+"""PyTorch -> Flax weight conversion: the reusable library behind `tools.convert_torch_weights`.
+
+- `read_state_dict(path)`: torch (`weights_only=True`) or safetensors file -> `{name: np.ndarray}`.
+- Layout helpers: `conv_oihw_to_hwio`, `depthwise_oihw_to_hwio`, `linear_to_dense`, `linear_after_nchw_flatten`,
+  and `torch_to_flax_flat`, the generic rename (BatchNorm / conv / Linear / PReLU by their tensors).
+- `strict_merge(flat, abstract_variables)`: exact one-to-one merge naming every mismatch in one error.
+- `register_arch(name, ArchSpec(...))` / `get_arch` / `list_archs`: the architecture registry; modules outside this
+  package register at import and are found through `registry.PROVIDER_MODULES` / `add_provider` (see `registry`).
+- `write_model_dir` / `read_model_dir`: atomic orbax + `card.json` model directories.
+- `convert_checkpoint(arch, checkpoint, out_dir, force)`: all of the above in one call.
+"""
+
+from erasablemask_jax.convert.checkpoint import CONVERTER_VERSION
+from erasablemask_jax.convert.checkpoint import convert_checkpoint
+from erasablemask_jax.convert.checkpoint import convert_state_dict
+from erasablemask_jax.convert.checkpoint import sha256_file
+from erasablemask_jax.convert.layout import conv_oihw_to_hwio
+from erasablemask_jax.convert.layout import default_module_path
+from erasablemask_jax.convert.layout import depthwise_oihw_to_hwio
+from erasablemask_jax.convert.layout import linear_after_nchw_flatten
+from erasablemask_jax.convert.layout import linear_to_dense
+from erasablemask_jax.convert.layout import torch_to_flax_flat
+from erasablemask_jax.convert.merge import StrictMergeError
+from erasablemask_jax.convert.merge import abstract_init
+from erasablemask_jax.convert.merge import flatten_variables
+from erasablemask_jax.convert.merge import strict_merge
+from erasablemask_jax.convert.model_dir import ModelDirError
+from erasablemask_jax.convert.model_dir import read_card
+from erasablemask_jax.convert.model_dir import read_model_dir
+from erasablemask_jax.convert.model_dir import write_card
+from erasablemask_jax.convert.model_dir import write_model_dir
+from erasablemask_jax.convert.registry import ArchSpec
+from erasablemask_jax.convert.registry import add_provider
+from erasablemask_jax.convert.registry import get_arch
+from erasablemask_jax.convert.registry import list_archs
+from erasablemask_jax.convert.registry import register_arch
+from erasablemask_jax.convert.state_dict import CheckpointError
+from erasablemask_jax.convert.state_dict import read_state_dict

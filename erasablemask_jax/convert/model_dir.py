@@ -1,0 +1,101 @@
+"""A converted model on disk: `DIR/variables/` (an orbax PyTree checkpoint) and `DIR/card.json`.
+
+Writing is atomic: everything goes to a hidden temporary directory beside DIR which is then renamed onto DIR, so a
+crash never leaves a half-written model, and an existing DIR is only replaced with `force=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+
+CARD_FILE = "card.json"
+VARIABLES_DIR = "variables"
+
+
+class ModelDirError(ValueError):
+  """A model directory is missing, incomplete, or would be overwritten."""
+
+
+def check_writable(out_dir: str | os.PathLike[str], force: bool = False) -> pathlib.Path:
+  """Raises `ModelDirError` when `out_dir` exists and `force` is off; returns it as a Path."""
+  out_dir = pathlib.Path(out_dir)
+  if out_dir.exists() and not force:
+    raise ModelDirError(f"output {out_dir} already exists; choose another directory or pass --force to replace it")
+  if out_dir.exists() and not out_dir.is_dir():
+    raise ModelDirError(f"output {out_dir} exists and is not a directory; remove it first")
+  return out_dir
+
+
+def write_model_dir(out_dir: str | os.PathLike[str], variables: Mapping[str, Any], card: Mapping[str, Any],
+                    force: bool = False) -> pathlib.Path:
+  """Writes `variables` (orbax) and `card` (JSON) into `out_dir` atomically.
+
+  Args:
+    out_dir: destination directory; its parent is created if needed.
+    variables: `{'params': ..., 'batch_stats': ...}` pytree of arrays.
+    card: JSON-serialisable metadata.
+    force: replace an existing `out_dir`.
+
+  Returns:
+    `out_dir` as a Path.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  out_dir = check_writable(out_dir, force).absolute()
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  try:
+    tree = _to_numpy(variables)
+    ocp.PyTreeCheckpointer().save(tmp / VARIABLES_DIR, tree)
+    (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    if out_dir.exists():
+      trash = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+      os.replace(out_dir, trash / "old")
+      os.replace(tmp, out_dir)
+      shutil.rmtree(trash, ignore_errors=True)
+    else:
+      os.replace(tmp, out_dir)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
+def _to_numpy(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    return {str(k): _to_numpy(v) for k, v in tree.items()}
+  return np.asarray(tree)
+
+
+def read_card(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+  """The parsed `card.json` of a model directory."""
+  path = pathlib.Path(model_dir) / CARD_FILE
+  if not path.is_file():
+    raise ModelDirError(f"{model_dir} is not a converted model directory (no {CARD_FILE}); create one with "
+                        "`python -m tools.convert_torch_weights --arch ARCH --checkpoint FILE --out DIR`")
+  return json.loads(path.read_text())
+
+
+def write_card(model_dir: str | os.PathLike[str], card: Mapping[str, Any]) -> None:
+  """Replaces `card.json` atomically (write a temporary file, then rename)."""
+  path = pathlib.Path(model_dir) / CARD_FILE
+  tmp = path.with_name(f".{CARD_FILE}.tmp")
+  tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+  os.replace(tmp, path)
+
+
+def read_model_dir(model_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads `(variables, card)` from a directory written by `write_model_dir` (numpy leaves)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  model_dir = pathlib.Path(model_dir)
+  card = read_card(model_dir)
+  if not (model_dir / VARIABLES_DIR).is_dir():
+    raise ModelDirError(f"{model_dir}: no {VARIABLES_DIR}/ checkpoint beside {CARD_FILE}; convert the model again")
+  variables = ocp.PyTreeCheckpointer().restore((model_dir / VARIABLES_DIR).absolute())
+  return _to_numpy(variables), card

@@ -1,0 +1,90 @@
+"""Registry of convertible architectures.
+
+An `ArchSpec` knows how to build the Flax module, the shape of the batch its `init` takes, how to turn a torch state
+dict into flat Flax variable paths (`rename`), and the card entries (preprocessing, embedding size, ...) written beside
+the converted weights.
+
+Registering from outside this package: any module may call `register_arch(name, spec)` at import time. So that
+`get_arch` / `list_archs` (and the `tools.convert_torch_weights` CLI) see the specs without the caller importing the
+module first, add the module path to `PROVIDER_MODULES` (the built-in list names `erasablemask_jax.fr.archs` for the
+face-recognition zoo and `erasablemask_jax.align.archs` for the MTCNN P/R/O-Nets; a provider that is not installed is
+skipped) or call `add_provider("your.module")` before looking up. Example, in `erasablemask_jax/align/archs.py`:
+
+    from erasablemask_jax import convert
+    convert.register_arch("mtcnn_pnet", convert.ArchSpec(
+        name="mtcnn_pnet", build=PNet, input_shape=(12, 12, 3),
+        rename=lambda sd: convert.torch_to_flax_flat(sd), card={"kind": "detector", ...}))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+PROVIDER_MODULES: list[str] = ["erasablemask_jax.fr.archs", "erasablemask_jax.align.archs"]
+
+_REGISTRY: dict[str, "ArchSpec"] = {}
+_loaded: set[str] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+  """One convertible architecture.
+
+  Attributes:
+    name: registry name (`iresnet100`, `mobilefacenet`, ...).
+    build: returns the Flax linen module (called with no arguments).
+    input_shape: `(H, W, C)` of one example for `module.init`.
+    rename: torch state dict (numpy) -> `{"params/...": array, "batch_stats/...": array}`.
+    card: JSON-serialisable entries for `card.json` (preprocessing, embedding size, source repository, ...).
+    description: one line for `--help` listings.
+  """
+  name: str
+  build: Callable[[], Any]
+  input_shape: tuple[int, int, int]
+  rename: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+  card: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  description: str = ""
+
+
+def register_arch(name: str, spec: ArchSpec, *, overwrite: bool = False) -> ArchSpec:
+  """Adds `spec` under `name`; registering a different spec under a taken name raises unless `overwrite`."""
+  if name in _REGISTRY and not overwrite and _REGISTRY[name] is not spec:
+    raise ValueError(f"architecture {name!r} is already registered; pass overwrite=True to replace it")
+  _REGISTRY[name] = spec
+  return spec
+
+
+def add_provider(module_name: str) -> None:
+  """Names a module whose import registers architectures; it is imported on the next lookup."""
+  if module_name not in PROVIDER_MODULES:
+    PROVIDER_MODULES.append(module_name)
+
+
+def _load_providers() -> None:
+  for module_name in list(PROVIDER_MODULES):
+    if module_name in _loaded:
+      continue
+    try:
+      importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+      if e.name is None or not module_name.startswith(e.name):
+        raise
+    _loaded.add(module_name)
+
+
+def list_archs() -> list[str]:
+  """Sorted names of every registered architecture (providers imported first)."""
+  _load_providers()
+  return sorted(_REGISTRY)
+
+
+def get_arch(name: str) -> ArchSpec:
+  """The spec registered as `name`; an unknown name raises `KeyError` listing the known ones."""
+  _load_providers()
+  if name not in _REGISTRY:
+    raise KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+  return _REGISTRY[name]

@@ -1,0 +1,17 @@
+"""Surrogate face-recognition networks in Flax (IResNet, IR/IR-SE, InceptionResnetV1, MobileFaceNet).
+
+`load(directory)` / `load_bundled("mobilefacenet")` return a `Recogniser` with `embed(images)` and a pure
+`apply_fn(variables, images_in_minus1_1)`; `erasablemask_jax.fr.archs` registers the architectures with
+`erasablemask_jax.convert`; `erasablemask_jax.fr.calibration` turns genuine/impostor pairs into thresholds.
+"""
+
+from erasablemask_jax.fr.preprocess import Preprocessing
+from erasablemask_jax.fr.preprocess import preprocess
+from erasablemask_jax.fr.recogniser import BUNDLED
+from erasablemask_jax.fr.recogniser import Recogniser
+from erasablemask_jax.fr.recogniser import bundled_dir
+from erasablemask_jax.fr.recogniser import embed_apply
+from erasablemask_jax.fr.recogniser import from_variables
+from erasablemask_jax.fr.recogniser import l2_normalise
+from erasablemask_jax.fr.recogniser import load
+from erasablemask_jax.fr.recogniser import load_bundled

@@ -1,0 +1,145 @@
+"""Loading converted face-recognition models as recognisers.
+
+A `Recogniser` holds the Flax module, its variables and its card. Its `apply_fn(variables, images)` is a pure function
+from [-1, 1] float NHWC images of any size to L2-normalised embeddings,
+
+    e = f(preprocess(images)),    apply_fn(variables, images) = e / max(||e||_2, 1e-12),
+
+that the attack differentiates through (jit, grad, vmap all apply); `embed(images)` is the convenience batch method
+that also takes uint8 RGB.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from erasablemask_jax import convert
+from erasablemask_jax.fr.preprocess import Preprocessing
+from erasablemask_jax.fr.preprocess import preprocess
+from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+
+ASSETS_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "fr"
+BUNDLED = {"mobilefacenet": "mobilefacenet_foamliu"}
+
+
+def l2_normalise(e: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
+  """`e / max(||e||_2, eps)` along the last axis."""
+  return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), eps)
+
+
+def embed_apply(module: nn.Module, prep: Preprocessing, variables: Mapping[str, Any], images: jnp.ndarray,
+                normalise: bool = True) -> jnp.ndarray:
+  """Pure embedding function: [-1, 1] NHWC images -> (L2-normalised) embeddings `(N, D)`."""
+  e = module.apply(variables, preprocess(images, prep))
+  return l2_normalise(e) if normalise else e
+
+
+class Recogniser:
+  """A face-recognition network with its preprocessing.
+
+  Attributes:
+    module: the Flax module (inference mode).
+    variables: `{'params', 'batch_stats'}` as jax arrays.
+    card: the model card (`arch`, `input_size`, `preprocessing`, `embedding_size`, `thresholds`, ...).
+    preprocessing: the parsed `Preprocessing`.
+    apply_fn: `apply_fn(variables, images_minus1_1) -> L2-normalised embeddings`, pure and differentiable.
+    raw_apply_fn: the same without the final normalisation.
+  """
+
+  def __init__(self, module: nn.Module, variables: Mapping[str, Any], card: Mapping[str, Any],
+               directory: pathlib.Path | None = None):
+    self.module = module
+    self.variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
+    self.card = dict(card)
+    self.directory = directory
+    self.preprocessing = Preprocessing.from_card(card)
+    self.apply_fn = functools.partial(embed_apply, module, self.preprocessing)
+    self.raw_apply_fn = functools.partial(embed_apply, module, self.preprocessing, normalise=False)
+    self._jit_raw = jax.jit(self.raw_apply_fn)
+
+  @property
+  def name(self) -> str:
+    return str(self.card.get("name", self.card.get("arch", "fr")))
+
+  @property
+  def input_size(self) -> tuple[int, int]:
+    return self.preprocessing.input_size
+
+  @property
+  def embedding_size(self) -> int:
+    return int(self.card["embedding_size"])
+
+  @property
+  def thresholds(self) -> dict[str, float]:
+    """Calibrated cosine thresholds, e.g. `{"far_0.01": 0.27, ...}` (empty until `calibrate --store`)."""
+    return dict(self.card.get("thresholds", {}))
+
+  def embed(self, images: np.ndarray | jnp.ndarray | Sequence[np.ndarray], *, flip: bool = False,
+            batch_size: int = 64) -> np.ndarray:
+    """L2-normalised embeddings of a batch.
+
+    Args:
+      images: uint8 RGB `(N, H, W, 3)` or float [-1, 1] `(N, H, W, 3)` of any size (or a list of `(H, W, 3)`
+        images, which may differ in size).
+      flip: return `normalise(f(x) + f(mirror(x)))` (test-time flip augmentation).
+      batch_size: images per jitted call.
+
+    Returns:
+      `(N, D)` float32 numpy array.
+    """
+    if isinstance(images, (list, tuple)):
+      if len({np.shape(im) for im in images}) > 1:
+        return np.concatenate([self.embed(np.asarray(im)[None], flip=flip) for im in images])
+      images = np.stack([np.asarray(im) for im in images])
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be NHWC RGB with 3 channels, got shape {images.shape}")
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+      x = images[start:start + batch_size]
+      x = uint8_to_minus1_1(x) if x.dtype == np.uint8 else jnp.asarray(x, jnp.float32)
+      e = self._jit_raw(self.variables, x)
+      if flip:
+        e = e + self._jit_raw(self.variables, x[:, :, ::-1, :])
+      out.append(np.asarray(l2_normalise(e)))
+    return np.concatenate(out) if out else np.zeros((0, self.embedding_size), np.float32)
+
+
+def from_variables(arch: str, variables: Mapping[str, Any], card: Mapping[str, Any] | None = None) -> Recogniser:
+  """A recogniser for already-converted `variables` of a registered `arch` (card defaults to the arch's)."""
+  spec = convert.get_arch(arch)
+  full_card = dict(spec.card)
+  full_card["arch"] = arch
+  full_card.update(card or {})
+  return Recogniser(spec.build(), variables, full_card)
+
+
+def load(directory: str | os.PathLike[str]) -> Recogniser:
+  """Loads a model directory written by `tools.convert_torch_weights` (orbax variables + `card.json`)."""
+  directory = pathlib.Path(directory)
+  variables, card = convert.read_model_dir(directory)
+  if "arch" not in card:
+    raise convert.ModelDirError(f"{directory}/card.json names no `arch`; convert the checkpoint again")
+  spec = convert.get_arch(card["arch"])
+  abstract = convert.abstract_init(spec.build(), spec.input_shape)
+  variables = convert.strict_merge(convert.flatten_variables(variables), abstract, context=str(directory))
+  return Recogniser(spec.build(), variables, card, directory=directory)
+
+
+def bundled_dir(name: str = "mobilefacenet") -> pathlib.Path:
+  """Directory of a model shipped inside the package (`BUNDLED` names them)."""
+  if name not in BUNDLED:
+    raise KeyError(f"no bundled face-recognition model {name!r}; bundled: {sorted(BUNDLED)}")
+  return ASSETS_DIR / BUNDLED[name]
+
+
+def load_bundled(name: str = "mobilefacenet") -> Recogniser:
+  """The bundled converted foamliu MobileFaceNet (Apache-2.0), the demo config's default surrogate."""
+  return load(bundled_dir(name))
