@@ -13,6 +13,7 @@ import pkgutil
 import sys
 
 from erasablemask_jax import commands
+from erasablemask_jax.config import OVERRIDE_PREFIX, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args, extra = parser.parse_known_args(argv)
+  overrides = [a for a in extra if a.startswith(OVERRIDE_PREFIX)]
+  unknown = [a for a in extra if not a.startswith(OVERRIDE_PREFIX)]
+  if unknown or (overrides and not getattr(args, "accepts_config_overrides", False)):
+    parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+  args.config_overrides = overrides
   if not getattr(args, "func", None):
     parser.print_help()
     return 2
-  return int(args.func(args) or 0)
+  try:
+    return int(args.func(args) or 0)
+  except ConfigError as e:
+    print(f"erasablemask {args.command}: config error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

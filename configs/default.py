@@ -1,0 +1,104 @@
+"""The paper's setting (SPEC.md), the base every experiment config derives from.
+
+Usage: `erasablemask train --config configs/default.py --config.data.batch_size=16`. Every field below is documented
+where it is set; an unknown key or a value of the wrong type is an error naming the key.
+"""
+
+import ml_collections
+
+ATTRIBUTES = ("Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses", "Male",
+              "Mouth_Slightly_Open", "Mustache", "No_Beard", "Pale_Skin", "Young")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg  # No variants of the base config.
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.image_size = 256
+  config.attributes = ATTRIBUTES
+
+  # Networks (AttGAN with shortcut_layers=1, inject_layers=1 as its released models) and the fusions of Eq. 7.
+  config.model = ml_collections.ConfigDict()
+  config.model.enc_dim = 64
+  config.model.enc_layers = 5
+  config.model.dec_dim = 64
+  config.model.dec_layers = 5
+  config.model.max_dim = 1024
+  config.model.shortcut_layers = 1
+  config.model.inject_layers = 1
+  config.model.dis_dim = 64
+  config.model.dis_layers = 5
+  config.model.dis_fc_dim = 1024
+  config.model.beta = 0.5  # fs_i = beta * ft_i + (1 - beta) * perb_i (Eq. 7)
+  config.model.gamma = 0.05  # clean-domain injection weight per decoder layer; 0 turns injection off
+  config.model.thres_int = 0.5  # attribute code = (2a - 1) * thres_int
+  config.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); parameters stay float32
+
+  # Loss weights (Eq. 14-16) and the hinges of Eq. 8 and Eq. 12.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.l_att = 10.0
+  config.loss.l_rec = 150.0
+  config.loss.l_g = 1.0
+  config.loss.l_adv = 200.0
+  config.loss.l_era = 150.0
+  config.loss.l_perb = 1.0
+  config.loss.sigma1 = 30.0
+  config.loss.epsilon = 0.0
+
+  # The attack on the perturbation encoder (Algorithm 1).
+  config.attack = ml_collections.ConfigDict()
+  config.attack.kind = "meta_auxiliary"  # "meta_auxiliary" | "ensemble" (the paper's ablation)
+  config.attack.first_order = False  # stop-gradient through the inner step (an approximation; off in the paper)
+  config.attack.lr_inner = -1.0  # inner SGD step size; < 0 means "the optimiser's learning rate" (one symbol in the paper)
+
+  # Face recognition. Each entry is a converted FR directory (tools/convert_torch_weights) or "bundled:NAME".
+  config.fr = ml_collections.ConfigDict()
+  config.fr.surrogates = ("fr/ir_152", "fr/ir_se_50", "fr/mobilefacenet")  # white-box, attacked in training
+  config.fr.blackbox = ("fr/facenet", "fr/arcface_iresnet100", "fr/cosface_iresnet100")  # evaluation only
+  config.fr.target = ""  # path of the target identity's face image (or a folder of them), uint8 RGB
+  config.fr.tau1_far = 0.01  # ASR threshold: the model's threshold at this FAR
+  config.fr.tau2_far = 0.1  # ESR threshold
+
+  # Noise pool: one member per batch (identity included) on x_adv before the FR models (stage 2) and before R (stage 3).
+  config.noise = ml_collections.ConfigDict()
+  config.noise.train_pool = ("identity", "jpeg50", "gauss0.003", "resize0.25")
+  config.noise.eval_transforms = ("jpeg50", "gauss0.003", "resize0.5", "median5", "rotate30", "crop224")
+
+  # Curriculum (Eq. 14-16). A stage's length is `*_steps` when > 0, else `*_epochs` over the training split.
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.stage1_epochs = 200
+  config.schedule.stage2_epochs = 100
+  config.schedule.stage3_epochs = 50
+  config.schedule.stage1_steps = -1
+  config.schedule.stage2_steps = -1
+  config.schedule.stage3_steps = -1
+
+  # Adam as AttGAN, one optimiser per trained network.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 2e-5
+  config.optim.b1 = 0.5
+  config.optim.b2 = 0.999
+  config.optim.n_d = 1  # discriminator updates per generator update
+
+  # Data: a tfds builder ("celeba_hq" | "ffhq" | "face_folder") prepared under data_dir, or a folder of faces.
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "celeba_hq"
+  config.data.data_dir = ""  # where the builder's array_record files live
+  config.data.manual_dir = ""  # the raw files the builder prepares from
+  config.data.batch_size = 32  # global batch, split over the `data` mesh axis and over hosts
+  config.data.flip = True
+  config.data.shuffle_seed = 0
+  config.data.worker_count = 0  # grain worker processes (0: in the main process)
+
+  # Bookkeeping.
+  config.train = ml_collections.ConfigDict()
+  config.train.checkpoint_every_steps = 1000
+  config.train.max_checkpoints_to_keep = 3
+  config.train.log_every_steps = 50
+  config.train.sample_every_steps = 1000
+  config.train.num_sample_images = 8
+
+  # Devices: a 1-D mesh with a `data` axis; -1 uses every device of every host.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  return config

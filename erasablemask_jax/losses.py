@@ -1,0 +1,77 @@
+"""ErasableMask's losses (paper Eq. 3, 4, 5, 8 and 13) as pure functions.
+
+Conventions (SPEC.md): discriminator outputs are logits and every binary cross-entropy is taken on logits; images are
+in [-1, 1]; every loss is a mean over the batch. The attack losses of Eq. 9-12 live in `erasablemask_jax.attack`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+def discriminator_adversarial_loss(real_logits: Array, fake_logits: Array) -> Array:
+  """Eq. 3, discriminator side: `L_D = -log D_G(x_cov) - log(1 - D_G(x_adv))`, batch mean.
+
+  The caller passes fakes that are already `stop_gradient`-ed (the generator is not updated by `L_D`).
+
+  Args:
+    real_logits: `(B,)` D_G logits of real images.
+    fake_logits: `(B,)` D_G logits of generated images.
+  """
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(real_logits, jnp.ones_like(real_logits))
+                  + optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits)))
+
+
+def generator_adversarial_loss(fake_logits: Array) -> Array:
+  """Eq. 3, generator side (non-saturating): `L_G = -log D_G(x_adv)`, batch mean."""
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(fake_logits, jnp.ones_like(fake_logits)))
+
+
+def attribute_loss(att_logits: Array, labels: Array) -> Array:
+  """Eq. 4: `BCE(D_att(x), att)` summed over the attributes, batch mean.
+
+  `L_att^D` uses real images with their source labels `att_a`; `L_att^G` uses generated images with the target labels
+  `att_b`.
+
+  Args:
+    att_logits: `(B, A)` D_att logits.
+    labels: `(B, A)` 0/1 attribute labels.
+  """
+  return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(att_logits, labels), axis=-1))
+
+
+def reconstruction_loss(x_reconstructed: Array, x: Array) -> Array:
+  """Eq. 5: `L_rec = |G_dec(G_enc(x_cov), att_a) - x_cov|_1`.
+
+  Taken as the mean absolute error over all pixels (AttGAN's `F.l1_loss`), the scale the paper's weight
+  `lambda_rec = 150` was tuned for.
+  """
+  return jnp.mean(jnp.abs(x_reconstructed - x))
+
+
+def _per_image_l2(a: Array, b: Array) -> Array:
+  diff = (a - b).reshape(a.shape[0], -1)
+  return optax.safe_norm(diff, 0.0, axis=-1)  # gradient defined (zero) where the images are equal
+
+
+def perturbation_loss(x_adv: Array, x_edit: Array, sigma1: float) -> Array:
+  """Eq. 8: `L_perb = max(sigma1, ||x_adv - x_cov^{att_b}||_2)` per image, batch mean.
+
+  The L2 norm is over all pixels of an image in [-1, 1]; below `sigma1` the loss is flat (no gradient), so only
+  perturbations larger than `sigma1` are penalised.
+
+  Args:
+    x_adv: `(B, H, W, 3)` protected images.
+    x_edit: `(B, H, W, 3)` the clean attribute edit `G_dec(G_enc(x_cov), att_b)`.
+    sigma1: the hinge (30 in the paper).
+  """
+  return jnp.mean(jnp.maximum(sigma1, _per_image_l2(x_adv, x_edit)))
+
+
+def erasure_loss(x_restored: Array, x: Array) -> Array:
+  """Eq. 13: `L_era = ||R(x_adv, att_a) - x_cov||_2` per image, batch mean."""
+  return jnp.mean(_per_image_l2(x_restored, x))
