@@ -1,0 +1,29 @@
+"""The README's main job: the bundled sample faces and the bundled real MobileFaceNet surrogate, at 64x64, with
+thinner networks and a few hundred steps per stage, so the whole curriculum runs on a laptop CPU."""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+  del arg
+  config = default.get_config()
+  config.image_size = 64
+  config.model.enc_dim = 32
+  config.model.dec_dim = 32
+  config.model.dis_dim = 32
+  config.model.dis_fc_dim = 256
+  config.model.max_dim = 512
+  config.data.name = "face_folder"
+  config.data.manual_dir = "bundled:sample_faces"
+  config.data.batch_size = 8
+  config.fr.surrogates = ("bundled:mobilefacenet",)
+  config.fr.blackbox = ()
+  config.fr.target = "bundled:target"
+  config.optim.lr = 2e-4  # ten times the paper's: a few hundred steps instead of 350 epochs
+  config.schedule.stage1_steps = 300
+  config.schedule.stage2_steps = 150
+  config.schedule.stage3_steps = 50
+  config.train.checkpoint_every_steps = 100
+  config.train.log_every_steps = 10
+  config.train.sample_every_steps = 100
+  return config
