@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from erasablemask_jax.metrics import availability
+from erasablemask_jax.metrics import batching
 from erasablemask_jax.metrics import torch_layout
 
 SHIFT = (-0.030, -0.088, -0.188)
@@ -175,9 +176,7 @@ class LPIPSMetric:
   def __call__(self, x0: jax.Array, x1: jax.Array) -> np.ndarray:
     if x0.shape != x1.shape or x0.ndim != 4 or x0.shape[-1] != 3:
       raise ValueError(f"LPIPS needs two NHWC RGB batches of the same shape, got {x0.shape} and {x1.shape}")
-    out = [np.asarray(self._apply(self.variables, x0[i:i + self.batch_size], x1[i:i + self.batch_size]))
-           for i in range(0, x0.shape[0], self.batch_size)]
-    return np.concatenate(out)
+    return batching.map_in_batches(lambda a, b: self._apply(self.variables, a, b), self.batch_size, x0, x1)
 
 
 def load_lpips(net: str, weights: Sequence[str | pathlib.Path] | None) -> LPIPSMetric | availability.Unavailable:
