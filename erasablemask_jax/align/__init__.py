@@ -1,0 +1,1 @@
+"""Face detection (MTCNN in Flax) and five-point similarity alignment."""

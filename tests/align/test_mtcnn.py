@@ -1,0 +1,111 @@
+"""MTCNN Flax modules against a PyTorch definition of facenet-pytorch's layout, with the real converted weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from erasablemask_jax.align import mtcnn
+from erasablemask_jax.align import weights as weights_lib
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+
+def _torch_net(name):
+  """The facenet-pytorch layer layout (conv/prelu/pool/dense), written out here as an independent reference."""
+
+  class Net(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      if name == "pnet":
+        spec = [("conv1", 3, 10, 3), ("pool", 2, 2), ("conv2", 10, 16, 3), ("conv3", 16, 32, 3)]
+        self.heads = {"conv4_1": (32, 2, "conv"), "conv4_2": (32, 4, "conv")}
+      elif name == "rnet":
+        spec = [("conv1", 3, 28, 3), ("pool", 3, 2), ("conv2", 28, 48, 3), ("pool", 3, 2), ("conv3", 48, 64, 2),
+                ("dense4", 576, 128)]
+        self.heads = {"dense5_1": (128, 2, "dense"), "dense5_2": (128, 4, "dense")}
+      else:
+        spec = [("conv1", 3, 32, 3), ("pool", 3, 2), ("conv2", 32, 64, 3), ("pool", 3, 2), ("conv3", 64, 64, 3),
+                ("pool", 2, 2), ("conv4", 64, 128, 2), ("dense5", 1152, 256)]
+        self.heads = {"dense6_1": (256, 2, "dense"), "dense6_2": (256, 4, "dense"), "dense6_3": (256, 10, "dense")}
+      self.spec = spec
+      for i, s in enumerate(spec):
+        if s[0].startswith("conv"):
+          setattr(self, s[0], nn.Conv2d(s[1], s[2], s[3]))
+          setattr(self, "prelu" + s[0][4:], nn.PReLU(s[2]))
+        elif s[0].startswith("dense"):
+          setattr(self, s[0], nn.Linear(s[1], s[2]))
+          setattr(self, "prelu" + s[0][5:], nn.PReLU(s[2]))
+      for k, (i, o, kind) in self.heads.items():
+        setattr(self, k, nn.Conv2d(i, o, 1) if kind == "conv" else nn.Linear(i, o))
+
+    def forward(self, x):
+      for s in self.spec:
+        if s[0] == "pool":
+          x = nn.functional.max_pool2d(x, s[1], s[2], ceil_mode=True)
+        elif s[0].startswith("conv"):
+          x = getattr(self, "prelu" + s[0][4:])(getattr(self, s[0])(x))
+        else:
+          x = x.permute(0, 3, 2, 1).contiguous().view(x.shape[0], -1)
+          x = getattr(self, "prelu" + s[0][5:])(getattr(self, s[0])(x))
+      outs = [getattr(self, k)(x) for k in self.heads]
+      prob = torch.softmax(outs[0], dim=1)[:, 1]
+      return [o.detach().numpy() for o in outs[1:]] + [prob.detach().numpy()]
+
+  return Net()
+
+
+@pytest.mark.torch
+@pytest.mark.assets
+@pytest.mark.parametrize("net,hw", [("pnet", (37, 50)), ("pnet", (12, 13)), ("rnet", (24, 24)), ("onet", (48, 48))])
+def test_matches_torch_with_real_weights(assets_dir, net, hw):
+  sd = torch.load(assets_dir / f"models/aux_detectors/facenet_pytorch_mtcnn_{net}.pt", map_location="cpu",
+                  weights_only=True)
+  ref = _torch_net(net)
+  ref.load_state_dict(sd, strict=True)
+  x = np.random.default_rng(0).uniform(-1, 1, (3, *hw, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+  variables = weights_lib.strict_params(net, weights_lib.rename_torch_state_dict({k: v.numpy() for k, v in sd.items()}))
+  got = mtcnn.MODULES[net]().apply(variables, x)
+  for g, w in zip(got, want):
+    if w.ndim == 4:  # P-Net maps come back NCHW from torch.
+      w = w.transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(g), w, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hw,bucket", [((37, 50), (48, 64)), ((13, 12), (32, 32))])
+def test_pnet_padding_mask_is_exact(hw, bucket):
+  """P-Net on a zero-padded canvas with a validity mask equals P-Net on the unpadded image over the valid cells."""
+  x = np.random.default_rng(1).uniform(-1, 1, (1, *hw, 3)).astype(np.float32)
+  padded = np.zeros((1, *bucket, 3), np.float32)
+  padded[:, :hw[0], :hw[1]] = x
+  variables = weights_lib.load_bundled("pnet")
+  reg, prob = mtcnn.PNet().apply(variables, x)
+  valid = np.zeros((1, bucket[0] - 2, bucket[1] - 2), bool)
+  valid[:, :hw[0] - 2, :hw[1] - 2] = True
+  reg_p, prob_p = mtcnn.PNet().apply(variables, padded, valid)
+  oh, ow = prob.shape[1:3]
+  np.testing.assert_allclose(np.asarray(prob_p)[:, :oh, :ow], prob, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(reg_p)[:, :oh, :ow], reg, atol=1e-5)
+
+
+def test_bundled_weights_equal_fresh_conversion(assets_dir):
+  torch_ = pytest.importorskip("torch")
+  for net in weights_lib.NETS:
+    sd = torch_.load(assets_dir / f"models/aux_detectors/facenet_pytorch_mtcnn_{net}.pt", map_location="cpu",
+                     weights_only=True)
+    fresh = weights_lib.rename_torch_state_dict({k: v.numpy() for k, v in sd.items()})
+    bundled = weights_lib.load_bundled(net)["params"]
+    from flax import traverse_util
+    flat = traverse_util.flatten_dict(bundled, sep="/")
+    assert set(flat) == set(fresh)
+    for k in fresh:
+      np.testing.assert_array_equal(np.asarray(flat[k]), fresh[k])
+
+
+def test_unknown_torch_key_is_an_error():
+  with pytest.raises(KeyError, match="bn1.running_mean"):
+    weights_lib.rename_torch_state_dict({"bn1.running_mean": np.zeros(3)})
