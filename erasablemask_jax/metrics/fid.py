@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from erasablemask_jax import convert
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import batching
 from erasablemask_jax.metrics import torch_layout
@@ -232,7 +233,8 @@ def load_inception(weights: str | pathlib.Path | None) -> InceptionFeatures | av
   """Loads the FID network from a checkpoint file, or says why it cannot.
 
   Args:
-    weights: `pt_inception-2015-12-05-6726825d.pth` (needs torch) or a converted `.safetensors`/`.npz`; None: none.
+    weights: `pt_inception-2015-12-05-6726825d.pth` (needs torch), a `.safetensors` copy, or a model directory
+      written by the converter (`--arch fid_inception`). None: none.
 
   Returns:
     The feature extractor, or `Unavailable` with the reason.
@@ -240,7 +242,10 @@ def load_inception(weights: str | pathlib.Path | None) -> InceptionFeatures | av
   if not weights:
     return availability.Unavailable(
         "no FID Inception weights given: supply pytorch-fid's pt_inception-2015-12-05-6726825d.pth")
-  return InceptionFeatures(variables_from_torch(torch_layout.read_state_dict(weights)))
+  if pathlib.Path(weights).is_dir():
+    variables, _ = convert.read_model_dir(weights)
+    return InceptionFeatures(variables)
+  return InceptionFeatures(variables_from_torch(convert.read_state_dict(weights)))
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from erasablemask_jax import convert
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import batching
 from erasablemask_jax.metrics import torch_layout
@@ -179,13 +180,15 @@ class LPIPSMetric:
     return batching.map_in_batches(lambda a, b: self._apply(self.variables, a, b), self.batch_size, x0, x1)
 
 
-def load_lpips(net: str, weights: Sequence[str | pathlib.Path] | None) -> LPIPSMetric | availability.Unavailable:
-  """Loads LPIPS from checkpoint files, or says why it cannot.
+def load_lpips(net: str, weights: Sequence[str | pathlib.Path] | str | pathlib.Path | None
+               ) -> LPIPSMetric | availability.Unavailable:
+  """Loads LPIPS from checkpoint files or a converted model directory, or says why it cannot.
 
   Args:
     net: "alex" or "vgg".
-    weights: files holding the trunk and the heads (`.pth` needs torch; `.safetensors` / `.npz` do not), e.g.
-      [alexnet-owt-7be5be79.pth, lpips/weights/v0.1/alex.pth], or one converted file with both. None or empty: none.
+    weights: a model directory written by the converter (`--arch lpips_alex|lpips_vgg`), or checkpoint files
+      (`.pth` needs torch, `.safetensors` does not) holding the trunk and the heads together, e.g.
+      [alexnet-owt-7be5be79.pth, lpips/weights/v0.1/alex.pth] or one full `lpips.LPIPS` state_dict. None/empty: none.
 
   Returns:
     The metric, or `Unavailable` with the reason when no weights were given.
@@ -194,5 +197,10 @@ def load_lpips(net: str, weights: Sequence[str | pathlib.Path] | None) -> LPIPSM
     return availability.Unavailable(
         f"no LPIPS({net}) weights given: supply the torchvision {'alexnet' if net == 'alex' else 'vgg16'} checkpoint "
         f"and the lpips v0.1 '{net}.pth' heads")
-  sds = [torch_layout.read_state_dict(p) for p in weights]
+  if isinstance(weights, (str, pathlib.Path)):
+    if pathlib.Path(weights).is_dir():
+      variables, _ = convert.read_model_dir(weights)
+      return LPIPSMetric(net, variables)
+    weights = [weights]
+  sds = [convert.read_state_dict(p) for p in weights]
   return LPIPSMetric(net, variables_from_torch(net, *sds))

@@ -7,19 +7,21 @@ match one key segment (no `.` or `/`) and carry over. Conversion is pure numpy d
   linear weight [O, I]                <->  Flax kernel [I, O]
   anything else                       <->  copied
 
-Loading raises on any PyTorch key that no rule and no ignore pattern claims, and the result is merged strictly against
-the abstract variables of the Flax module (`jax.eval_shape(init)`): every missing or unexpected path and every shape
-mismatch is named in one error.
+A PyTorch key that no rule and no ignore pattern claims is kept as `unmapped/<key>`, and the result is merged with
+`convert.strict_merge` against the abstract variables of the Flax module (`jax.eval_shape(init)`): every unknown key,
+every missing path and every shape mismatch is named in one error. The same tables drive the converter registry
+(`erasablemask_jax.metrics.archs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import re
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from erasablemask_jax import convert
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -86,29 +88,21 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   return tree
 
 
-def torch_to_flax(state_dict: Mapping[str, Any], rules: Iterable[Rule], ignore: Iterable[str],
-                  abstract_variables: Mapping[str, Any], what: str) -> dict[str, Any]:
-  """Converts a PyTorch state_dict (numpy or torch tensors) into a Flax variable tree, strictly.
+def rename_flat(state_dict: Mapping[str, Any], rules: Iterable[Rule], ignore: Iterable[str]) -> dict[str, np.ndarray]:
+  """Renames and re-lays a PyTorch state_dict into flat Flax paths (`collection/a/b/leaf`) by the table.
 
   Args:
-    state_dict: PyTorch key -> array-like (anything `np.asarray` accepts, torch CPU tensors included).
-    rules: the rename table.
+    state_dict: PyTorch key -> array-like (numpy, or torch CPU tensors).
+    rules: the rename table; the first rule whose template matches a key wins.
     ignore: regular expressions (full match) for PyTorch keys deliberately dropped (classifier heads, counters).
-    abstract_variables: `jax.eval_shape(module.init, ...)` of the target module; fixes the expected paths and shapes.
-    what: a name for error messages, e.g. "LPIPS(alex)".
 
   Returns:
-    A nested dict of float32 numpy arrays with exactly the paths and shapes of `abstract_variables`.
-
-  Raises:
-    ValueError: naming every PyTorch key no rule claims, every missing / unexpected Flax path, every shape mismatch.
+    `{"params/net/features_0/kernel": array, ...}`; a key that no rule claims is kept as `unmapped/<key>` so that
+    `convert.strict_merge` names it as unexpected rather than it being dropped silently.
   """
-  rules = tuple(rules)
   compiled = [(_template_regex(r.torch), r) for r in rules]
   ignore_re = [re.compile(p) for p in ignore]
   flat: dict[str, np.ndarray] = {}
-  sources: dict[str, str] = {}
-  unknown, duplicated = [], []
   for key, value in state_dict.items():
     if any(p.fullmatch(key) for p in ignore_re):
       continue
@@ -117,32 +111,26 @@ def torch_to_flax(state_dict: Mapping[str, Any], rules: Iterable[Rule], ignore: 
       if m:
         path = rule.flax.format(**m.groupdict())
         if path in flat:
-          duplicated.append(f"{key} and {sources[path]} -> {path}")
+          raise ValueError(f"two checkpoint keys map to {path} (the second is {key}); pass one spelling only")
         flat[path] = _to_flax(np.asarray(_numpy(value), np.float32), rule.kind)
-        sources[path] = key
         break
     else:
-      unknown.append(key)
-  expected = {p: tuple(v.shape) for p, v in _flatten(abstract_variables).items()}
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(set(flat) - set(expected))
-  mismatched = [f"{p}: checkpoint {flat[p].shape} (from {sources[p]}) vs model {expected[p]}"
-                for p in sorted(set(flat) & set(expected)) if tuple(flat[p].shape) != expected[p]]
-  problems = []
-  if unknown:
-    problems.append(f"{len(unknown)} checkpoint keys no rename rule knows: {unknown[:20]}")
-  if duplicated:
-    problems.append(f"keys mapped twice: {duplicated[:20]}")
-  if missing:
-    problems.append(f"{len(missing)} model variables the checkpoint lacks: {missing[:20]}")
-  if unexpected:
-    problems.append(f"{len(unexpected)} converted variables the model does not have: {unexpected[:20]}")
-  if mismatched:
-    problems.append(f"shape mismatches: {mismatched[:20]}")
-  if problems:
-    raise ValueError(f"cannot load {what} weights: " + "; ".join(problems)
-                     + ". Check that the checkpoint is the one documented for this network.")
-  return _unflatten(flat)
+      flat[f"unmapped/{key}"] = np.asarray(_numpy(value))
+  return flat
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], rules: Iterable[Rule], ignore: Iterable[str],
+                  abstract_variables: Mapping[str, Any], what: str) -> dict[str, Any]:
+  """`rename_flat`, then the converter's strict merge against `abstract_variables` (`jax.eval_shape(init)`).
+
+  Returns:
+    A nested dict of numpy arrays with exactly the paths, shapes and dtypes of `abstract_variables`.
+
+  Raises:
+    convert.StrictMergeError: naming every unknown checkpoint key (as `unmapped/...`), missing variable and shape
+      mismatch in one message.
+  """
+  return convert.strict_merge(rename_flat(state_dict, rules, ignore), abstract_variables, context=what)
 
 
 def flax_to_torch(variables: Mapping[str, Any], rules: Iterable[Rule], what: str) -> dict[str, np.ndarray]:
@@ -170,38 +158,4 @@ def _numpy(value: Any) -> np.ndarray:
   if hasattr(value, "detach"):  # a torch tensor; torch itself is not imported here
     return value.detach().cpu().numpy()
   return np.asarray(value)
-
-
-def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads a checkpoint file into a flat key -> numpy dict.
-
-  Args:
-    path: `.pth`/`.pt`/`.ckpt` (PyTorch, needs torch: the `convert` extra; loaded with `weights_only=True`; a top-level
-      `state_dict`/`net_state_dict` entry is unwrapped), `.safetensors`, or `.npz`.
-
-  Returns:
-    PyTorch key -> numpy array.
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"weights file {path} does not exist; pass the path of the downloaded checkpoint")
-  suffix = path.suffix.lower()
-  if suffix == ".npz":
-    with np.load(path) as data:
-      return {k: data[k] for k in data.files}
-  if suffix == ".safetensors":
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    return dict(load_file(str(path)))
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs PyTorch (pip install 'erasablemask-jax[convert]'), or convert it to "
-                      ".safetensors / .npz first") from e
-  obj = torch.load(str(path), map_location="cpu", weights_only=True)
-  for wrapper in ("state_dict", "net_state_dict", "model"):
-    if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
-      obj = obj[wrapper]
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path} does not hold a state_dict (got {type(obj).__name__})")
-  return {k: _numpy(v) for k, v in obj.items() if hasattr(v, "shape")}
 

@@ -267,6 +267,10 @@ def test_conversion_is_strict_and_reversible(reference):
   assert set(exported) == {k for k in sd if not k.endswith("num_batches_tracked") and not k.startswith("fc.")}
   for k, v in exported.items():
     np.testing.assert_array_equal(v, sd[k])
+  from erasablemask_jax import convert  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.metrics import archs  # pylint: disable=import-outside-toplevel,unused-import
+  via_registry = convert.convert_state_dict("fid_inception", sd)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, via_registry, variables)
   del sd["Mixed_7c.branch_pool.bn.running_var"]
   with pytest.raises(ValueError, match="Mixed_7c/branch_pool/bn/var"):
     fid.variables_from_torch(sd)

@@ -130,7 +130,7 @@ def test_conversion_names_unknown_and_missing_keys():
     lpips.variables_from_torch("alex", trunk, {k: v for k, v in heads.items() if not k.startswith("lin4")})
   with pytest.raises(ValueError, match=r"bogus\.weight"):
     lpips.variables_from_torch("alex", trunk, heads, {"bogus.weight": np.zeros(3)})
-  with pytest.raises(ValueError, match=r"shape mismatches"):
+  with pytest.raises(ValueError, match=r"mis-shaped"):
     lpips.variables_from_torch("vgg", trunk, heads)
 
 
@@ -146,9 +146,23 @@ def test_load_lpips_from_files(tmp_path):
   model = _random_torch_lpips("alex")
   trunk, heads = _split_state_dict(model)
   torch.save({k: torch.from_numpy(v) for k, v in trunk.items()}, tmp_path / "alexnet.pth")
-  np.savez(tmp_path / "alex_heads.npz", **heads)
-  metric = lpips.load_lpips("alex", [tmp_path / "alexnet.pth", tmp_path / "alex_heads.npz"])
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  safetensors_numpy.save_file(heads, str(tmp_path / "alex_heads.safetensors"))
+  metric = lpips.load_lpips("alex", [tmp_path / "alexnet.pth", tmp_path / "alex_heads.safetensors"])
   x = jnp.zeros((1, 64, 64, 3))
   assert metric(x, x + 0.5).shape == (1,)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     lpips.load_lpips("alex", [tmp_path / "missing.pth"])
+
+
+def test_registered_with_the_converter_and_model_dir_roundtrip(tmp_path):
+  from erasablemask_jax import convert  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.metrics import archs  # pylint: disable=import-outside-toplevel,unused-import
+  model = _random_torch_lpips("alex")
+  trunk, heads = _split_state_dict(model)
+  torch.save({k: torch.from_numpy(v) for k, v in {**trunk, **heads}.items()}, tmp_path / "lpips_alex_full.pth")
+  out = convert.convert_checkpoint("lpips_alex", tmp_path / "lpips_alex_full.pth", tmp_path / "lpips_alex")
+  metric = lpips.load_lpips("alex", out)
+  direct = lpips.LPIPSMetric("alex", lpips.variables_from_torch("alex", trunk, heads))
+  x0 = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+  np.testing.assert_array_equal(metric(x0, -x0), direct(x0, -x0))
