@@ -82,6 +82,14 @@ class Recogniser:
     """Calibrated cosine thresholds, e.g. `{"far_0.01": 0.27, ...}` (empty until `calibrate --store`)."""
     return dict(self.card.get("thresholds", {}))
 
+  def threshold(self, far: float = 0.01) -> float:
+    """The calibrated cosine threshold at false-accept rate `far` (accept a pair when `cos > threshold`)."""
+    key = f"far_{far:g}"
+    if key not in self.card.get("thresholds", {}):
+      raise KeyError(f"{self.name}: no calibrated threshold at FAR {far:g} (have {sorted(self.thresholds)}); run "
+                     "`erasablemask calibrate --fr DIR --faces FOLDER --identities FILE --out FILE.json --store`")
+    return float(self.card["thresholds"][key])
+
   def embed(self, images: np.ndarray | jnp.ndarray | Sequence[np.ndarray], *, flip: bool = False,
             batch_size: int = 64) -> np.ndarray:
     """L2-normalised embeddings of a batch.
@@ -102,13 +110,17 @@ class Recogniser:
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be NHWC RGB with 3 channels, got shape {images.shape}")
     out = []
+    batch_size = min(batch_size, images.shape[0])
     for start in range(0, images.shape[0], batch_size):
       x = images[start:start + batch_size]
+      n = x.shape[0]
+      if n < batch_size:  # pad the last batch so that one compiled shape serves every call
+        x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
       x = uint8_to_minus1_1(x) if x.dtype == np.uint8 else jnp.asarray(x, jnp.float32)
       e = self._jit_raw(self.variables, x)
       if flip:
         e = e + self._jit_raw(self.variables, x[:, :, ::-1, :])
-      out.append(np.asarray(l2_normalise(e)))
+      out.append(np.asarray(l2_normalise(e))[:n])
     return np.concatenate(out) if out else np.zeros((0, self.embedding_size), np.float32)
 
 

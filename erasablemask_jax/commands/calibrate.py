@@ -1,0 +1,63 @@
+"""`erasablemask calibrate`: ROC, AUC and FAR thresholds of a face-recognition model on labelled faces.
+
+    erasablemask calibrate --fr DIR --faces FOLDER --identities FILE --out FILE.json [--flip] [--store]
+
+`--identities` takes an identity file (`<image> <identity>` lines, matched to the images by file stem) or a CSV pair
+list (deepface `master.csv`); `--pairs` names a pair list explicitly. Writes the JSON result and a ROC PNG beside it
+(`--plot` to choose its path); `--store` writes the thresholds into DIR/card.json, which evaluation reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+  p = subparsers.add_parser("calibrate", help="ROC / AUC / thresholds at FAR 0.1, 0.01, 0.001 of an FR model",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--fr", required=True,
+                 help="converted model directory, or 'bundled:mobilefacenet' for the bundled model")
+  p.add_argument("--faces", required=True, help="folder of aligned face images")
+  group = p.add_mutually_exclusive_group(required=True)
+  group.add_argument("--identities", help="identity file '<image> <identity>' (or a CSV pair list, auto-detected)")
+  group.add_argument("--pairs", help="CSV pair list: file_x,file_y,Decision (Yes/No) or ...,same_identity (1/0)")
+  p.add_argument("--out", required=True, help="output JSON file")
+  p.add_argument("--plot", help="ROC PNG path (default: the --out path with .png)")
+  p.add_argument("--flip", action="store_true", help="embed as the sum of the image's and its mirror's embeddings")
+  p.add_argument("--store", action="store_true", help="write the thresholds into the model directory's card.json")
+  p.add_argument("--batch-size", type=int, default=64, help="images per embedding call")
+  p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+  from erasablemask_jax import fr  # pylint: disable=g-import-not-at-top
+  from erasablemask_jax.fr import calibration  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(args.out)
+  try:
+    if args.fr.startswith("bundled:"):
+      if args.store:
+        raise calibration.CalibrationError("--store cannot modify the bundled model; copy its directory "
+                                           f"({fr.bundled_dir(args.fr.split(':', 1)[1])}) and pass that to --fr")
+      recogniser = fr.load_bundled(args.fr.split(":", 1)[1])
+    else:
+      recogniser = fr.load(args.fr)
+    result = calibration.calibrate(recogniser, args.faces, identities=args.identities, pairs=args.pairs,
+                                   flip=args.flip, batch_size=args.batch_size)
+  except (OSError, KeyError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2) + "\n")
+  plot = pathlib.Path(args.plot) if args.plot else out.with_suffix(".png")
+  calibration.plot_roc(result, plot)
+  summary = ", ".join(f"TAR@FAR{k[4:]} {v:.3f} (thr {result['thresholds'][k]:.3f})"
+                      for k, v in result["tar_at_far"].items())
+  print(f"{result['n_images']} images, {result['n_genuine']} genuine / {result['n_impostor']} impostor pairs: "
+        f"AUC {result['auc']:.4f}; {summary}; wrote {out} and {plot}")
+  if args.store:
+    calibration.store_thresholds(args.fr, result)
+    print(f"stored thresholds in {pathlib.Path(args.fr) / 'card.json'}")
+  return 0
