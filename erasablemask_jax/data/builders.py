@@ -105,7 +105,7 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _prepare_image(self, path: pathlib.Path, name: str) -> np.ndarray:
     size = self.builder_config.image_size
-    image = images_lib.read_image(path, name, self.report, min_side=32 if self.builder_config.align else size // 4)
+    image = images_lib.read_image(path, name, self.report, min_side=min(24, size))
     if self.builder_config.align:
       from erasablemask_jax.align import pipeline as align_pipeline  # pylint: disable=g-import-not-at-top
       result = align_pipeline.align_image(image, size=size, template_name="loose")

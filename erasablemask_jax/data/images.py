@@ -82,7 +82,7 @@ def _to_rgb(img: Image.Image, note) -> Image.Image:
 
 
 def read_image(source: str | pathlib.Path | bytes, name: str = "", report: ImportReport | None = None,
-               min_side: int = 32) -> np.ndarray:
+               min_side: int = 24) -> np.ndarray:
   """Decodes a photo file (or its bytes) to uint8 (H, W, 3) RGB, applying EXIF orientation.
 
   Args:

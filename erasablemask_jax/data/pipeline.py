@@ -46,6 +46,35 @@ class ArraySource(grain.RandomAccessDataSource):
     return f"ArraySource(n={self._n})"
 
 
+class ShardSource(grain.RandomAccessDataSource):
+  """Host `index` of `count`'s contiguous slice of `source`: records [floor(i N / c), floor((i + 1) N / c)).
+
+  The slices partition the records (every record on exactly one host). With `equal=True` each slice is cut to
+  N // c records so every host runs the same number of steps (at most c - 1 records are then unused).
+  """
+
+  def __init__(self, source, index: int, count: int, equal: bool):
+    if not 0 <= index < count:
+      raise ValueError(f"process_index {index} is not in [0, process_count={count})")
+    n = len(source)
+    self._source = source
+    self._lo = index * n // count
+    hi = (index + 1) * n // count
+    self._n = min(hi - self._lo, n // count) if equal else hi - self._lo
+    self._desc = f"ShardSource({source!r}, {index}/{count}, equal={equal})"
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self._n:
+      raise IndexError(index)
+    return self._source[self._lo + index]
+
+  def __repr__(self) -> str:
+    return self._desc
+
+
 def open_source(source_or_builder_dir: Any, split: str = "train") -> grain.RandomAccessDataSource:
   """A builder directory (from `builders.build`), arrays dict, or an existing random-access source -> a source."""
   if isinstance(source_or_builder_dir, (str, pathlib.Path)):
@@ -123,8 +152,10 @@ def make_train_iterator(source_or_builder_dir: Any, *, batch_size: int, seed: in
   source = open_source(source_or_builder_dir, split)
   if len(source) == 0:
     raise ValueError(f"{source_or_builder_dir} ({split}) holds no examples")
-  shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=drop_remainder)
-  sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=shuffle,
+  # Sharding is done on the source (exact contiguous partition) rather than by grain's ShardOptions, whose
+  # drop_remainder=False split leaves records out in this grain version.
+  source = ShardSource(source, process_index, process_count, equal=drop_remainder)
+  sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(), shuffle=shuffle,
                                num_epochs=num_epochs, seed=seed)
   ops: list = [_Parse(image_size)]
   if flip:
