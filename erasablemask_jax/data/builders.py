@@ -262,7 +262,9 @@ def build(name: str, manual_dir: str | pathlib.Path, data_dir: str | pathlib.Pat
   if name not in BUILDERS:
     raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(BUILDERS)}")
   manual = resolve_manual_dir(manual_dir)
-  builder = BUILDERS[name](data_dir=str(data_dir), config=make_config(image_size, split_sizes, align),
+  config = make_config(image_size, split_sizes, align)
+  known = {c.name for c in BUILDERS[name].BUILDER_CONFIGS}
+  builder = BUILDERS[name](data_dir=str(data_dir), config=config.name if config.name in known else config,
                            file_format="array_record")
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual), download_mode=tfds.download.GenerateMode
