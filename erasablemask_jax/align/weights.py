@@ -1,8 +1,11 @@
 """MTCNN weights: the facenet-pytorch -> Flax rename tables, and loading the converted copies bundled with the package.
 
-The bundled files `erasablemask_jax/assets/mtcnn/{pnet,rnet,onet}.safetensors` were converted from facenet-pytorch's
-`data/{pnet,rnet,onet}.pt` (MIT, (c) 2019 Timothy Esler; notice in `assets/mtcnn/LICENSE`) by
-`python -m erasablemask_jax.align.weights SRC_DIR` (needs torch). Keys are Flax parameter paths joined with '/'.
+The bundled model directories `erasablemask_jax/assets/mtcnn/{pnet,rnet,onet}/` (orbax `variables/` + `card.json`, as
+written by `erasablemask_jax.convert.write_model_dir`) were converted from facenet-pytorch's `data/{pnet,rnet,onet}.pt`
+(MIT, (c) 2019 Timothy Esler; notice in `assets/mtcnn/LICENSE`) with the project's converter, by
+`python -m erasablemask_jax.align.weights SRC_DIR` (needs torch), which runs the same code as
+`python -m tools.convert_torch_weights --arch mtcnn_<net> --checkpoint <net>.pt --out assets/mtcnn/<net>` for each net
+(the architectures are registered in `erasablemask_jax.align.archs`).
 
 Conversion rules (a torch key with no rule is an error):
   `convN.weight` (O, I, kh, kw) -> `convN/kernel` (kh, kw, I, O);   `convN.bias` -> `convN/bias`
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from erasablemask_jax import convert
 from erasablemask_jax.align import mtcnn
 
 ASSET_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "mtcnn"
@@ -71,33 +75,49 @@ def strict_params(net: str, flat: Mapping[str, np.ndarray]) -> dict:
   return {"params": traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")}
 
 
+def bundled_dir(net: str) -> pathlib.Path:
+  """Model directory of the bundled converted `net` ('pnet' | 'rnet' | 'onet'): `assets/mtcnn/<net>/`."""
+  if net not in NETS:
+    raise KeyError(f"unknown MTCNN network {net!r}; choose one of {NETS}")
+  return ASSET_DIR / net
+
+
 @functools.cache
 def load_bundled(net: str) -> dict:
-  """Loads the bundled converted weights of `net` ('pnet' | 'rnet' | 'onet') as a `{'params': ...}` pytree."""
-  from safetensors.numpy import load_file
+  """Loads the bundled converted weights of `net` ('pnet' | 'rnet' | 'onet') as a `{'params': ...}` pytree.
 
-  path = ASSET_DIR / f"{net}.safetensors"
-  if not path.is_file():
+  The directory is read with the converter's reader (`convert.read_model_dir`) and merged strictly against the Flax
+  module (`convert.strict_merge`), so a stale or damaged copy fails here with every mismatch named.
+  """
+  from erasablemask_jax.align import archs  # pylint: disable=g-import-not-at-top  (archs imports this module)
+
+  directory = bundled_dir(net)
+  if not (directory / "card.json").is_file():
     raise FileNotFoundError(
-        f"bundled MTCNN weights {path} are missing; reinstall the package or regenerate them with "
-        "`python -m erasablemask_jax.align.weights <dir with facenet-pytorch pnet.pt/rnet.pt/onet.pt>`"
-    )
-  return strict_params(net, load_file(str(path)))
+        f"bundled MTCNN weights {directory} are missing; reinstall the package or regenerate them with "
+        "`python -m erasablemask_jax.align.weights <dir with facenet-pytorch *pnet.pt, *rnet.pt, *onet.pt>`")
+  variables, card = convert.read_model_dir(directory)
+  if card.get("arch") != archs.arch_name(net):
+    raise convert.ModelDirError(f"{directory}/card.json names arch {card.get('arch')!r}, expected "
+                                f"{archs.arch_name(net)!r}; regenerate the bundled MTCNN weights")
+  spec = convert.get_arch(archs.arch_name(net))
+  abstract = convert.abstract_init(spec.build(), spec.input_shape)
+  merged = convert.strict_merge(convert.flatten_variables(variables), abstract, context=str(directory))
+  return jax.tree.map(jnp.asarray, merged)
 
 
-def convert_from_torch(src: dict[str, pathlib.Path], dst_dir: pathlib.Path) -> None:
-  """Converts facenet-pytorch `.pt` state dicts (`{'pnet': path, ...}`) to checked safetensors files in `dst_dir`."""
-  import torch
-  from safetensors.numpy import save_file
+def convert_from_torch(src: dict[str, pathlib.Path], dst_dir: pathlib.Path, force: bool = True) -> list[pathlib.Path]:
+  """Converts facenet-pytorch `.pt` state dicts (`{'pnet': path, ...}`) into model dirs `dst_dir/<net>/`.
 
-  dst_dir.mkdir(parents=True, exist_ok=True)
+  Uses the project's converter (`convert.convert_checkpoint` with arch `mtcnn_<net>`): torch.load(weights_only=True),
+  the rename table, a strict merge, then an atomic orbax + `card.json` write.
+  """
+  from erasablemask_jax.align import archs  # pylint: disable=g-import-not-at-top  (archs imports this module)
+
+  out = []
   for net, path in src.items():
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    flat = rename_torch_state_dict({k: v.numpy() for k, v in state.items()})
-    strict_params(net, flat)  # raises on any mismatch before anything is written
-    tmp = dst_dir / f".{net}.safetensors.tmp"
-    save_file(flat, str(tmp), metadata={"source": f"facenet-pytorch data/{net}.pt (MIT)", "from": str(path.name)})
-    tmp.replace(dst_dir / f"{net}.safetensors")
+    out.append(convert.convert_checkpoint(archs.arch_name(net), path, dst_dir / net, force=force))
+  return out
 
 
 def main(argv: list[str]) -> int:
@@ -112,8 +132,8 @@ def main(argv: list[str]) -> int:
       print(f"expected exactly one *{net}.pt in {src_dir}, found {[p.name for p in found]}")
       return 1
     src[net] = found[0]
-  convert_from_torch(src, ASSET_DIR)
-  print(f"wrote {[str(ASSET_DIR / f'{n}.safetensors') for n in NETS]}")
+  written = convert_from_torch(src, ASSET_DIR)
+  print(f"wrote {[str(p) for p in written]}")
   return 0
 
 

@@ -92,18 +92,45 @@ def test_pnet_padding_mask_is_exact(hw, bucket):
   np.testing.assert_allclose(np.asarray(reg_p)[:, :oh, :ow], reg, atol=1e-5)
 
 
-def test_bundled_weights_equal_fresh_conversion(assets_dir):
-  torch_ = pytest.importorskip("torch")
+@pytest.mark.torch
+@pytest.mark.assets
+def test_bundled_weights_equal_fresh_conversion(assets_dir, tmp_path):
+  """The bundled model dirs equal a fresh `convert_checkpoint` of the shared checkpoints, read back by the reader."""
+  from erasablemask_jax import convert
   for net in weights_lib.NETS:
-    sd = torch_.load(assets_dir / f"models/aux_detectors/facenet_pytorch_mtcnn_{net}.pt", map_location="cpu",
-                     weights_only=True)
-    fresh = weights_lib.rename_torch_state_dict({k: v.numpy() for k, v in sd.items()})
-    bundled = weights_lib.load_bundled(net)["params"]
-    from flax import traverse_util
-    flat = traverse_util.flatten_dict(bundled, sep="/")
-    assert set(flat) == set(fresh)
+    arch = f"mtcnn_{net}"
+    assert arch in convert.list_archs()
+    ckpt = assets_dir / f"models/aux_detectors/facenet_pytorch_mtcnn_{net}.pt"
+    out = convert.convert_checkpoint(arch, ckpt, tmp_path / net)
+    fresh, card = convert.read_model_dir(out)
+    bundled_card = convert.read_card(weights_lib.bundled_dir(net))
+    assert bundled_card["arch"] == card["arch"] == arch
+    assert bundled_card["source"]["sha256"] == card["source"]["sha256"] == convert.sha256_file(ckpt)
+    fresh = convert.flatten_variables(fresh)
+    bundled = convert.flatten_variables(weights_lib.load_bundled(net))
+    assert set(bundled) == set(fresh) and all(k.startswith("params/") for k in fresh)
     for k in fresh:
-      np.testing.assert_array_equal(np.asarray(flat[k]), fresh[k])
+      np.testing.assert_array_equal(np.asarray(bundled[k]), fresh[k], err_msg=f"{net} {k}")
+    # And both equal the torch tensors themselves under the documented re-layout.
+    sd = torch.load(ckpt, map_location="cpu", weights_only=True)
+    np.testing.assert_array_equal(fresh["params/conv1/kernel"], sd["conv1.weight"].numpy().transpose(2, 3, 1, 0))
+
+
+def test_convert_cli_registers_mtcnn(tmp_path):
+  """`tools.convert_torch_weights` sees the MTCNN archs; a wrong checkpoint for the arch fails with named keys."""
+  from erasablemask_jax import convert
+  from tools.convert_torch_weights import __main__ as cli
+  assert {"mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet"} <= set(convert.list_archs())
+  assert convert.get_arch("mtcnn_rnet").card["kind"] == "face_detector"
+  from safetensors.numpy import save_file
+  rnet = convert.flatten_variables(weights_lib.load_bundled("rnet"))
+  torch_like = {k.removeprefix("params/").replace("/kernel", ".weight").replace("/bias", ".bias")
+                .replace("/weight", ".weight"): np.ascontiguousarray(v.T if v.ndim == 2 else v) for k, v in rnet.items()
+                if not k.endswith("kernel") or v.ndim == 2}
+  save_file(torch_like, str(tmp_path / "rnet_partial.safetensors"))
+  rc = cli.main(["--arch", "mtcnn_rnet", "--checkpoint", str(tmp_path / "rnet_partial.safetensors"),
+                 "--out", str(tmp_path / "out")])
+  assert rc == 1 and not (tmp_path / "out").exists()  # conv kernels are missing: strict merge refuses
 
 
 def test_unknown_torch_key_is_an_error():

@@ -1,0 +1,58 @@
+"""Registers MTCNN's P-, R- and O-Net with the converter (`erasablemask_jax.convert.register_arch`).
+
+| name | PyTorch source | input (one example) | normalisation | outputs |
+|---|---|---|---|---|
+| mtcnn_pnet | facenet-pytorch `models/mtcnn.py` `PNet`, `data/pnet.pt` | 12x12 (any size >= 12) | (p - 127.5) / 128 | reg map, face prob map |
+| mtcnn_rnet | facenet-pytorch `RNet`, `data/rnet.pt` | 24x24 | (p - 127.5) / 128 | reg, face prob |
+| mtcnn_onet | facenet-pytorch `ONet`, `data/onet.pt` | 48x48 | (p - 127.5) / 128 | reg, 5 landmarks, face prob |
+
+So `python -m tools.convert_torch_weights --arch mtcnn_onet --checkpoint onet.pt --out DIR` writes a model directory
+(orbax variables + `card.json`), which is how the bundled copies in `erasablemask_jax/assets/mtcnn/{pnet,rnet,onet}/`
+are made (`python -m erasablemask_jax.align.weights SRC_DIR`). The rename is `weights.RENAME_RULES` with every path put
+under the `params` collection (the nets have no batch statistics).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from erasablemask_jax import convert
+from erasablemask_jax.align import mtcnn
+from erasablemask_jax.align import weights
+
+SOURCE_REPOSITORY = "timesler/facenet-pytorch models/mtcnn.py @ 787da06156087cd6b616fe6608213722bddc30cd"
+LICENSE = "MIT (c) 2019 Timothy Esler (facenet-pytorch); see LICENSE beside the bundled weights"
+
+_OUTPUTS = {
+    "pnet": ["reg (B, H', W', 4)", "face_prob (B, H', W')"],
+    "rnet": ["reg (B, 4)", "face_prob (B,)"],
+    "onet": ["reg (B, 4)", "landmarks (B, 10): 5 x then 5 y, in box units", "face_prob (B,)"],
+}
+
+
+def arch_name(net: str) -> str:
+  """Registry name of MTCNN sub-network `net` ('pnet' | 'rnet' | 'onet'): `mtcnn_<net>`."""
+  if net not in weights.NETS:
+    raise KeyError(f"unknown MTCNN network {net!r}; choose one of {weights.NETS}")
+  return f"mtcnn_{net}"
+
+
+def rename(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """facenet-pytorch MTCNN state dict -> `{"params/conv1/kernel": array, ...}` (`weights.RENAME_RULES`)."""
+  return {f"params/{k}": v for k, v in weights.rename_torch_state_dict(state).items()}
+
+
+def _register() -> None:
+  for net in weights.NETS:
+    hw = mtcnn.INPUT_SHAPES[net][1:3]
+    convert.register_arch(arch_name(net), convert.ArchSpec(
+        name=arch_name(net), build=mtcnn.MODULES[net], input_shape=tuple(mtcnn.INPUT_SHAPES[net][1:]), rename=rename,
+        card={"kind": "face_detector", "family": "mtcnn", "net": net, "input_size": list(hw),
+              "input_range": "(pixels - 127.5) * 0.0078125, RGB, NHWC", "outputs": _OUTPUTS[net],
+              "source_repository": SOURCE_REPOSITORY, "license": LICENSE},
+        description=f"MTCNN {net[0].upper()}-Net (facenet-pytorch data/{net}.pt)"))
+
+
+_register()
