@@ -176,23 +176,13 @@ def load_faces(paths: Sequence[pathlib.Path]) -> list[np.ndarray]:
   return out
 
 
-def calibrate(recogniser: Any, faces: str | os.PathLike[str], identities: str | os.PathLike[str] | None = None,
-              pairs: str | os.PathLike[str] | None = None, flip: bool = False, batch_size: int = 64,
-              fars: Iterable[float] = FARS) -> dict[str, Any]:
-  """Embeds the faces, scores genuine and impostor pairs, and returns `roc_metrics` plus what was used.
-
-  Args:
-    recogniser: an `erasablemask_jax.fr.Recogniser` (anything with `embed(images, flip=...)` and `card`).
-    faces: folder of aligned face images.
-    identities: identity file (`<image> <identity>` lines, matched by stem); every pair of matched images is used.
-    pairs: CSV pair list instead of (or, when `identities` is a CSV, detected from) the identity file.
-    flip: embed as `normalise(f(x) + f(mirror(x)))`.
-    batch_size: images per embedding call.
-    fars: FARs for thresholds.
+def prepare_pairs(faces: str | os.PathLike[str], identities: str | os.PathLike[str] | None = None,
+                  pairs: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+  """Matches an identity file or pair list to the images of `faces`.
 
   Returns:
-    The `roc_metrics` dict with `fr`, `faces`, `flip`, `n_images`, `n_identities`, `pair_source` and
-    `skipped_entries` (identity or pair entries without an image) added.
+    `{"paths": [image paths], "genuine": (G, 2) indices, "impostor": (I, 2) indices, "n_identities",
+    "pair_source", "skipped_entries"}` (indices into `paths`).
   """
   if identities is not None and pairs is None and is_pair_list(identities):
     identities, pairs = None, identities
@@ -219,15 +209,46 @@ def calibrate(recogniser: Any, faces: str | os.PathLike[str], identities: str | 
     impostor_idx = np.asarray([(index[a], index[b]) for a, b, same in pair_list if not same], np.int64).reshape(-1, 2)
     n_identities = None
     source = str(pairs)
-  emb = recogniser.embed(load_faces([face_paths[s] for s in stems]), flip=flip, batch_size=batch_size)
+  return {"paths": [face_paths[s] for s in stems], "genuine": genuine_idx, "impostor": impostor_idx,
+          "n_identities": n_identities, "pair_source": source, "skipped_entries": len(skipped)}
+
+
+def metrics_from_embeddings(emb: np.ndarray, genuine_idx: np.ndarray, impostor_idx: np.ndarray,
+                            fars: Iterable[float] = FARS) -> dict[str, Any]:
+  """`roc_metrics` of the cosine scores `<emb_i, emb_j>` of the genuine and impostor index pairs."""
+  emb = np.asarray(emb, np.float64)
   cos = lambda idx: np.sum(emb[idx[:, 0]] * emb[idx[:, 1]], axis=1)
-  result = roc_metrics(cos(genuine_idx), cos(impostor_idx), fars=fars)
+  return roc_metrics(cos(genuine_idx), cos(impostor_idx), fars=fars)
+
+
+def calibrate(recogniser: Any, faces: str | os.PathLike[str], identities: str | os.PathLike[str] | None = None,
+              pairs: str | os.PathLike[str] | None = None, flip: bool = False, batch_size: int = 64,
+              fars: Iterable[float] = FARS) -> dict[str, Any]:
+  """Embeds the faces, scores genuine and impostor pairs, and returns `roc_metrics` plus what was used.
+
+  Args:
+    recogniser: an `erasablemask_jax.fr.Recogniser` (anything with `embed(images, flip=...)` and `card`).
+    faces: folder of aligned face images.
+    identities: identity file (`<image> <identity>` lines, matched by stem); every pair of matched images is used.
+    pairs: CSV pair list instead of (or, when `identities` is a CSV, detected from) the identity file.
+    flip: embed as `normalise(f(x) + f(mirror(x)))`.
+    batch_size: images per embedding call.
+    fars: FARs for thresholds.
+
+  Returns:
+    The `roc_metrics` dict with `fr`, `faces`, `flip`, `n_images`, `n_identities`, `pair_source` and
+    `skipped_entries` (identity or pair entries without an image) added.
+  """
+  prepared = prepare_pairs(faces, identities, pairs)
+  emb = recogniser.embed(load_faces(prepared["paths"]), flip=flip, batch_size=batch_size)
+  result = metrics_from_embeddings(emb, prepared["genuine"], prepared["impostor"], fars=fars)
   card = getattr(recogniser, "card", {})
   result.update({
       "fr": {"arch": card.get("arch"), "directory": str(getattr(recogniser, "directory", "") or ""),
              "source_sha256": card.get("source", {}).get("sha256")},
-      "faces": str(faces), "pair_source": source, "flip": bool(flip), "n_images": len(stems),
-      "n_identities": n_identities, "skipped_entries": len(skipped),
+      "faces": str(faces), "pair_source": prepared["pair_source"], "flip": bool(flip),
+      "n_images": len(prepared["paths"]), "n_identities": prepared["n_identities"],
+      "skipped_entries": prepared["skipped_entries"],
   })
   return result
 

@@ -19,11 +19,50 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
   return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+class DepthwiseConv(nn.Module):
+  """Depthwise conv (`groups = in = out channels`) as a sum of shifted products, with `nn.Conv`'s parameters.
+
+  `y[n, i, j, c] = sum_{a, b} xpad[n, s*i + a, s*j + b, c] * kernel[a, b, 0, c] (+ bias[c])`, with symmetric zero
+  padding. Same numbers as `nn.Conv(feature_group_count=C)` (kernel `(kh, kw, 1, C)`), but XLA:CPU runs grouped
+  convolutions slowly, and this form is fast on every backend.
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  padding: tuple[int, int] = (0, 0)
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kh, kw = self.kernel_size
+    sh, sw = self.strides
+    ph, pw = self.padding
+    if x.shape[-1] != self.features:
+      raise ValueError(f"depthwise conv expects {self.features} input channels, got {x.shape[-1]}")
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, 1, self.features), jnp.float32)
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    ho = (xp.shape[1] - kh) // sh + 1
+    wo = (xp.shape[2] - kw) // sw + 1
+    y = None
+    for a in range(kh):
+      for b in range(kw):
+        patch = xp[:, a:a + sh * (ho - 1) + 1:sh, b:b + sw * (wo - 1) + 1:sw, :] * kernel[a, b, 0]
+        y = patch if y is None else y + patch
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return y
+
+
 def torch_conv(features: int, kernel: int | Sequence[int], stride: int | Sequence[int] = 1,
                padding: int | Sequence[int] = 0, groups: int = 1, bias: bool = False,
-               name: str | None = None) -> nn.Conv:
-  """`torch.nn.Conv2d(in, features, kernel, stride, padding, groups=groups, bias=bias)` as a Flax NHWC conv."""
+               name: str | None = None) -> nn.Module:
+  """`torch.nn.Conv2d(in, features, kernel, stride, padding, groups=groups, bias=bias)` as a Flax NHWC conv.
+
+  A depthwise conv (`groups == features > 1`, one filter per input channel) becomes `DepthwiseConv`.
+  """
   ph, pw = _pair(padding)
+  if groups > 1 and groups == features:
+    return DepthwiseConv(features, _pair(kernel), _pair(stride), (ph, pw), bias, name=name)
   return nn.Conv(features, _pair(kernel), strides=_pair(stride), padding=((ph, ph), (pw, pw)),
                  feature_group_count=groups, use_bias=bias, name=name)
 
