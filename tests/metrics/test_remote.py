@@ -190,3 +190,20 @@ def test_pluggable_request_and_response_mapping():
   assert seen == {"key": "k", "type": "application/octet-stream"}
   with pytest.raises(ValueError, match="http"):
     remote.RemoteFaceCompare("ftp://x")
+
+
+@pytest.mark.assets
+def test_reference_server_with_the_bundled_mobilefacenet_on_real_faces(assets_dir):
+  fr = pytest.importorskip("erasablemask_jax.fr")
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  folder = assets_dir / "images" / "derived_aligned112" / "celeba_wild_identities"
+  # 001085 and 007710 are CelebA identity 7201; 000114 is another person (identity_CelebA_subset.txt).
+  a, b, other = (np.asarray(Image.open(folder / f"{name}.png").convert("RGB")) for name in ("001085", "007710", "000114"))
+  recogniser = fr.load_bundled()
+  with _serving(compare_server.make_server(recogniser.embed)) as url:
+    client = remote.RemoteFaceCompare(url, timeout_s=120, max_requests_per_s=None)
+    genuine, impostor = client.compare(a, b), client.compare(a, other)
+  e = recogniser.embed(np.stack([a, b, other]))
+  assert genuine == pytest.approx(float(e[0] @ e[1]), abs=1e-5)
+  assert impostor == pytest.approx(float(e[0] @ e[2]), abs=1e-5)
+  assert genuine > impostor
