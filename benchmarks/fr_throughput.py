@@ -1,0 +1,88 @@
+"""Embeddings per second of each FR architecture: Flax (jitted) vs PyTorch (eager), same weights and inputs.
+
+    python benchmarks/fr_throughput.py [--archs mobilefacenet,iresnet50] [--batch 8] [--iters 3] [--out FILE.json]
+
+Weights are random (converted from the PyTorch reference models of `tests/fr/fr_torch_reference.py`); the maximum
+absolute difference of the L2-normalised embeddings is reported beside the timings. Prints a table and writes JSON
+(machine, versions, settings, numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "fr"))
+
+DEFAULT_ARCHS = ("mobilefacenet", "mobilefacenet_sphereface", "iresnet18", "iresnet50", "iresnet100", "ir_50",
+                 "ir_se_50", "ir_152", "inception_resnet_v1")
+
+
+def bench(arch: str, batch: int, iters: int) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  import fr_torch_reference as ref  # pylint: disable=g-import-not-at-top
+  from erasablemask_jax import convert, fr  # pylint: disable=g-import-not-at-top
+  spec = convert.get_arch(arch)
+  model = ref.randomise(ref.build(arch), 0, spec.input_shape)
+  rec = fr.from_variables(arch, convert.convert_state_dict(arch, ref.state_dict_numpy(model)))
+  h, w, _ = spec.input_shape
+  x = np.random.RandomState(0).uniform(-1, 1, (batch, h, w, 3)).astype(np.float32)
+  prep = rec.preprocessing
+  xt = torch.from_numpy((((x + 1) / 2 - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32))
+                        .transpose(0, 3, 1, 2).copy())
+  if prep.crop_fraction != (1.0, 1.0):  # feed the Flax side the 112x112 image it crops to 112x96
+    x = np.pad(x, ((0, 0), (0, 0), (8, 8), (0, 0)))
+  fn = jax.jit(rec.apply_fn)
+  t = time.perf_counter()
+  e = fn(rec.variables, x).block_until_ready()
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  for _ in range(iters):
+    e = fn(rec.variables, x).block_until_ready()
+  flax_s = (time.perf_counter() - t) / iters
+  with torch.no_grad():
+    model(xt)
+    t = time.perf_counter()
+    for _ in range(iters):
+      et = model(xt)
+    torch_s = (time.perf_counter() - t) / iters
+  et = et.numpy() / np.linalg.norm(et.numpy(), axis=1, keepdims=True)
+  return {"arch": arch, "batch": batch, "flax_compile_s": compile_s, "flax_emb_per_s": batch / flax_s,
+          "torch_emb_per_s": batch / torch_s, "max_abs_diff": float(np.abs(np.asarray(e) - et).max())}
+
+
+def main(argv=None) -> int:
+  import torch  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--archs", default=",".join(DEFAULT_ARCHS))
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--out", default="benchmarks/results/fr_throughput.json")
+  args = p.parse_args(argv)
+  rows = []
+  print(f"{'arch':28s} {'batch':>5s} {'flax emb/s':>11s} {'torch emb/s':>12s} {'compile s':>10s} {'max|diff|':>10s}")
+  for arch in args.archs.split(","):
+    r = bench(arch, args.batch, args.iters)
+    rows.append(r)
+    print(f"{arch:28s} {r['batch']:5d} {r['flax_emb_per_s']:11.1f} {r['torch_emb_per_s']:12.1f} "
+          f"{r['flax_compile_s']:10.1f} {r['max_abs_diff']:10.2e}", flush=True)
+  info = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                      "jax_devices": [str(d) for d in jax.devices()], "torch_threads": torch.get_num_threads()},
+          "versions": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()},
+          "settings": vars(args), "results": rows}
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(info, indent=2) + "\n")
+  print(f"wrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
