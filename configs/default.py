@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.l_adv = 200.0
   config.loss.l_era = 150.0
   config.loss.l_perb = 1.0
+  config.loss.l_att_d = 1.0  # weight of L_att^D in D's loss (AttGAN's lambda_3)
   config.loss.sigma1 = 30.0
   config.loss.epsilon = 0.0
 
@@ -55,7 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fr = ml_collections.ConfigDict()
   config.fr.surrogates = ("fr/ir_152", "fr/ir_se_50", "fr/mobilefacenet")  # white-box, attacked in training
   config.fr.blackbox = ("fr/facenet", "fr/arcface_iresnet100", "fr/cosface_iresnet100")  # evaluation only
-  config.fr.target = ""  # path of the target identity's face image (or a folder of them), uint8 RGB
+  config.fr.target = ""  # the target identity: an image file, a folder of them, or "identity:K" of the data folder
+  # Where the FR models' aligned face sits in the generator's image before resizing to their input: "none" (resize
+  # the whole image, as the paper) or "loose_to_arcface" (the ArcFace box inside our aligner's loose 256 crop).
+  config.fr.input_crop = "none"
   config.fr.tau1_far = 0.01  # ASR threshold: the model's threshold at this FAR
   config.fr.tau2_far = 0.1  # ESR threshold
 
@@ -64,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.noise.train_pool = ("identity", "jpeg50", "gauss0.003", "resize0.25")
   config.noise.eval_transforms = ("jpeg50", "gauss0.003", "resize0.5", "median5", "rotate30", "crop224")
 
-  # Curriculum (Eq. 14-16). A stage's length is `*_steps` when > 0, else `*_epochs` over the training split.
+  # Curriculum (Eq. 14-16). A stage's length is `*_steps` when >= 0 (0 skips it), else `*_epochs` over the training split.
   config.schedule = ml_collections.ConfigDict()
   config.schedule.stage1_epochs = 200
   config.schedule.stage2_epochs = 100
@@ -78,7 +82,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.lr = 2e-5
   config.optim.b1 = 0.5
   config.optim.b2 = 0.999
-  config.optim.n_d = 1  # discriminator updates per generator update
 
   # Data: a tfds builder ("celeba_hq" | "ffhq" | "face_folder") prepared under data_dir, or a folder of faces.
   config.data = ml_collections.ConfigDict()
@@ -89,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.flip = True
   config.data.shuffle_seed = 0
   config.data.worker_count = 0  # grain worker processes (0: in the main process)
+  config.data.eval_identities = ()  # in-memory folders: identities held out of training, for evaluation
 
   # Bookkeeping.
   config.train = ml_collections.ConfigDict()

@@ -76,6 +76,16 @@ class ErasableMask:
     out, state = _apply(self.generator, g_vars, x, self.encode_attributes(att), train=train)
     return out, state
 
+  def edit_and_reconstruct(self, g_vars: Variables, x: Array, att_a: Array, att_b: Array, *,
+                           train: bool = False) -> tuple[tuple[Array, Array], Variables]:
+    """Stage 1's two decodes of one encoding: `(G_dec(z, att_b), G_dec(z, att_a))` with `z = G_enc(x)`."""
+    zs, state = _apply(self.generator, g_vars, x, train=train, method="encode")
+    g_vars = _with_state(g_vars, state)
+    x_edit, state = _apply(self.generator, g_vars, zs, self.encode_attributes(att_b), train=train, method="decode")
+    g_vars = _with_state(g_vars, state)
+    x_recon, state = _apply(self.generator, g_vars, zs, self.encode_attributes(att_a), train=train, method="decode")
+    return (x_edit, x_recon), state
+
   def protect(self, g_vars: Variables, e_vars: Variables, x: Array, att_b: Array, *, train_g: bool = False,
               train_e: bool = False) -> tuple[tuple[Array, Array], tuple[Variables, Variables]]:
     """Eq. 6-7 with clean-domain injection.

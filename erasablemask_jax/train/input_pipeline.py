@@ -1,0 +1,139 @@
+"""Batches for the trainer: host-local slices of one seeded global batch sequence, with a resumable position.
+
+`InMemorySource` serves small sets that fit in host memory (the bundled sample, the shared test faces, a user's
+folder). Every host computes the same global order, `permutation(seed, epoch)`, and takes its own contiguous slice of
+each global batch, so a run's global batches are the same on 1 host or many, and on 1 device or many. Random
+horizontal flips and `att_b` (a permutation of `att_a` within the global batch, AttGAN's scheme) are drawn from
+`(seed, epoch, batch index)`, so they too are independent of the host count. Its state is two integers; the trainer
+checkpoints it beside the train state so a resumed run sees the same data.
+
+Large datasets go through the tfds/grain pipeline of `erasablemask_jax.data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class InMemorySource:
+  """An endless, resumable iterator of host-local batches `{"image" uint8, "att_a", "att_b", "identity"}`.
+
+  Args:
+    images: `(N, H, W, 3)` uint8 RGB.
+    attributes: `(N, A)` 0/1 labels.
+    global_batch_size: examples per step over all hosts; a trailing partial batch of an epoch is dropped.
+    seed: order, flips and att_b permutations derive from it.
+    flip: random horizontal flips.
+    process_index, process_count: this host's slice of every global batch.
+    identity: `(N,)` int labels (-1 unknown).
+  """
+
+  images: np.ndarray
+  attributes: np.ndarray
+  global_batch_size: int
+  seed: int = 0
+  flip: bool = True
+  process_index: int = 0
+  process_count: int = 1
+  identity: np.ndarray | None = None
+  epoch: int = 0
+  position: int = 0  # global batches already served in `epoch`
+
+  def __post_init__(self):
+    n = len(self.images)
+    if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+      raise ValueError(f"images must be uint8 (N, H, W, 3); got {self.images.dtype} {self.images.shape}")
+    if len(self.attributes) != n:
+      raise ValueError(f"{n} images but {len(self.attributes)} attribute rows")
+    if self.global_batch_size % self.process_count:
+      raise ValueError(f"global batch {self.global_batch_size} does not divide over {self.process_count} hosts; "
+                       f"set data.batch_size to a multiple of {self.process_count}")
+    if n < self.global_batch_size:
+      raise ValueError(f"{n} examples cannot fill one global batch of {self.global_batch_size}; lower data.batch_size")
+    if self.identity is None:
+      self.identity = np.full((n,), -1, np.int32)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return len(self.images) // self.global_batch_size
+
+  def get_state(self) -> dict[str, int]:
+    return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    if int(state.get("seed", self.seed)) != self.seed:
+      raise ValueError(f"data state was saved with seed {state['seed']}, this run uses {self.seed}")
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.position >= self.steps_per_epoch:
+      self.epoch, self.position = self.epoch + 1, 0
+    rng = np.random.default_rng([self.seed, self.epoch])
+    order = rng.permutation(len(self.images))
+    b = self.global_batch_size
+    index = order[self.position * b:(self.position + 1) * b]
+    batch_rng = np.random.default_rng([self.seed, self.epoch, self.position])
+    flips = batch_rng.random(b) < 0.5 if self.flip else np.zeros(b, bool)
+    att_a = self.attributes[index].astype(np.float32)
+    att_b = att_a[batch_rng.permutation(b)]
+    self.position += 1
+    local = slice(self.process_index * b // self.process_count, (self.process_index + 1) * b // self.process_count)
+    images = self.images[index[local]]
+    images = np.where(flips[local, None, None, None], images[:, :, ::-1], images)
+    return {"image": images, "att_a": att_a[local], "att_b": att_b[local],
+            "identity": self.identity[index[local]].astype(np.int32)}
+
+
+@dataclasses.dataclass
+class FaceSplits:
+  """A small face folder split by identity: training faces, held-out evaluation faces and the target's faces."""
+
+  train: dict[str, np.ndarray]
+  eval: dict[str, np.ndarray]
+  target: np.ndarray
+
+
+def _subset(arrays: dict, mask: np.ndarray) -> dict[str, np.ndarray]:
+  return {"image": arrays["image"][mask], "att": arrays["att"][mask], "identity": arrays["identity"][mask],
+          "file": [f for f, m in zip(arrays["file"], mask) if m]}
+
+
+def load_face_splits(data_config, fr_config, image_size: int) -> FaceSplits:
+  """Reads `data.manual_dir` into memory and splits it: `fr.target = "identity:K"` takes identity K's faces as the
+  target (never trained on or evaluated); `data.eval_identities` are held out for evaluation; the rest trains."""
+  from erasablemask_jax.data.pipeline import load_face_folder_arrays
+
+  arrays = load_face_folder_arrays(data_config.manual_dir, image_size)
+  identity = arrays["identity"]
+  target_mask = np.zeros(len(identity), bool)
+  target = np.zeros((0, image_size, image_size, 3), np.uint8)
+  if fr_config.target.startswith("identity:"):
+    target_id = int(fr_config.target.split(":", 1)[1])
+    target_mask = identity == target_id
+    if not target_mask.any():
+      raise ValueError(f"fr.target={fr_config.target!r}: no face of identity {target_id} in {data_config.manual_dir}")
+    target = arrays["image"][target_mask]
+  elif fr_config.target:
+    target = read_faces(fr_config.target, image_size)
+  eval_mask = np.isin(identity, np.asarray(data_config.eval_identities, np.int32)) & ~target_mask
+  train_mask = ~eval_mask & ~target_mask
+  return FaceSplits(train=_subset(arrays, train_mask), eval=_subset(arrays, eval_mask), target=target)
+
+
+def read_faces(path: str, image_size: int) -> np.ndarray:
+  """uint8 `(N, S, S, 3)` from an image file or a folder of them (centre-cropped and resized)."""
+  import pathlib
+
+  from erasablemask_jax.data import images as images_lib
+
+  p = pathlib.Path(path)
+  files = images_lib.list_images(p) if p.is_dir() else [p]
+  if not files or not all(f.is_file() for f in files):
+    raise FileNotFoundError(f"no face image at {path}; fr.target takes an image file, a folder, or 'identity:K'")
+  return np.stack([images_lib.square_resize(images_lib.read_image(f, str(f)), image_size) for f in files])

@@ -1,0 +1,348 @@
+"""`train_and_evaluate(config, workdir)`: the three-stage curriculum on one device, many devices or many hosts.
+
+The run is a loop over global steps. The stage of a step follows from the schedule (stage 1, then 2, then 3), so a
+run restored from any checkpoint continues exactly: the train state (every network, Adam state, rng, Eq. 11 weights)
+and the data iterator's position are saved together by an orbax `CheckpointManager` every
+`train.checkpoint_every_steps` steps and at each stage boundary. Orbax writes a checkpoint to a temporary directory
+and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
+
+Devices: one `Mesh` with a `data` axis over `mesh.data` devices (-1: all, over all hosts); the global batch is sharded
+along it, the state replicated; multi-host runs call `jax.distributed.initialize` first (see `initialize_distributed`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from erasablemask_jax.attack import end_epoch, make_attack
+from erasablemask_jax.models import ErasableMask
+from erasablemask_jax.train import steps as steps_lib
+from erasablemask_jax.train.input_pipeline import InMemorySource, load_face_splits, read_faces
+from erasablemask_jax.train.state import TrainState, begin_stage2, create_train_state, make_optimizer
+from erasablemask_jax.train.surrogates import Surrogate, load_surrogate, target_embeddings
+from erasablemask_jax.train.writer import MetricWriter, save_image_grid
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A loss became NaN or infinite; the message names the step and the term."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Devices.
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-host run. Without arguments JAX reads the cluster's environment (TPU pods, SLURM, ...).
+
+  On CPU hosts, collectives go through gloo.
+  """
+  if jax.process_count() > 1 or (coordinator_address is None and "JAX_COORDINATOR_ADDRESS" not in os.environ):
+    return
+  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def make_mesh(mesh_config) -> Mesh:
+  """A 1-D mesh with a `data` axis over `mesh.data` devices (-1: every device of every host)."""
+  devices = jax.devices()
+  n = len(devices) if mesh_config.data in (-1, 0) else mesh_config.data
+  if n > len(devices):
+    raise ValueError(f"mesh.data={n} but only {len(devices)} devices are visible")
+  return Mesh(np.asarray(devices[:n]), ("data",))
+
+
+def check_batch_divides(global_batch: int, mesh: Mesh) -> None:
+  if global_batch % mesh.size or global_batch % jax.process_count():
+    raise ValueError(f"data.batch_size={global_batch} does not divide over {mesh.size} devices and "
+                     f"{jax.process_count()} hosts; use a multiple of {math.lcm(mesh.size, jax.process_count())}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schedule.
+
+class Schedule:
+  """Stage lengths in steps: `*_steps` when >= 0 (0 skips the stage), else `*_epochs * steps_per_epoch`."""
+
+  def __init__(self, schedule_config, steps_per_epoch: int):
+    self.steps_per_epoch = steps_per_epoch
+    self.lengths = []
+    for stage in (1, 2, 3):
+      steps = schedule_config[f"stage{stage}_steps"]
+      self.lengths.append(steps if steps >= 0 else schedule_config[f"stage{stage}_epochs"] * steps_per_epoch)
+    self.ends = list(np.cumsum(self.lengths))
+
+  @property
+  def total(self) -> int:
+    return int(self.ends[-1])
+
+  def stage_of(self, step: int) -> int:
+    """The stage that step `step` (0-based, the step about to run) belongs to."""
+    return 1 + sum(step >= end for end in self.ends[:-1])
+
+  def is_boundary(self, step: int) -> bool:
+    """True after the last step of a stage (`step` counts completed steps)."""
+    return step in self.ends
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Setup pieces.
+
+class GrainSource:
+  """Adapts `erasablemask_jax.data.pipeline.make_train_iterator` (tfds builders, large data) to the trainer."""
+
+  def __init__(self, data_config, image_size: int, process_index: int, process_count: int):
+    from erasablemask_jax.data import pipeline
+
+    per_host = data_config.batch_size // process_count
+    source = pipeline.open_source(data_config.data_dir, "train")
+    self.steps_per_epoch = len(source) // process_count // per_host
+    self._it = pipeline.make_train_iterator(
+        data_config.data_dir, batch_size=per_host, seed=data_config.shuffle_seed, image_size=image_size,
+        flip=data_config.flip, process_index=process_index, process_count=process_count,
+        worker_count=data_config.worker_count)
+
+  def __next__(self):
+    return next(self._it)
+
+  def get_state(self) -> dict[str, str]:
+    state = self._it.get_state()
+    return {"grain": state.decode() if isinstance(state, bytes) else state}
+
+  def set_state(self, state: dict[str, str]) -> None:
+    self._it.set_state(state["grain"].encode())
+
+
+def make_source(config, process_index: int, process_count: int, train_arrays=None):
+  """The training data of `config.data` as a host-local batch iterator.
+
+  `data.data_dir` set: a prepared tfds builder read through grain (each host reads its own shard). Otherwise the
+  in-memory folder `data.manual_dir` (split by `load_face_splits`), whose global batches are independent of the
+  number of hosts and devices.
+  """
+  if config.data.data_dir:
+    return GrainSource(config.data, config.image_size, process_index, process_count)
+  if train_arrays is None:
+    train_arrays = load_face_splits(config.data, config.fr, config.image_size).train
+  return InMemorySource(images=train_arrays["image"], attributes=train_arrays["att"],
+                        identity=train_arrays["identity"], global_batch_size=config.data.batch_size,
+                        seed=config.data.shuffle_seed, flip=config.data.flip, process_index=process_index,
+                        process_count=process_count)
+
+
+def _prepare(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {"image": batch["image"].astype(jnp.float32) / 127.5 - 1.0, "att_a": batch["att_a"], "att_b": batch["att_b"]}
+
+
+def _with_prepared(step_fn, cfg, state, batch, *args):
+  return step_fn(cfg, state, _prepare(batch), *args)
+
+
+class Trainer:
+  """Holds the jitted steps, the checkpoint manager and the writers of one run."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
+               source: Iterator | None = None, surrogates: list[Surrogate] | None = None,
+               target_images: np.ndarray | None = None):
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    self.mesh = make_mesh(config.mesh)
+    check_batch_divides(config.data.batch_size, self.mesh)
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    self.is_chief = jax.process_index() == 0
+
+    self.splits = None
+    if source is None or (config.fr.surrogates and target_images is None and surrogates is None):
+      if not config.data.data_dir:
+        self.splits = load_face_splits(config.data, config.fr, config.image_size)
+    if source is None:
+      source = make_source(config, jax.process_index(), jax.process_count(),
+                           self.splits.train if self.splits else None)
+    self.source = source
+    self.schedule = Schedule(config.schedule, self.source.steps_per_epoch)
+    self.models = ErasableMask.from_config(config.model, len(config.attributes))
+    self.tx = make_optimizer(config.optim)
+
+    self.surrogates = surrogates if surrogates is not None else [
+        load_surrogate(s, config.fr.input_crop, config.image_size) for s in config.fr.surrogates]
+    if self.surrogates:
+      if target_images is None:
+        target_images = self.splits.target if self.splits else read_faces(config.fr.target, config.image_size)
+      if len(target_images) == 0:
+        raise ValueError("the attack needs a target face: set fr.target to an image, a folder or 'identity:K'")
+      x_t = jnp.asarray(target_images, jnp.float32) / 127.5 - 1.0
+      self.targets = jax.device_put(target_embeddings(self.surrogates, x_t), self.replicated)
+      self.fr_vars = jax.device_put([s.variables for s in self.surrogates], self.replicated)
+    else:
+      self.targets, self.fr_vars = [], []
+    lr_inner = config.attack.lr_inner if config.attack.lr_inner >= 0 else config.optim.lr
+    kind = config.attack.kind
+    if kind == "meta_auxiliary" and config.attack.first_order:
+      kind = "first_order"
+    if kind != "ensemble" and len(self.surrogates) == 1:
+      raise ValueError("the meta-auxiliary attack needs at least 2 surrogates (fr.surrogates); add one, a '@flip' "
+                       "view of one, or set attack.kind='ensemble'")
+    attack = make_attack(kind, lr_inner=lr_inner, epsilon=config.loss.epsilon) if self.surrogates else None
+    noise = _make_noise(config.noise.train_pool)
+    self.step_config = steps_lib.StepConfig(models=self.models, tx=self.tx, loss=config.loss,
+                                            fr_applies=tuple(s.apply for s in self.surrogates), attack=attack,
+                                            noise=noise)
+    self._steps = {}
+    self.checkpoints = ocp.CheckpointManager(
+        (self.workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints_to_keep, create=True),
+        item_names=("state", "data"))
+    self.writer = MetricWriter(self.workdir, enabled=self.is_chief)
+
+  # -------------------------------------------------------------------------------------------------------------------
+  def _jit_step(self, stage: int):
+    if stage not in self._steps:
+      fn = {1: steps_lib.stage1_step, 2: steps_lib.stage2_step, 3: steps_lib.stage3_step}[stage]
+      step = functools.partial(_with_prepared, fn, self.step_config)
+      n_extra = 2 if stage == 2 else 0
+      self._steps[stage] = jax.jit(step, in_shardings=(self.replicated, self.batch_sharding) + (self.replicated,) * n_extra,
+                                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    return self._steps[stage]
+
+  def init_state(self) -> TrainState:
+    init = functools.partial(create_train_state, self.models, self.tx, image_size=self.config.image_size,
+                             num_attributes=len(self.config.attributes), num_surrogates=len(self.surrogates))
+    return jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(self.config.seed))
+
+  def abstract_state(self) -> TrainState:
+    shapes = jax.eval_shape(lambda: self.init_state())
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
+
+  def restore_or_init(self) -> TrainState:
+    step = self.checkpoints.latest_step()
+    if step is None:
+      return self.init_state()
+    restored = self.checkpoints.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(self.abstract_state()), data=ocp.args.JsonRestore()))
+    self.source.set_state(restored["data"])
+    log.info("restored checkpoint at step %d", step)
+    return restored["state"]
+
+  def save(self, state: TrainState, step: int) -> None:
+    self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(self.source.get_state())), force=True)
+    self.checkpoints.wait_until_finished()
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local.items() if k in ("image", "att_a", "att_b")}
+
+  # -------------------------------------------------------------------------------------------------------------------
+  def run(self, on_step=None) -> TrainState:
+    """Trains to the end of stage 3 from wherever the workdir's latest checkpoint left off.
+
+    Args:
+      on_step: optional `callback(step)` after each completed (and, when due, saved) step.
+    """
+    config, schedule = self.config, self.schedule
+    state = self.restore_or_init()
+    step = int(state.step)
+    if self.is_chief:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    sample_batch = None
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    progress = _progress(schedule.total, step, self.is_chief)
+    started = time.perf_counter()
+    while step < schedule.total:
+      stage = schedule.stage_of(step)
+      if step == schedule.ends[0] and stage >= 2:
+        state = jax.jit(functools.partial(begin_stage2, tx=self.tx), out_shardings=self.replicated,
+                        donate_argnums=(0,))(state)
+      if stage == 2 and step > schedule.ends[0] and (step - schedule.ends[0]) % schedule.steps_per_epoch == 0:
+        state = state.replace(adaptive=jax.jit(end_epoch)(state.adaptive))
+      local = next(self.source)
+      batch = self.global_batch(local)
+      if sample_batch is None:
+        sample_batch = {k: v[:config.train.num_sample_images] for k, v in local.items()}
+      extra = (self.fr_vars, self.targets) if stage == 2 else ()
+      state, metrics = self._jit_step(stage)(state, batch, *extra)
+      step += 1
+      pending.append((step, metrics))
+      boundary = schedule.is_boundary(step)
+      save = boundary or step % config.train.checkpoint_every_steps == 0
+      if save or step % config.train.log_every_steps == 0:
+        self._flush(pending, stage, started)
+        pending = []
+      if save:
+        self.save(state, step)
+      if self.is_chief and (boundary or step % config.train.sample_every_steps == 0):
+        self._write_samples(state, sample_batch, step)
+      progress.update(1)
+      if on_step is not None:
+        on_step(step)
+    progress.close()
+    self.checkpoints.wait_until_finished()
+    self.writer.close()
+    return state
+
+  def _flush(self, pending, stage: int, started: float) -> None:
+    """Checks every pending step's losses are finite, then logs their mean."""
+    host = jax.device_get(pending)
+    for step, metrics in host:
+      for name, value in metrics.items():
+        if not np.all(np.isfinite(value)):
+          last = self.checkpoints.latest_step()
+          raise NonFiniteLossError(
+              f"non-finite loss at step {step} (stage {stage}): {name} = {value}. The last good checkpoint "
+              f"({'none' if last is None else f'step {last}'}) in {self.workdir / 'checkpoints'} is kept; lower "
+              f"optim.lr or check the data, then rerun the same command to resume from it.")
+    means = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
+    means["stage"] = stage
+    means["elapsed_s"] = time.perf_counter() - started
+    self.writer.write(host[-1][0], means)
+
+  def _write_samples(self, state: TrainState, sample_batch, step: int) -> None:
+    batch = _prepare({k: jnp.asarray(v) for k, v in sample_batch.items() if k != "identity"})
+    columns = jax.jit(functools.partial(steps_lib.sample_images, self.models))(state, batch)
+    save_image_grid(self.workdir / "samples" / f"step_{step:07d}.png",
+                    [np.asarray(columns[k]) for k in ("x_cov", "x_edit", "x_adv", "x_rec")])
+
+
+def _make_noise(members):
+  if not members or tuple(members) == ("identity",):
+    return None
+  from erasablemask_jax.noise import make_train_pool
+
+  return make_train_pool(tuple(members))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  from tqdm import tqdm
+
+  return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], **kwargs) -> TrainState:
+  """Runs (or resumes) the whole curriculum in `workdir`; returns the final state."""
+  return Trainer(config, workdir, **kwargs).run()
+
+
+def params_of(state: TrainState) -> dict[str, Any]:
+  """Every network's parameters and statistics as host numpy arrays (for comparisons and exports)."""
+  return jax.device_get({name: {"params": getattr(state, name).params, "batch_stats": getattr(state, name).batch_stats}
+                         for name in ("g", "e_adv", "r", "d")})

@@ -1,0 +1,54 @@
+"""Metrics to TensorBoard event files and a JSONL file, and PNG sample grids (written by process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+
+class MetricWriter:
+  """`write(step, {name: float})` to `workdir/metrics.jsonl` and TensorBoard events under `workdir/tensorboard`."""
+
+  def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+    self._jsonl.flush()
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, float(value), int(step))
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] float -> uint8, rounding to nearest."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_image_grid(path: os.PathLike[str], columns: list[np.ndarray]) -> None:
+  """One row per image, one column per array of `columns` (each `(N, H, W, 3)` in [-1, 1]); written atomically."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  rows = [np.concatenate([to_uint8(c[i]) for c in columns], axis=1) for i in range(columns[0].shape[0])]
+  tmp = path.with_suffix(".tmp.png")
+  Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
+  os.replace(tmp, path)
