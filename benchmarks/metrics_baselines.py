@@ -1,0 +1,105 @@
+"""FGSM / PGD white-box impersonation on the bundled MobileFaceNet, and LPIPS / FID-Inception throughput.
+
+Sources: one bundled sample face (MIT; 256x256) per identity, target: another identity (facenet_paul_rudd); the surrogate is the bundled foamliu
+MobileFaceNet with its calibrated FAR 0.01 threshold (tau1). Throughput uses random weights (speed does not depend on
+them). Prints a table and writes JSON. Usage: `python benchmarks/metrics_baselines.py [--n 8] [--steps 20]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from erasablemask_jax import fr
+from erasablemask_jax.metrics import fid
+from erasablemask_jax.metrics import lpips
+from erasablemask_jax.metrics import recognition
+
+SAMPLE = pathlib.Path(fr.__file__).resolve().parents[1] / "assets" / "sample_faces"
+
+
+def _timed(fn, *args):
+  jax.block_until_ready(fn(*args))  # compile
+  t = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t
+
+
+def _random_variables(abstract, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape), jnp.float32), abstract)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--n", type=int, default=8, help="source faces")
+  ap.add_argument("--steps", type=int, default=20, help="PGD steps")
+  ap.add_argument("--out", default="benchmarks/metrics_baselines.json")
+  args = ap.parse_args()
+
+  with open(SAMPLE / "attributes.csv") as f:
+    identity = {row.split(",")[0]: row.strip().split(",")[-1] for row in f.readlines()[1:]}
+  target_file = SAMPLE / "facenet_paul_rudd.png"
+  sources, seen = [], {identity[target_file.name]}
+  for name in sorted(identity):  # one face per other identity: clean pairs are impostor pairs
+    if identity[name] not in seen and len(sources) < args.n:
+      seen.add(identity[name])
+      sources.append(SAMPLE / name)
+  load = lambda p: np.asarray(Image.open(p).convert("RGB"), np.float32) / 127.5 - 1.0
+  x = jnp.asarray(np.stack([load(p) for p in sources]))
+  x_target = jnp.asarray(load(target_file))[None]
+  rec = fr.load_bundled()
+  embed = jax.tree_util.Partial(rec.apply_fn, rec.variables)
+  target = jax.jit(embed)(x_target)[0]
+  tau1 = rec.threshold(0.01)
+  rows = {}
+  t = time.perf_counter()
+  x_fgsm = recognition.fgsm(x, [embed], [target]).block_until_ready()
+  t_fgsm = time.perf_counter() - t
+  t = time.perf_counter()
+  x_pgd = recognition.pgd(x, [embed], [target], num_steps=args.steps).block_until_ready()
+  t_pgd = time.perf_counter() - t
+  for name, images, secs in (("clean", x, 0.0), ("fgsm", x_fgsm, t_fgsm), (f"pgd{args.steps}", x_pgd, t_pgd)):
+    cos = np.asarray(recognition.cosine(jax.jit(embed)(images), target))
+    rows[name] = {"mean_cos": float(cos.mean()), "asr": recognition.attack_success_rate(cos, tau1),
+                  "linf_0_1": float(jnp.max(jnp.abs(images - x)) / 2), "seconds_incl_compile": secs}
+
+  size = 256
+  xb = jnp.zeros((8, size, size, 3), jnp.float32)
+  speed = {}
+  for net in ("alex", "vgg"):
+    module = lpips.LPIPS(net)
+    v = _random_variables(jax.eval_shape(module.init, jax.random.key(0), xb[:1], xb[:1]))
+    speed[f"lpips_{net}_ms_per_pair"] = 1000 * _timed(jax.jit(module.apply), v, xb, xb + 0.1) / 8
+  module = fid.FIDInceptionV3()
+  v = _random_variables(fid.abstract_variables())
+  v["batch_stats"] = jax.tree_util.tree_map(jnp.abs, v["batch_stats"])
+  speed["fid_inception_299_ms_per_image"] = 1000 * _timed(jax.jit(module.apply), v, xb) / 8
+
+  print(f"surrogate {rec.name}, tau1 (FAR 0.01) = {tau1:.4f}, eps = 4/255 on [0,1], {len(sources)} sources, "
+        f"target {target_file.name}")
+  print(f"{'attack':10s} {'mean cos':>9s} {'ASR':>6s} {'Linf[0,1]':>10s} {'s (incl. compile)':>18s}")
+  for name, r in rows.items():
+    print(f"{name:10s} {r['mean_cos']:9.4f} {r['asr']:6.2f} {r['linf_0_1']:10.5f} {r['seconds_incl_compile']:18.1f}")
+  for k, val in speed.items():
+    print(f"{k:34s} {val:8.1f}")
+  result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "devices": [str(d) for d in jax.devices()]},
+            "versions": {"jax": jax.__version__, "python": platform.python_version()},
+            "settings": {"n_sources": len(sources), "pgd_steps": args.steps, "epsilon_0_1": 4 / 255,
+                         "surrogate": rec.name, "tau1": tau1, "target": target_file.name, "throughput_batch": 8,
+                         "throughput_size": size},
+            "attacks": rows, "throughput": speed}
+  pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  main()
