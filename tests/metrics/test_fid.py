@@ -1,6 +1,5 @@
 """FID InceptionV3 in Flax against a PyTorch reference written here; the Frechet distance against scipy's sqrtm."""
 
-import time
 
 import jax
 import numpy as np
