@@ -346,3 +346,31 @@ def params_of(state: TrainState) -> dict[str, Any]:
   """Every network's parameters and statistics as host numpy arrays (for comparisons and exports)."""
   return jax.device_get({name: {"params": getattr(state, name).params, "batch_stats": getattr(state, name).batch_stats}
                          for name in ("g", "e_adv", "r", "d")})
+
+
+def restore_run(workdir: str | os.PathLike[str], step: int | None = None):
+  """A trained run for inference: `(config, models, state, step)` from `workdir` (its `config.json` and checkpoints).
+
+  Only the train state is read (no data, no surrogates); the state's arrays land on the default device.
+
+  Raises:
+    FileNotFoundError: `workdir` holds no config.json or no checkpoint.
+  """
+  workdir = pathlib.Path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{workdir} is not a training run (no config.json); pass the --workdir used for training")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(), item_names=("state", "data"))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
+  models = ErasableMask.from_config(config.model, len(config.attributes))
+  tx = make_optimizer(config.optim)
+  shapes = jax.eval_shape(functools.partial(
+      create_train_state, models, tx, image_size=config.image_size, num_attributes=len(config.attributes),
+      num_surrogates=len(config.fr.surrogates)), jax.random.PRNGKey(0))
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  return config, models, state, step
