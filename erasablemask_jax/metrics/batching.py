@@ -1,7 +1,8 @@
-"""Evaluating a jitted function over a large batch in fixed-size chunks (one compilation, last chunk padded)."""
+"""Evaluating metric networks: fixed-size chunks (one compilation, last chunk padded), at full float32 precision."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -34,3 +35,16 @@ def map_in_batches(fn: Callable[..., jax.Array], batch_size: int, *arrays: np.nd
       chunk = [np.concatenate([c, np.zeros((pad,) + c.shape[1:], c.dtype)]) for c in chunk]
     out.append(np.asarray(fn(*chunk))[:b - pad])
   return np.concatenate(out)
+
+
+def full_precision(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """`fn` traced under `jax.default_matmul_precision("highest")`.
+
+  On GPUs/TPUs XLA otherwise may run float32 convolutions and matmuls in TF32 / bfloat16 passes; metric values (LPIPS,
+  FID features) should not depend on the accelerator, so the metric networks always use full float32.
+  """
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision("highest"):
+      return fn(*args, **kwargs)
+  return wrapped

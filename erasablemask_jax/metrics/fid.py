@@ -221,7 +221,7 @@ class InceptionFeatures:
   def __init__(self, variables: Mapping[str, Any], batch_size: int = 32, resize_input: bool = True):
     self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
     self.batch_size = batch_size
-    self._apply = jax.jit(FIDInceptionV3(resize_input=resize_input).apply)
+    self._apply = jax.jit(batching.full_precision(FIDInceptionV3(resize_input=resize_input).apply))
 
   def __call__(self, x: jax.Array) -> np.ndarray:
     if x.ndim != 4 or x.shape[-1] != 3:

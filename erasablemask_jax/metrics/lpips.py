@@ -172,7 +172,7 @@ class LPIPSMetric:
     self.net = net
     self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
     self.batch_size = batch_size
-    self._apply = jax.jit(LPIPS(net).apply)
+    self._apply = jax.jit(batching.full_precision(LPIPS(net).apply))
 
   def __call__(self, x0: jax.Array, x1: jax.Array) -> np.ndarray:
     if x0.shape != x1.shape or x0.ndim != 4 or x0.shape[-1] != 3:
