@@ -204,3 +204,11 @@ def load_lpips(net: str, weights: Sequence[str | pathlib.Path] | str | pathlib.P
     weights = [weights]
   sds = [convert.read_state_dict(p) for p in weights]
   return LPIPSMetric(net, variables_from_torch(net, *sds))
+
+
+def mean_lpips(metric: LPIPSMetric | availability.Unavailable, x0: jax.Array,
+               x1: jax.Array) -> availability.MetricValue:
+  """Mean LPIPS over the batch; `Unavailable` passes through when there are no weights."""
+  if isinstance(metric, availability.Unavailable):
+    return metric
+  return float(np.mean(metric(x0, x1)))

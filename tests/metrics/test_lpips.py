@@ -140,6 +140,8 @@ def test_no_weights_is_unavailable_not_a_number():
   assert "alexnet" in got.reason
   assert availability.format_metric(got).startswith("n/a")
   assert availability.to_json(got) == {"unavailable": got.reason}
+  x = np.zeros((1, 64, 64, 3), np.float32)
+  assert lpips.mean_lpips(got, x, x) is got
 
 
 def test_load_lpips_from_files(tmp_path):
@@ -151,6 +153,7 @@ def test_load_lpips_from_files(tmp_path):
   metric = lpips.load_lpips("alex", [tmp_path / "alexnet.pth", tmp_path / "alex_heads.safetensors"])
   x = jnp.zeros((1, 64, 64, 3))
   assert metric(x, x + 0.5).shape == (1,)
+  assert lpips.mean_lpips(metric, x, x + 0.5) == pytest.approx(float(metric(x, x + 0.5)[0]))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     lpips.load_lpips("alex", [tmp_path / "missing.pth"])
 
