@@ -43,7 +43,7 @@ FRLoss = Callable[[jax.Array], jax.Array]
 Attack = Callable[[PyTree, Generate, Sequence[FRLoss], jax.Array], tuple[jax.Array, PyTree, dict]]
 
 KINDS = ("meta_auxiliary", "first_order", "ensemble")
-PRIMARIES = ("unrolled", "vmap", "scan")
+PRIMARIES = ("unrolled", "linearize", "vmap", "scan")
 
 
 def _axpy(a, x: PyTree, y: PyTree) -> PyTree:
@@ -221,7 +221,29 @@ def _scanned(theta, generate, fr_losses, w, lr_inner, first_order):
   return l_pri, l_aux, grad
 
 
-_PRIMARY_IMPLS = {"unrolled": _unrolled, "vmap": _vmapped, "scan": _scanned}
+def _linearized(theta, generate, fr_losses, w, lr_inner, first_order):
+  num = len(fr_losses)
+  x = generate(theta)
+  l_pri, l_aux, grad = [], [], None
+  for p in range(num):
+    grad_fn = jax.grad(lambda t, f=fr_losses[p]: f(generate(t)))
+    if first_order:
+      g_p, hvp_p = grad_fn(theta), None
+    else:
+      g_p, hvp_p = jax.linearize(grad_fn, theta)  # the inner gradient, and H_p as a linear map, in one pass
+    l_pri.append(fr_losses[p](x))
+    theta_p = _axpy(-lr_inner, g_p, theta)
+    aux_p = functools.partial(_aux_loss, p, fr_losses, w)
+    l_aux_p, g_aux = jax.value_and_grad(lambda t, f=aux_p: f(generate(t)))(theta_p)
+    l_aux.append(l_aux_p)
+    step = _axpy(1.0, g_aux, g_p)
+    if not first_order:
+      step = _axpy(-lr_inner, hvp_p(g_aux), step)
+    grad = step if grad is None else _axpy(1.0, step, grad)
+  return jnp.stack(l_pri), jnp.stack(l_aux), grad
+
+
+_PRIMARY_IMPLS = {"unrolled": _unrolled, "linearize": _linearized, "vmap": _vmapped, "scan": _scanned}
 
 
 def meta_auxiliary_value_and_grad(theta: PyTree, generate: Generate, fr_losses: Sequence[FRLoss], w: jax.Array, *,
