@@ -1,0 +1,69 @@
+"""`erasablemask evaluate --workdir RUN --data DIR --fr DIR[,DIR...] [--blackbox DIR,...] --out REPORT_DIR`.
+
+Tables II (ASR/ESR of ErasableMask, clean and attribute-edit baselines, FGSM and PGD at eps 4/255 against the run's
+surrogates), V (ASR/ESR after each evaluation transform, seeded) and VI (L1, MSE, LPIPS, FID) per FR model with its
+calibrated thresholds; report.json, report.md, embeddings/*.npz, fig4.png and bar plots in REPORT_DIR. FR models are
+converted directories or `bundled:NAME`; those the run trained against are marked white-box. LPIPS / FID columns say
+"not available" without --lpips-weights / --fid-weights. `--remote URL` also scores faces through an HTTP
+face-compare endpoint (`erasablemask_jax.metrics.remote` protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _list(value: str | None) -> list[str]:
+  return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def register(subparsers) -> None:
+  p = subparsers.add_parser("evaluate", help="the paper's Tables II, V, VI for a trained run",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="the trained run")
+  p.add_argument("--data", required=True, help="evaluation face folder (attributes.csv, identities) or bundled:NAME")
+  p.add_argument("--fr", required=True, help="comma-separated FR models (DIR or bundled:NAME)")
+  p.add_argument("--blackbox", default="", help="comma-separated FR models always marked black-box")
+  p.add_argument("--out", required=True, help="report folder")
+  p.add_argument("--target", default=None, help="target identity (default: the run's fr.target)")
+  p.add_argument("--attrs", default="roll", help="att_b spec (default roll: a permutation within the set)")
+  p.add_argument("--identities", default="", help="comma-separated identities to evaluate (default: all but target)")
+  p.add_argument("--max-faces", type=int, default=None, help="evaluate at most this many faces")
+  p.add_argument("--transforms", default=None, help="comma-separated Table V transforms (default: the run's)")
+  p.add_argument("--seed", type=int, default=0, help="seeds the random transforms")
+  p.add_argument("--surrogates", default=None, help="FGSM/PGD ensemble (default: the run's fr.surrogates)")
+  p.add_argument("--pgd-steps", type=int, default=20)
+  p.add_argument("--lpips-weights", default="", help="comma-separated LPIPS checkpoints, or a converted model dir")
+  p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"))
+  p.add_argument("--fid-weights", default=None, help="pytorch-fid Inception checkpoint or converted model dir")
+  p.add_argument("--remote", default=None, help="URL of an HTTP face-compare endpoint to score faces through")
+  p.add_argument("--remote-rate", type=float, default=2.0, help="remote requests per second (0: unlimited)")
+  p.add_argument("--batch-size", type=int, default=16, help="images per jitted generator call")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.set_defaults(func=run)
+
+
+def run(args) -> int:
+  from erasablemask_jax.evaluation import attributes  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
+
+  try:
+    identities = [int(v) for v in _list(args.identities)]
+    loaded = inference.load_run(args.workdir, args.step, args.batch_size)
+    models = report_lib.load_eval_models(_list(args.fr), _list(args.blackbox), loaded.config)
+    lpips_weights = _list(args.lpips_weights)
+    if len(lpips_weights) == 1:
+      lpips_weights = lpips_weights[0]
+    report = report_lib.evaluate(
+        loaded, args.data, models, args.out, transforms=None if args.transforms is None else _list(args.transforms),
+        seed=args.seed, attrs=args.attrs, target=args.target, identities=identities or None,
+        max_faces=args.max_faces, surrogates=None if args.surrogates is None else _list(args.surrogates),
+        pgd_steps=args.pgd_steps, lpips_weights=lpips_weights or None, lpips_net=args.lpips_net,
+        fid_weights=args.fid_weights, remote_url=args.remote, remote_rate=args.remote_rate or None)
+  except (FileNotFoundError, KeyError, ValueError, attributes.AttributeSpecError) as e:
+    print(f"erasablemask evaluate: {e}", file=sys.stderr)
+    return 1
+  print(report_lib.format_markdown(report))
+  return 0

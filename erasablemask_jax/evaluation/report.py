@@ -1,0 +1,431 @@
+"""`evaluate`: the paper's Tables II, V and VI from a trained run, per face-recognition model, with its thresholds.
+
+For faces `x` (the evaluation folder minus the target identity), `att_b = spec(att_a)` (default `roll`, a permutation
+within the set as in training), one target identity with images `x_t`:
+
+  x_edit, x_adv = G(x, att_b) (clean edit and protected), x_rec = R(x_adv, att_a)
+  x_fgsm, x_pgd = FGSM / PGD (eps 4/255 on [0, 1]) against the run's surrogate ensemble (`metrics.recognition`)
+
+Per FR model f (white-box: one of the run's surrogates; black-box: any other), with L2-normalised embeddings and the
+target embedding `t = mean_j f(x_t_j)` (unnormalised mean of unit vectors, so `f(x) . t` is the mean cosine over the
+target images, as the trainer's report):
+
+  cos_k = f(x_k) . t,   ASR_k = mean[cos_k > tau1],   ESR = mean[f(x_rec) . t < tau2]
+
+with tau1, tau2 the model's calibrated thresholds at `fr.tau1_far` / `fr.tau2_far` (its card; missing thresholds make
+the rates "not available", never a made-up number). Table V applies each evaluation transform T (seeded:
+`rng = fold_in(PRNGKey(seed), index of T)`) to x_adv: ASR of T(x_adv), ESR of R(T(x_adv), att_a). Table VI: L1, MSE
+(on [0, 1]), LPIPS and FID of x_adv against x_edit and of x_rec against x.
+
+Written to the report folder: `report.json`, `report.md`, `embeddings/<model>.npz` (every embedding set, the target
+embeddings, tau1, tau2: enough to recompute every ASR / ESR), `fig4.png` (columns: source, attribute edit, FGSM, PGD,
+protected, restored), `table2_asr.png`, `table5_robustness.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from erasablemask_jax.evaluation import attributes as attributes_lib
+from erasablemask_jax.evaluation import plots
+from erasablemask_jax.evaluation import sidecar as sidecar_lib
+from erasablemask_jax.evaluation.inference import Run
+from erasablemask_jax.evaluation.inference import to_model_input
+from erasablemask_jax.evaluation.inference import to_uint8
+from erasablemask_jax.metrics import availability
+from erasablemask_jax.metrics import batching
+from erasablemask_jax.metrics import quality
+from erasablemask_jax.metrics import recognition
+
+log = logging.getLogger(__name__)
+
+METHODS = ("clean", "edit", "fgsm", "pgd", "erasablemask")
+METHOD_LABELS = {"clean": "Clean", "edit": "Attribute edit", "fgsm": "FGSM", "pgd": "PGD",
+                 "erasablemask": "ErasableMask"}
+EMBED_BATCH = 32
+
+
+@dataclasses.dataclass
+class EvalModel:
+  """A face-recognition model scored by the report.
+
+  Attributes:
+    key: its unique name in the tables and file names.
+    spec: as given (`DIR` or `bundled:NAME`).
+    surrogate: the embedding function of faces at the generator's resolution (`train.surrogates.Surrogate`).
+    whitebox: one of the run's training surrogates.
+    tau1: ASR threshold, or None when the card has none at `fr.tau1_far`.
+    tau2: ESR threshold, or None.
+  """
+
+  key: str
+  spec: str
+  surrogate: Any
+  whitebox: bool
+  tau1: float | None
+  tau2: float | None
+
+
+def _source_id(spec: str) -> str:
+  source = spec.partition("@")[0]
+  if source.startswith("bundled:"):
+    from erasablemask_jax import fr  # pylint: disable=import-outside-toplevel
+
+    return str(fr.bundled_dir(source.removeprefix("bundled:")).resolve())
+  return str(pathlib.Path(source).resolve())
+
+
+def load_eval_models(fr_specs: Sequence[str], blackbox_specs: Sequence[str], config) -> list[EvalModel]:
+  """Loads the FR models to score; `fr_specs` are white-box when the run trained against them, `blackbox_specs`
+  are always marked black-box. Each sees faces through `config.fr.input_crop`, as the attack did."""
+  from erasablemask_jax.train.surrogates import load_surrogate  # pylint: disable=import-outside-toplevel
+
+  trained = set()
+  for s in config.fr.surrogates:
+    try:
+      trained.add(_source_id(s))
+    except KeyError:
+      pass
+  models, keys = [], set()
+  for spec, forced_black in [(s, False) for s in fr_specs] + [(s, True) for s in blackbox_specs]:
+    surrogate = load_surrogate(spec, config.fr.input_crop, config.image_size)
+    recogniser = surrogate.recogniser
+    key = recogniser.name + ("@flip" if spec.endswith("@flip") else "")
+    while key in keys:
+      key += "'"
+    keys.add(key)
+    thresholds = recogniser.thresholds
+    tau1 = thresholds.get(f"far_{config.fr.tau1_far:g}")
+    tau2 = thresholds.get(f"far_{config.fr.tau2_far:g}")
+    if tau1 is None or tau2 is None:
+      log.warning("%s has no calibrated thresholds at FAR %g / %g (have %s): its ASR / ESR are reported as not "
+                  "available; run `erasablemask calibrate --store`", spec, config.fr.tau1_far, config.fr.tau2_far,
+                  sorted(thresholds))
+    models.append(EvalModel(key=key, spec=spec, surrogate=surrogate,
+                            whitebox=not forced_black and _source_id(spec) in trained,
+                            tau1=None if tau1 is None else float(tau1), tau2=None if tau2 is None else float(tau2)))
+  return models
+
+
+def _embed(model: EvalModel, images: np.ndarray) -> np.ndarray:
+  fn = jax.jit(model.surrogate.apply)
+  variables = model.surrogate.variables
+  return batching.map_in_batches(lambda a: fn(variables, a), EMBED_BATCH, np.asarray(images, np.float32))
+
+
+def _rate(fn, cos: np.ndarray, tau: float | None, what: str):
+  if tau is None:
+    return availability.Unavailable(f"no calibrated threshold for {what}; run `erasablemask calibrate --store`")
+  return fn(cos, tau)
+
+
+def _faces(run: Run, data_dir: str, target: str, identities: Sequence[int] | None, max_faces: int | None):
+  """Evaluation faces {image, att, file, identity} and target images (uint8), from the folder and the target spec."""
+  from erasablemask_jax.data.pipeline import load_face_folder_arrays  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.train.input_pipeline import read_faces  # pylint: disable=import-outside-toplevel
+
+  arrays = load_face_folder_arrays(data_dir, run.image_size)
+  keep = np.ones(len(arrays["file"]), bool)
+  if target.startswith("identity:"):
+    target_id = int(target.split(":", 1)[1])
+    mask = arrays["identity"] == target_id
+    if not mask.any():
+      raise ValueError(f"target {target!r}: no face of identity {target_id} in {data_dir}; pass --target IMAGE|DIR")
+    target_images = arrays["image"][mask]
+    keep &= ~mask
+  elif target:
+    target_images = read_faces(target, run.image_size)
+  else:
+    raise ValueError("no target identity: the run's config has no fr.target; pass --target IMAGE|DIR|identity:K")
+  if identities:
+    keep &= np.isin(arrays["identity"], np.asarray(identities))
+  index = np.flatnonzero(keep)[:max_faces] if max_faces else np.flatnonzero(keep)
+  if len(index) < 2:
+    raise ValueError(f"{len(index)} evaluation face(s) left in {data_dir} after removing the target identity and "
+                     "filtering; the report needs at least 2")
+  faces = {"image": arrays["image"][index], "att": arrays["att"][index],
+           "file": [arrays["file"][i] for i in index], "identity": arrays["identity"][index]}
+  return faces, target_images
+
+
+def _faces_att_a(run: Run, data_dir: str, faces: dict) -> tuple[np.ndarray, str]:
+  from erasablemask_jax.data import builders  # pylint: disable=import-outside-toplevel
+
+  folder = builders.resolve_manual_dir(data_dir)
+  if (folder / "attributes.csv").is_file():
+    return faces["att"].astype(np.float32), "attributes.csv"
+  return attributes_lib.predicted(run.attribute_logits(to_model_input(faces["image"]))), "d_att"
+
+
+def attack_baselines(x: np.ndarray, x_t: np.ndarray, surrogates: Sequence[Any], pgd_steps: int = 20,
+                     epsilon: float = recognition.EPSILON) -> dict[str, np.ndarray]:
+  """Table II's FGSM and PGD faces: targeted impersonation of `x_t` against the surrogate ensemble.
+
+  Args:
+    x: float [N, S, S, 3] faces in [-1, 1].
+    x_t: float [M, S, S, 3] target images; each surrogate's target is the mean of their unit embeddings.
+    surrogates: `train.surrogates.Surrogate`s (their `apply` sees the faces as the attack did).
+    pgd_steps: PGD iterations (step `2.5 eps / steps`, started at x).
+    epsilon: L_inf budget on [-1, 1].
+
+  Returns:
+    {"fgsm": x_fgsm, "pgd": x_pgd}, numpy float32.
+  """
+  from erasablemask_jax.train.surrogates import target_embeddings  # pylint: disable=import-outside-toplevel
+
+  targets = target_embeddings(surrogates, x_t)
+  fns = [jax.tree_util.Partial(s.apply, s.variables) for s in surrogates]
+  return {"fgsm": np.asarray(recognition.fgsm(x, fns, targets, epsilon)),
+          "pgd": np.asarray(recognition.pgd(x, fns, targets, epsilon, num_steps=pgd_steps))}
+
+
+def _baselines(run: Run, x: np.ndarray, x_t: np.ndarray, surrogate_specs: Sequence[str], pgd_steps: int,
+               epsilon: float) -> dict[str, np.ndarray | availability.Unavailable]:
+  """FGSM and PGD against the run's surrogates (the same views of the faces the attack trained against)."""
+  if not surrogate_specs:
+    reason = availability.Unavailable("the run has no surrogates (fr.surrogates); pass --surrogates")
+    return {"fgsm": reason, "pgd": reason}
+  from erasablemask_jax.train.surrogates import load_surrogate  # pylint: disable=import-outside-toplevel
+
+  surrogates = [load_surrogate(s, run.config.fr.input_crop, run.image_size) for s in surrogate_specs]
+  return attack_baselines(x, x_t, surrogates, pgd_steps, epsilon)
+
+
+def _transformed(run: Run, x_adv: np.ndarray, att_a: np.ndarray, transforms: Sequence[str], seed: int):
+  from erasablemask_jax import noise  # pylint: disable=import-outside-toplevel
+
+  out = {}
+  for i, name in enumerate(transforms):
+    try:
+      fn = noise.get_eval_transform(name)
+      adv_t = np.asarray(fn(jax.numpy.asarray(x_adv), jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+    except ValueError as e:
+      out[name] = availability.Unavailable(f"{name} does not apply to {x_adv.shape[1]}x{x_adv.shape[2]} faces: {e}")
+      continue
+    out[name] = {"adv": adv_t, "rec": run.restore(adv_t, att_a)}
+  return out
+
+
+def _quality(images: dict[str, np.ndarray], lpips_weights, lpips_net: str, fid_weights) -> dict[str, dict]:
+  from erasablemask_jax.metrics import fid as fid_lib  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.metrics import lpips as lpips_lib  # pylint: disable=import-outside-toplevel
+
+  lpips_metric = lpips_lib.load_lpips(lpips_net, lpips_weights)
+  inception = fid_lib.load_inception(fid_weights)
+  table = {}
+  for row, (a, b) in {"protected_vs_edit": ("adv", "edit"), "restored_vs_source": ("rec", "clean")}.items():
+    xa, xb = images[a], images[b]
+    lp = lpips_metric if isinstance(lpips_metric, availability.Unavailable) else float(np.mean(lpips_metric(xa, xb)))
+    table[row] = {"l1": quality.l1(xa, xb), "mse": quality.mse(xa, xb), "lpips": lp,
+                  "fid": fid_lib.fid(xa, xb, inception)}
+  return table
+
+
+def _remote(url: str, images: dict[str, np.ndarray], x_t: np.ndarray, rate: float | None) -> dict[str, Any]:
+  from erasablemask_jax.metrics import remote  # pylint: disable=import-outside-toplevel
+
+  client = remote.RemoteFaceCompare(url, max_requests_per_s=rate)
+  target = to_uint8(x_t[0])
+  out = {"url": url, "target": "the first target image"}
+  for kind in ("clean", "adv", "rec"):
+    conf = client.compare_many((to_uint8(im), target) for im in images[kind])
+    out[kind] = {"mean_confidence": float(conf.mean()), "confidence": conf.tolist()}
+  out["requests"] = client.requests_made
+  return out
+
+
+def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str | os.PathLike[str], *,
+             transforms: Sequence[str] | None = None, seed: int = 0, attrs: str = "roll", target: str | None = None,
+             identities: Sequence[int] | None = None, max_faces: int | None = None,
+             surrogates: Sequence[str] | None = None, pgd_steps: int = 20, epsilon: float = recognition.EPSILON,
+             lpips_weights=None, lpips_net: str = "alex", fid_weights=None, remote_url: str | None = None,
+             remote_rate: float | None = 2.0) -> dict[str, Any]:
+  """Computes the report (module docstring) and writes it to `out_dir`; returns the JSON-ready dict.
+
+  Args:
+    run: the loaded run.
+    data_dir: evaluation face folder (with `attributes.csv` and identities), or `bundled:sample_faces`.
+    models: FR models to score (`load_eval_models`).
+    out_dir: report folder (created; existing report files are replaced).
+    transforms: Table V transform names (default: the run's `noise.eval_transforms`).
+    seed: seeds the random transforms.
+    attrs: att_b spec (`attributes` module).
+    target: target identity (default the run's `fr.target`): `identity:K` of `data_dir`, an image or a folder.
+    identities: evaluate only faces of these identities.
+    max_faces: evaluate at most this many faces.
+    surrogates: FR specs for the FGSM / PGD ensemble (default: the run's `fr.surrogates`).
+    pgd_steps: PGD iterations.
+    epsilon: FGSM / PGD L_inf budget on [-1, 1] (default 8/255 = 4/255 on [0, 1]).
+    lpips_weights, lpips_net, fid_weights: metric weights (`metrics.lpips.load_lpips`, `metrics.fid.load_inception`);
+      None makes those columns "not available".
+    remote_url: score clean, protected and restored faces through this face-compare endpoint too.
+    remote_rate: the remote client's request rate limit (None: unlimited).
+  """
+  config = run.config
+  out_dir = pathlib.Path(out_dir)
+  transforms = tuple(config.noise.eval_transforms if transforms is None else transforms)
+  target = str(config.fr.target) if target is None else target
+  faces, target_images = _faces(run, data_dir, target, identities, max_faces)
+  att_a, att_a_source = _faces_att_a(run, data_dir, faces)
+  att_b = attributes_lib.parse_spec(attrs).apply(att_a)
+  x, x_t = to_model_input(faces["image"]), to_model_input(target_images)
+  x_adv, x_edit = run.protect(x, att_b)
+  x_rec = run.restore(x_adv, att_a)
+  images = {"clean": x, "edit": x_edit, "adv": x_adv, "rec": x_rec}
+  baselines = _baselines(run, x, x_t, tuple(config.fr.surrogates if surrogates is None else surrogates), pgd_steps,
+                         epsilon)
+  images.update({k: v for k, v in baselines.items() if not isinstance(v, availability.Unavailable)})
+  robust = _transformed(run, x_adv, att_a, transforms, seed)
+
+  (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
+  table2, table5, model_info = {}, {}, {}
+  for m in models:
+    emb = {k: _embed(m, v) for k, v in images.items()}
+    for name, r in robust.items():
+      if not isinstance(r, availability.Unavailable):
+        emb[f"{name}/adv"], emb[f"{name}/rec"] = _embed(m, r["adv"]), _embed(m, r["rec"])
+    target_emb = _embed(m, x_t)
+    t = target_emb.mean(axis=0)
+    cos = {k: e @ t for k, e in emb.items()}
+    rows = {}
+    for method in METHODS:
+      kind = "adv" if method == "erasablemask" else method
+      if kind not in cos:
+        rows[method] = {"asr": baselines[method], "mean_cos": baselines[method]}
+        continue
+      rows[method] = {"asr": _rate(recognition.attack_success_rate, cos[kind], m.tau1, "ASR"),
+                      "mean_cos": float(cos[kind].mean())}
+    rows["erasablemask"]["esr"] = _rate(recognition.erasure_success_rate, cos["rec"], m.tau2, "ESR")
+    rows["erasablemask"]["mean_cos_restored"] = float(cos["rec"].mean())
+    rows["clean"]["esr"] = _rate(recognition.erasure_success_rate, cos["clean"], m.tau2, "ESR")
+    table2[m.key] = rows
+    t5 = {"none": {"asr": rows["erasablemask"]["asr"], "esr": rows["erasablemask"]["esr"]}}
+    for name, r in robust.items():
+      if isinstance(r, availability.Unavailable):
+        t5[name] = {"asr": r, "esr": r}
+      else:
+        t5[name] = {"asr": _rate(recognition.attack_success_rate, cos[f"{name}/adv"], m.tau1, "ASR"),
+                    "esr": _rate(recognition.erasure_success_rate, cos[f"{name}/rec"], m.tau2, "ESR")}
+    table5[m.key] = t5
+    model_info[m.key] = {"spec": m.spec, "whitebox": m.whitebox, "tau1": m.tau1, "tau2": m.tau2,
+                         "tau1_far": float(config.fr.tau1_far), "tau2_far": float(config.fr.tau2_far),
+                         "embeddings": f"embeddings/{m.key}.npz"}
+    np.savez(out_dir / "embeddings" / f"{m.key}.npz", target=target_emb,
+             tau1=np.float64(np.nan if m.tau1 is None else m.tau1),
+             tau2=np.float64(np.nan if m.tau2 is None else m.tau2), **emb)
+
+  report = {
+      "run": run.checkpoint_info(), "data": str(data_dir), "faces": faces["file"], "target": target,
+      "target_images": int(len(x_t)), "image_size": run.image_size, "attrs": attrs, "att_a_source": att_a_source,
+      "seed": seed, "transforms": list(transforms), "epsilon": epsilon, "pgd_steps": pgd_steps,
+      "surrogates": list(config.fr.surrogates if surrogates is None else surrogates), "models": model_info,
+      "table2": table2, "table5": table5,
+      "table6": _quality(images, lpips_weights, lpips_net, fid_weights),
+  }
+  if remote_url:
+    report["remote"] = _remote(remote_url, images, x_t, remote_rate)
+  report = _jsonable(report)
+  sidecar_lib.write_json_atomic(out_dir / "report.json", report)
+  sidecar_lib.write_bytes_atomic(out_dir / "report.md", format_markdown(report).encode("utf-8"))
+  _figures(out_dir, images, report)
+  return report
+
+
+def _jsonable(value):
+  if isinstance(value, availability.Unavailable):
+    return availability.to_json(value)
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  return value
+
+
+def _pct(value) -> str:
+  if isinstance(value, dict) and "unavailable" in value:
+    return "n/a"
+  return f"{100 * value:.2f}"
+
+
+def _num(value, fmt=".4f") -> str:
+  if isinstance(value, dict) and "unavailable" in value:
+    return f"not available ({value['unavailable']})"
+  return format(value, fmt)
+
+
+def _model_header(report) -> list[str]:
+  return [f"{k} ({'W' if v['whitebox'] else 'B'})" for k, v in report["models"].items()]
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+  """Tables II, V and VI (and the remote scores) as Markdown, in the paper's layout (methods x FR models)."""
+  keys = list(report["models"])
+  head = _model_header(report)
+  lines = [f"# ErasableMask evaluation: {len(report['faces'])} faces at {report['image_size']}x{report['image_size']}, "
+           f"checkpoint step {report['run']['step']}",
+           "", f"Target: {report['target']} ({report['target_images']} images); att_b: `{report['attrs']}`; att_a "
+           f"from {report['att_a_source']}; FGSM/PGD: eps {report['epsilon'] * 127.5:.2f}/255 on [0,1], "
+           f"{report['pgd_steps']} PGD steps, surrogates {report['surrogates']}. (W) white-box, (B) black-box.", "",
+           "## Table II: attack and erasure success rates (%)", "",
+           "| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+  for method in METHODS:
+    lines.append(f"| {METHOD_LABELS[method]} ASR | "
+                 + " | ".join(_pct(report["table2"][k][method]["asr"]) for k in keys) + " |")
+  lines.append("| ErasableMask ESR | " + " | ".join(_pct(report["table2"][k]["erasablemask"]["esr"]) for k in keys)
+               + " |")
+  lines.append("| Clean ESR (no protection) | "
+               + " | ".join(_pct(report["table2"][k]["clean"]["esr"]) for k in keys) + " |")
+  lines += ["", "| thresholds | " + " | ".join(
+      f"tau1 {_num(report['models'][k]['tau1'] if report['models'][k]['tau1'] is not None else {'unavailable': 'none'}, '.4f')}"
+      f", tau2 {_num(report['models'][k]['tau2'] if report['models'][k]['tau2'] is not None else {'unavailable': 'none'}, '.4f')}"
+      for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+  lines += ["", "## Table V: robustness, ASR / ESR (%) after each transform of the protected face", "",
+            "| transform | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+  for name in report["table5"][keys[0]] if keys else []:
+    lines.append(f"| {name} | " + " | ".join(
+        f"{_pct(report['table5'][k][name]['asr'])} / {_pct(report['table5'][k][name]['esr'])}" for k in keys) + " |")
+  lines += ["", "## Table VI: image quality", "", "| comparison | L1 | MSE | LPIPS | FID |", "|---|---|---|---|---|"]
+  for row, label in (("protected_vs_edit", "protected vs attribute-edited clean"),
+                     ("restored_vs_source", "restored vs source")):
+    q = report["table6"][row]
+    lines.append(f"| {label} | {_num(q['l1'])} | {_num(q['mse'])} | {_num(q['lpips'])} | {_num(q['fid'], '.2f')} |")
+  if "remote" in report:
+    r = report["remote"]
+    lines += ["", f"## Remote face-compare service ({r['url']}): mean confidence against the target", "",
+              "| clean | protected | restored |", "|---|---|---|",
+              f"| {r['clean']['mean_confidence']:.4f} | {r['adv']['mean_confidence']:.4f} | "
+              f"{r['rec']['mean_confidence']:.4f} |"]
+  lines += ["", "Figures: fig4.png (source | attribute edit | FGSM | PGD | protected | restored), table2_asr.png, "
+            "table5_robustness.png. Embeddings and thresholds: embeddings/<model>.npz.", ""]
+  return "\n".join(lines)
+
+
+def _value_or_none(v):
+  return None if isinstance(v, dict) else 100 * v
+
+
+def _figures(out_dir: pathlib.Path, images: dict[str, np.ndarray], report: dict[str, Any]) -> None:
+  n = min(8, len(images["clean"]))
+  columns = [images[k][:n] if k in images else np.full_like(images["clean"][:n], -1.0)
+             for k in ("clean", "edit", "fgsm", "pgd", "adv", "rec")]
+  plots.image_grid(out_dir / "fig4.png", columns)
+  keys = list(report["models"])
+  head = _model_header(report)
+  series = {METHOD_LABELS[m] + " ASR": [_value_or_none(report["table2"][k][m]["asr"]) for k in keys] for m in METHODS}
+  series["ErasableMask ESR"] = [_value_or_none(report["table2"][k]["erasablemask"]["esr"]) for k in keys]
+  plots.grouped_bars(out_dir / "table2_asr.png", head, series, "Table II: ASR / ESR per FR model")
+  names = list(report["table5"][keys[0]]) if keys else []
+  series5 = {}
+  for k, h in zip(keys, head):
+    series5[f"{h} ASR"] = [_value_or_none(report["table5"][k][nm]["asr"]) for nm in names]
+    series5[f"{h} ESR"] = [_value_or_none(report["table5"][k][nm]["esr"]) for nm in names]
+  plots.grouped_bars(out_dir / "table5_robustness.png", names, series5, "Table V: ASR / ESR after transforms")
