@@ -1,14 +1,15 @@
 """MTCNN face detection: image pyramid, P-Net proposals, R-Net and O-Net refinement, non-maximum suppression.
 
-Follows facenet-pytorch's `detect_face` (MIT) step for step, so boxes and landmarks agree with it:
+Follows facenet-pytorch's `detect_face` (MIT) step for step, except for how R-/O-Net crops are cut (step 3):
   1. Pyramid: scales `s_k = (12 / min_face) * factor**k` while `min(H, W) * s_k >= 12`; each level is the image
      resized to `(int(H s_k + 1), int(W s_k + 1))` by area averaging (PyTorch `interpolate(mode='area')`, i.e.
      adaptive average pooling), normalised `(x - 127.5) / 128`.
   2. P-Net cell (i, j) with face probability >= t1 gives the box `floor((2 (j, i) + 1) / s)` to
      `floor((2 (j, i) + 12) / s)` plus its regression; NMS IoU 0.5 per level, then IoU 0.7 over all levels; boxes are
      regressed (`x + reg * w`, w = x2 - x1) and squared (`rerec`).
-  3. Each box is clipped to the image, cropped, area-resized to 24x24 and scored by R-Net; keep prob > t2, NMS 0.7,
-     regress (`w = x2 - x1 + 1`), square.
+  3. Each box is cropped (`DetectorConfig.crop`: by default the exact real-valued region [x1, x2 + 1) x [y1, y2 + 1)
+     clipped to the image, area-averaged; facenet-pytorch's truncated 1-based integer crop with mode 'facenet'),
+     resized to 24x24 and scored by R-Net; keep prob > t2, NMS 0.7, regress (`w = x2 - x1 + 1`), square.
   4. Same with 48x48 crops and O-Net (prob > t3); landmarks are `x1 + lx * (x2 - x1 + 1) - 1` on the box before its
      regression; then regress and NMS 0.7 with the intersection over the SMALLER box ('Min').
 
@@ -41,12 +42,16 @@ class DetectorConfig:
     factor: pyramid scale step.
     max_side: images whose longer side exceeds this are detected on an area-downscaled copy (coordinates are mapped
       back to the original); 0 disables.
+    crop: how R-/O-Net inputs are cut from the image (`_crop_patches`). 'continuous' (default) averages the exact
+      real-valued box; it reproduces the assets' records (mean landmark error 1.27 px vs 2.13 px on 8 unscaled
+      photos, and no systematic +1.5 px shift). 'facenet' is facenet-pytorch's truncated 1-based integer crop.
   """
 
   min_face: float = 40.0
   thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
   factor: float = 0.709
   max_side: int = 1000
+  crop: str = "continuous"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +101,34 @@ class IntegralImage:
     t = self.table
     total = t[np.ix_(ye, xe)] - t[np.ix_(ys, xe)] - t[np.ix_(ye, xs)] + t[np.ix_(ys, xs)]
     return (total / ((ye - ys)[:, None, None] * (xe - xs)[None, :, None])).astype(np.float32)
+
+  def _sum_to(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """`S(y, x)` = sum of the image over [0, y) x [0, x) at real-valued corners (len(ys), len(xs), C).
+
+    Pixels are constant on unit squares, so S is bilinear inside each cell: the bilinear interpolation of the table.
+    """
+    h, w = self.shape
+    iy = np.clip(np.floor(ys).astype(np.int64), 0, h - 1)
+    ix = np.clip(np.floor(xs).astype(np.int64), 0, w - 1)
+    fy = (ys - iy)[:, None, None]
+    fx = (xs - ix)[None, :, None]
+    t = self.table
+    top = (1 - fx) * t[np.ix_(iy, ix)] + fx * t[np.ix_(iy, ix + 1)]
+    bottom = (1 - fx) * t[np.ix_(iy + 1, ix)] + fx * t[np.ix_(iy + 1, ix + 1)]
+    return (1 - fy) * top + fy * bottom
+
+  def resize_continuous(self, out_hw: tuple[int, int], y0: float, y1: float, x0: float, x1: float) -> np.ndarray:
+    """Exact area average of the real-valued region [y0, y1) x [x0, x1) (inside the image) onto an `out_hw` grid.
+
+    Output cell (i, j) averages the image over `[y0 + i sy, y0 + (i + 1) sy) x [x0 + j sx, x0 + (j + 1) sx)`,
+    `sy = (y1 - y0) / out_h`, `sx = (x1 - x0) / out_w`, partial pixels weighted by their covered area (OpenCV's
+    INTER_AREA for shrinking, on a sub-pixel region): `(S(b, d) - S(a, d) - S(b, c) + S(a, c)) / (sy sx)`.
+    """
+    sy = (y1 - y0) / out_hw[0]
+    sx = (x1 - x0) / out_hw[1]
+    s = self._sum_to(y0 + np.arange(out_hw[0] + 1) * sy, x0 + np.arange(out_hw[1] + 1) * sx)
+    total = s[1:, 1:] - s[:-1, 1:] - s[1:, :-1] + s[:-1, :-1]
+    return (total / (sy * sx)).astype(np.float32)
 
 
 def area_resize(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -154,19 +187,35 @@ def _regress(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
   return boxes
 
 
-def _crop_patches(integral: IntegralImage, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Crops `boxes` clipped to the image (facenet-pytorch `pad`: 1-based truncation) and area-resizes each to size^2.
+def _crop_patches(integral: IntegralImage, boxes: np.ndarray, size: int,
+                  mode: str = "continuous") -> tuple[np.ndarray, np.ndarray]:
+  """Crops `boxes` clipped to the image and area-resizes each to size^2 for R-/O-Net.
+
+  mode 'continuous': the real-valued region [x1, x2 + 1) x [y1, y2 + 1) (the box with the `+1` width of `_regress`
+    and the landmark formula), clipped to the image, averaged exactly (`IntegralImage.resize_continuous`). This is
+    what reproduces the shared assets' recorded boxes and landmarks (see `DetectorConfig.crop`).
+  mode 'facenet': facenet-pytorch's `pad` + slice: integer rows `trunc(y1) - 1 .. trunc(y2) - 1` (1-based
+    truncation, clipped), area-resized by adaptive average pooling.
 
   Returns the normalised patches (N', size, size, 3) and the indices of boxes whose clipped crop is non-empty.
   """
   h, w = integral.shape
-  b = np.trunc(boxes[:, :4]).astype(np.int64)
-  x = np.maximum(b[:, 0], 1)
-  y = np.maximum(b[:, 1], 1)
-  ex = np.minimum(b[:, 2], w)
-  ey = np.minimum(b[:, 3], h)
-  ok = np.nonzero((ey > y - 1) & (ex > x - 1))[0]
-  patches = [integral.resize((size, size), y[k] - 1, ey[k], x[k] - 1, ex[k]) for k in ok]
+  if mode == "continuous":
+    b = boxes[:, :4].astype(np.float64)
+    x, y = np.maximum(b[:, 0], 0.0), np.maximum(b[:, 1], 0.0)
+    ex, ey = np.minimum(b[:, 2] + 1.0, w), np.minimum(b[:, 3] + 1.0, h)
+    ok = np.nonzero((ey - y >= 1.0) & (ex - x >= 1.0))[0]
+    patches = [integral.resize_continuous((size, size), y[k], ey[k], x[k], ex[k]) for k in ok]
+  elif mode == "facenet":
+    b = np.trunc(boxes[:, :4]).astype(np.int64)
+    x = np.maximum(b[:, 0], 1)
+    y = np.maximum(b[:, 1], 1)
+    ex = np.minimum(b[:, 2], w)
+    ey = np.minimum(b[:, 3], h)
+    ok = np.nonzero((ey > y - 1) & (ex > x - 1))[0]
+    patches = [integral.resize((size, size), y[k] - 1, ey[k], x[k] - 1, ex[k]) for k in ok]
+  else:
+    raise ValueError(f"unknown crop mode {mode!r}; use 'continuous' or 'facenet'")
   patches = np.stack(patches) if patches else np.zeros((0, size, size, 3), np.float32)
   return (patches - 127.5) * 0.0078125, ok
 
@@ -333,7 +382,7 @@ def _detect(image: np.ndarray, config: DetectorConfig) -> Detections:
   boxes = _square(boxes)
 
   # R-Net.
-  patches, ok = _crop_patches(integral, boxes, 24)
+  patches, ok = _crop_patches(integral, boxes, 24, config.crop)
   boxes = boxes[ok]
   if len(boxes) == 0:
     return _empty()
@@ -347,7 +396,7 @@ def _detect(image: np.ndarray, config: DetectorConfig) -> Detections:
   boxes = _square(_regress(boxes[pick], reg[pick]))
 
   # O-Net.
-  patches, ok = _crop_patches(integral, boxes, 48)
+  patches, ok = _crop_patches(integral, boxes, 48, config.crop)
   boxes = boxes[ok]
   if len(boxes) == 0:
     return _empty()

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from PIL import Image
 
 from erasablemask_jax.align import detect
 from erasablemask_jax.align import warp
@@ -59,22 +56,28 @@ def test_detects_nothing_on_flat_image():
   assert len(detect.detect_faces(np.full((120, 100, 3), 128, np.uint8))) == 0
 
 
-# A subset keeps the runtime small; `benchmarks/align_accuracy.py` reports the full set.
-_SUBSET = {
-    "celeba_wild_identities": ["000114.jpg", "000131.jpg", "001085.jpg", "004074.jpg", "012589.jpg", "019993.jpg"],
-    "deepface_pairs": ["img10.jpg", "img12.jpg", "img3.jpg", "img20.jpg"],
-}
+def test_continuous_crop_is_exact_area_average():
+  """`resize_continuous` = brute-force area average: each pixel split into 10x10 sub-cells, a region on that grid."""
+  img = np.random.default_rng(2).uniform(0, 255, (23, 31, 3))
+  integral = detect.IntegralImage(img)
+  fine = np.repeat(np.repeat(img, 10, axis=0), 10, axis=1)
+  y0, y1, x0, x1, out = 2.3, 19.8, 4.1, 27.5, (5, 6)  # cell edges fall on the 0.1 sub-grid
+  got = integral.resize_continuous(out, y0, y1, x0, x1)
+  ys = np.linspace(y0 * 10, y1 * 10, out[0] + 1).round().astype(int)
+  xs = np.linspace(x0 * 10, x1 * 10, out[1] + 1).round().astype(int)
+  want = np.array([[fine[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean((0, 1)) for j in range(out[1])] for i in range(out[0])])
+  np.testing.assert_allclose(got, want, atol=1e-3)
+  # On integer bounds with an integer ratio it is the adaptive-average-pooling crop.
+  np.testing.assert_allclose(integral.resize_continuous((4, 5), 3, 19, 6, 26), integral.resize((4, 5), 3, 19, 6, 26),
+                             atol=1e-4)
 
 
-@pytest.mark.assets
-def test_landmarks_close_to_recorded(assets_dir):
-  errors = []
-  for folder, names in _SUBSET.items():
-    meta = json.loads((assets_dir / "images/derived_aligned112" / folder / "alignment_meta.json").read_text())
-    for name in names:
-      image = np.asarray(Image.open(assets_dir / "images" / folder / name).convert("RGB"))
-      det = detect.detect_faces(image)
-      i = detect.select_face(det, image.shape[:2])
-      assert i is not None, f"no face found in {folder}/{name}; the assets record one"
-      errors.append(np.linalg.norm(det.landmarks[i] - np.asarray(meta[name]["landmarks5"]), axis=1).mean())
-  assert np.mean(errors) < 3.0, errors
+def test_crop_modes():
+  integral = detect.IntegralImage(np.random.default_rng(3).uniform(0, 255, (60, 80, 3)))
+  boxes = np.array([[10.7, 5.2, 40.7, 35.2], [-20.0, -5.0, 30.0, 45.0], [90.0, 70.0, 120.0, 100.0]], np.float32)
+  for mode in ("continuous", "facenet"):
+    patches, ok = detect._crop_patches(integral, boxes, 24, mode)  # pylint: disable=protected-access
+    assert ok.tolist() == [0, 1] and patches.shape == (2, 24, 24, 3)  # the third box lies outside the image
+    assert np.abs(patches).max() <= 1.0
+  with pytest.raises(ValueError, match="crop mode"):
+    detect._crop_patches(integral, boxes, 24, "nearest")  # pylint: disable=protected-access
