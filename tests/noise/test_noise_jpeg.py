@@ -73,16 +73,17 @@ def test_fidelity_table_against_pillow(faces):
       assert psnr >= CUBIC_PSNR_MIN[q], (q, psnr)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (9, 17), (16, 16), (33, 6), (101, 77)])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (9, 17), (33, 6), (101, 77)])
 def test_odd_sizes_bit_exact(shape):
   rng = np.random.default_rng(sum(shape))
   h, w = shape
   # A smooth image plus noise exercises both the edge padding and the quantiser.
   yy, xx = np.mgrid[:h, :w]
   base = 128 + 90 * np.sin(yy / 5.0)[..., None] * np.cos(xx[..., None] / 7.0 + np.arange(3))
-  pixels = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)[None]
-  for q in (5, 50, 97):
-    np.testing.assert_array_equal(_to_pixels(noise.jpeg(_to_unit(pixels), q)), _pillow(pixels[0], q)[None])
+  pixels = np.clip(base + rng.normal(0, 20, (3, h, w, 3)), 0, 255).astype(np.uint8)
+  qualities = (5, 50, 97)
+  out = _to_pixels(noise.jpeg(_to_unit(pixels), jnp.asarray(qualities)))
+  np.testing.assert_array_equal(out, np.stack([_pillow(p, q) for p, q in zip(pixels, qualities)]))
 
 
 def test_per_image_quality_and_vmap():
