@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
+
+# One XLA compilation cache for the whole session, shared with the subprocesses tests start (trainer runs on 1 and
+# 8 devices, kill/resume): the same programs are compiled once. Set before JAX is imported.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="erasablemask-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest
 

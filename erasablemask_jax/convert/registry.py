@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-PROVIDER_MODULES: list[str] = ["erasablemask_jax.fr.archs", "erasablemask_jax.align.archs"]
+PROVIDER_MODULES: list[str] = ["erasablemask_jax.fr.archs", "erasablemask_jax.align.archs", "erasablemask_jax.metrics.archs"]
 
 _REGISTRY: dict[str, "ArchSpec"] = {}
 _loaded: set[str] = set()

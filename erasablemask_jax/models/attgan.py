@@ -193,8 +193,10 @@ class Discriminator(nn.Module):
   def __call__(self, x: Array) -> tuple[Array, Array]:
     h = x.astype(self.dtype)
     for i in range(self.num_layers):
-      h = nn.Conv(min(self.dim * 2**i, self.max_dim), (4, 4), strides=(2, 2), padding=_PT_PAD, dtype=self.dtype,
-                  name=f"conv_{i}")(h)
+      # No bias: InstanceNorm removes any per-channel constant, so a bias would get an exactly-zero gradient that
+      # Adam turns into +-lr steps on rounding noise (AttGAN's PyTorch block carries one; it changes nothing).
+      h = nn.Conv(min(self.dim * 2**i, self.max_dim), (4, 4), strides=(2, 2), padding=_PT_PAD, use_bias=False,
+                  dtype=self.dtype, name=f"conv_{i}")(h)
       h = nn.InstanceNorm(epsilon=_IN_EPSILON, dtype=self.dtype, name=f"conv_{i}_norm")(h)
       h = nn.leaky_relu(h, 0.2)
     # PyTorch flattens NCHW; transposing here keeps the FC weights in PyTorch's order.
