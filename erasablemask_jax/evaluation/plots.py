@@ -58,7 +58,7 @@ def grouped_bars(path: str | os.PathLike[str], groups: Sequence[str], series: Ma
     ax.bar(x + (k - (n - 1) / 2) * width, heights, width, label=label)
   ax.set_xticks(x, groups, rotation=15, ha="right")
   ax.set_ylabel(ylabel)
-  ax.set_ylim(0, 105)
+  ax.set_ylim(0, 130)  # headroom for the legend
   ax.set_title(title)
   ax.legend(fontsize="small", ncols=min(n, 3))
   _save(fig, pathlib.Path(path))

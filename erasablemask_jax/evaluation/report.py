@@ -17,14 +17,16 @@ the rates "not available", never a made-up number). Table V applies each evaluat
 `rng = fold_in(PRNGKey(seed), index of T)`) to x_adv: ASR of T(x_adv), ESR of R(T(x_adv), att_a). Table VI: L1, MSE
 (on [0, 1]), LPIPS and FID of x_adv against x_edit and of x_rec against x.
 
-Written to the report folder: `report.json`, `report.md`, `embeddings/<model>.npz` (every embedding set, the target
-embeddings, tau1, tau2: enough to recompute every ASR / ESR), `fig4.png` (columns: source, attribute edit, FGSM, PGD,
+Written to the report folder: `report.json`, `report.md`, `embeddings/<model>.npz` (keys
+`clean`, `edit`, `adv`, `rec`, `fgsm`, `pgd`, `<T>.adv`, `<T>.rec`: [N, D] unit embeddings; `target`: [M, D]; `tau1`,
+`tau2`, NaN when uncalibrated: enough to recompute every ASR / ESR), `fig4.png` (columns: source, attribute edit, FGSM, PGD,
 protected, restored), `table2_asr.png`, `table5_robustness.png`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -73,6 +75,15 @@ class EvalModel:
   tau2: float | None
 
 
+@functools.lru_cache(maxsize=16)
+def _load_surrogate(spec: str, input_crop: str, image_size: int):
+  """`train.surrogates.load_surrogate`, memoised: a model scored and attacked in one process is loaded (and its
+  jitted functions compiled) once."""
+  from erasablemask_jax.train.surrogates import load_surrogate  # pylint: disable=import-outside-toplevel
+
+  return load_surrogate(spec, input_crop, image_size)
+
+
 def _source_id(spec: str) -> str:
   source = spec.partition("@")[0]
   if source.startswith("bundled:"):
@@ -85,8 +96,6 @@ def _source_id(spec: str) -> str:
 def load_eval_models(fr_specs: Sequence[str], blackbox_specs: Sequence[str], config) -> list[EvalModel]:
   """Loads the FR models to score; `fr_specs` are white-box when the run trained against them, `blackbox_specs`
   are always marked black-box. Each sees faces through `config.fr.input_crop`, as the attack did."""
-  from erasablemask_jax.train.surrogates import load_surrogate  # pylint: disable=import-outside-toplevel
-
   trained = set()
   for s in config.fr.surrogates:
     try:
@@ -95,7 +104,7 @@ def load_eval_models(fr_specs: Sequence[str], blackbox_specs: Sequence[str], con
       pass
   models, keys = [], set()
   for spec, forced_black in [(s, False) for s in fr_specs] + [(s, True) for s in blackbox_specs]:
-    surrogate = load_surrogate(spec, config.fr.input_crop, config.image_size)
+    surrogate = _load_surrogate(spec, config.fr.input_crop, int(config.image_size))
     recogniser = surrogate.recogniser
     key = recogniser.name + ("@flip" if spec.endswith("@flip") else "")
     while key in keys:
@@ -192,9 +201,7 @@ def _baselines(run: Run, x: np.ndarray, x_t: np.ndarray, surrogate_specs: Sequen
   if not surrogate_specs:
     reason = availability.Unavailable("the run has no surrogates (fr.surrogates); pass --surrogates")
     return {"fgsm": reason, "pgd": reason}
-  from erasablemask_jax.train.surrogates import load_surrogate  # pylint: disable=import-outside-toplevel
-
-  surrogates = [load_surrogate(s, run.config.fr.input_crop, run.image_size) for s in surrogate_specs]
+  surrogates = [_load_surrogate(s, run.config.fr.input_crop, run.image_size) for s in surrogate_specs]
   return attack_baselines(x, x_t, surrogates, pgd_steps, epsilon)
 
 
@@ -290,7 +297,7 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
     emb = {k: _embed(m, v) for k, v in images.items()}
     for name, r in robust.items():
       if not isinstance(r, availability.Unavailable):
-        emb[f"{name}/adv"], emb[f"{name}/rec"] = _embed(m, r["adv"]), _embed(m, r["rec"])
+        emb[f"{name}.adv"], emb[f"{name}.rec"] = _embed(m, r["adv"]), _embed(m, r["rec"])
     target_emb = _embed(m, x_t)
     t = target_emb.mean(axis=0)
     cos = {k: e @ t for k, e in emb.items()}
@@ -311,8 +318,8 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
       if isinstance(r, availability.Unavailable):
         t5[name] = {"asr": r, "esr": r}
       else:
-        t5[name] = {"asr": _rate(recognition.attack_success_rate, cos[f"{name}/adv"], m.tau1, "ASR"),
-                    "esr": _rate(recognition.erasure_success_rate, cos[f"{name}/rec"], m.tau2, "ESR")}
+        t5[name] = {"asr": _rate(recognition.attack_success_rate, cos[f"{name}.adv"], m.tau1, "ASR"),
+                    "esr": _rate(recognition.erasure_success_rate, cos[f"{name}.rec"], m.tau2, "ESR")}
     table5[m.key] = t5
     model_info[m.key] = {"spec": m.spec, "whitebox": m.whitebox, "tau1": m.tau1, "tau2": m.tau2,
                          "tau1_far": float(config.fr.tau1_far), "tau2_far": float(config.fr.tau2_far),
@@ -384,13 +391,15 @@ def format_markdown(report: dict[str, Any]) -> str:
                + " |")
   lines.append("| Clean ESR (no protection) | "
                + " | ".join(_pct(report["table2"][k]["clean"]["esr"]) for k in keys) + " |")
-  lines += ["", "| thresholds | " + " | ".join(
-      f"tau1 {_num(report['models'][k]['tau1'] if report['models'][k]['tau1'] is not None else {'unavailable': 'none'}, '.4f')}"
-      f", tau2 {_num(report['models'][k]['tau2'] if report['models'][k]['tau2'] is not None else {'unavailable': 'none'}, '.4f')}"
-      for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+  def tau(k, which):
+    value = report["models"][k][which]
+    return "not calibrated" if value is None else f"{value:.4f}"
+
+  lines += ["", "| thresholds | " + " | ".join(f"tau1 {tau(k, 'tau1')}, tau2 {tau(k, 'tau2')}" for k in keys) + " |",
+            "|---" * (len(keys) + 1) + "|"]
   lines += ["", "## Table V: robustness, ASR / ESR (%) after each transform of the protected face", "",
             "| transform | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-  for name in report["table5"][keys[0]] if keys else []:
+  for name in ["none", *report["transforms"]] if keys else []:
     lines.append(f"| {name} | " + " | ".join(
         f"{_pct(report['table5'][k][name]['asr'])} / {_pct(report['table5'][k][name]['esr'])}" for k in keys) + " |")
   lines += ["", "## Table VI: image quality", "", "| comparison | L1 | MSE | LPIPS | FID |", "|---|---|---|---|---|"]
@@ -404,9 +413,20 @@ def format_markdown(report: dict[str, Any]) -> str:
               "| clean | protected | restored |", "|---|---|---|",
               f"| {r['clean']['mean_confidence']:.4f} | {r['adv']['mean_confidence']:.4f} | "
               f"{r['rec']['mean_confidence']:.4f} |"]
+  reasons = sorted(_unavailable_reasons({"table2": report["table2"], "table5": report["table5"]}))
+  if reasons:
+    lines += ["", "n/a: " + "; ".join(reasons)]
   lines += ["", "Figures: fig4.png (source | attribute edit | FGSM | PGD | protected | restored), table2_asr.png, "
             "table5_robustness.png. Embeddings and thresholds: embeddings/<model>.npz.", ""]
   return "\n".join(lines)
+
+
+def _unavailable_reasons(tree) -> set[str]:
+  if isinstance(tree, dict):
+    if set(tree) == {"unavailable"}:
+      return {tree["unavailable"]}
+    return set().union(*(_unavailable_reasons(v) for v in tree.values())) if tree else set()
+  return set()
 
 
 def _value_or_none(v):
@@ -423,7 +443,7 @@ def _figures(out_dir: pathlib.Path, images: dict[str, np.ndarray], report: dict[
   series = {METHOD_LABELS[m] + " ASR": [_value_or_none(report["table2"][k][m]["asr"]) for k in keys] for m in METHODS}
   series["ErasableMask ESR"] = [_value_or_none(report["table2"][k]["erasablemask"]["esr"]) for k in keys]
   plots.grouped_bars(out_dir / "table2_asr.png", head, series, "Table II: ASR / ESR per FR model")
-  names = list(report["table5"][keys[0]]) if keys else []
+  names = ["none", *report["transforms"]]
   series5 = {}
   for k, h in zip(keys, head):
     series5[f"{h} ASR"] = [_value_or_none(report["table5"][k][nm]["asr"]) for nm in names]

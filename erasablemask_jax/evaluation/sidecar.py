@@ -60,7 +60,7 @@ def write_png_atomic(path: str | os.PathLike[str], image: np.ndarray) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> None:
-  write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+  write_bytes_atomic(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
 
 
 def sidecar_path(image_path: str | os.PathLike[str]) -> pathlib.Path:

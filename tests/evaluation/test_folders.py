@@ -1,0 +1,166 @@
+"""`erasablemask protect` / `erase` end to end on bundled sample faces, checked against direct network calls."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation_helpers import copy_faces
+from erasablemask_jax import cli
+from erasablemask_jax.data import labels
+from erasablemask_jax.evaluation import attributes
+from erasablemask_jax.evaluation import inference
+from erasablemask_jax.evaluation import sidecar
+
+FACES = ["deepface_img12.png", "deepface_img13.png", "deepface_img16.png", "facenet_paul_rudd.png"]
+
+
+def _png(path) -> np.ndarray:
+  return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _square(path, size):
+  from erasablemask_jax.data import images
+  return images.square_resize(images.read_image(path), size)
+
+
+@pytest.fixture(scope="module")
+def protected(tmp_path_factory, tiny_run):
+  root = tmp_path_factory.mktemp("protect")
+  inp = copy_faces(root / "in", FACES)
+  (inp / "sub").mkdir()
+  (inp / "sub" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  (inp / "tiny.png").write_bytes(_tiny_png())
+  out = root / "out"
+  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(out), "--attrs",
+                 "flip:Eyeglasses,Male", "--batch-size", "3"])
+  return {"rc": rc, "in": inp, "out": out, "root": root}
+
+
+def _tiny_png() -> bytes:
+  import io
+  buf = io.BytesIO()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def test_protect_writes_pngs_and_sidecars_equal_to_the_networks(protected, loaded_run):
+  assert protected["rc"] == 0
+  out, inp = protected["out"], protected["in"]
+  written = sorted(p.name for p in out.rglob("*") if p.is_file())
+  assert written == sorted([f.replace(".png", ".json") for f in FACES] + FACES)  # corrupt and tiny files skipped
+  rows = labels.read_attribute_csv(inp / "attributes.csv")
+  size = loaded_run.image_size
+  x = inference.to_model_input(np.stack([_square(inp / f, size) for f in FACES]))
+  att_a = np.stack([rows[f][0] for f in FACES])
+  att_b = att_a.copy()
+  for name in ("Eyeglasses", "Male"):
+    att_b[:, labels.ATTRIBUTES.index(name)] = 1 - att_b[:, labels.ATTRIBUTES.index(name)]
+  state, models = loaded_run.state, loaded_run.models
+  (x_adv, _), _ = models.protect(state.g.variables, state.e_adv.variables, jax.numpy.asarray(x), att_b)
+  expected = inference.to_uint8(np.asarray(x_adv))
+  for i, f in enumerate(FACES):
+    got = _png(out / f)
+    assert got.shape == (size, size, 3)
+    assert np.abs(got.astype(int) - expected[i]).max() <= 1  # jitted batch vs eager: last-bit rounding at most
+    side = sidecar.read_sidecar(out / f.replace(".png", ".json"))
+    np.testing.assert_array_equal(side["att_a"], att_a[i])
+    np.testing.assert_array_equal(side["att_b"], att_b[i])
+    assert side["att_a_source"] == "attributes.csv"
+    assert sorted(side["flipped"]) == ["Eyeglasses", "Male"]
+    assert side["checkpoint"]["params_sha256"] == inference.params_fingerprint(state)
+    assert side["checkpoint"]["step"] == loaded_run.step == 2
+    assert side["target"] == "identity:0" and side["surrogates"] == ["bundled:mobilefacenet"]
+  assert not [p for p in protected["root"].rglob(".*")], "temporary files left behind"
+
+
+def test_protect_reports_skipped_files_with_reasons(tmp_path, tiny_run, capsys):
+  inp = copy_faces(tmp_path / "in", FACES[:1])
+  (inp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(tmp_path / "out")])
+  text = capsys.readouterr().out
+  assert rc == 0
+  assert "1 written, 1 skipped" in text and "broken.png: unreadable" in text
+
+
+def test_protect_refuses_to_overwrite_without_force(protected, tiny_run, capsys):
+  out = protected["out"]
+  before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(protected["in"]), "--out", str(out)])
+  assert rc == 1 and "pass --force" in capsys.readouterr().err
+  assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
+  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(protected["in"]), "--out", str(out), "--force",
+                 "--attrs", "flip:Eyeglasses,Male"])
+  assert rc == 0 and any(p.stat().st_mtime_ns != before[p] for p in out.iterdir())
+
+
+def test_protect_without_labels_uses_d_att(tmp_path, loaded_run):
+  from erasablemask_jax.evaluation import folders
+  inp = copy_faces(tmp_path / "in", FACES[:2], with_csv=False)
+  result = folders.protect_folder(loaded_run, inp, tmp_path / "out", attrs="bits:0000000000001", progress=False)
+  assert len(result.written) == 2
+  x = inference.to_model_input(np.stack([_square(inp / f, loaded_run.image_size) for f in FACES[:2]]))
+  _, logits = loaded_run.models.discriminate(loaded_run.state.d.variables, jax.numpy.asarray(x))
+  for i, f in enumerate(FACES[:2]):
+    side = sidecar.read_sidecar(tmp_path / "out" / f.replace(".png", ".json"))
+    assert side["att_a_source"] == "d_att"
+    np.testing.assert_array_equal(side["att_a"], (np.asarray(logits[i]) > 0).astype(np.float32))
+    np.testing.assert_array_equal(side["att_b"], np.eye(13, dtype=np.float32)[12])
+
+
+@pytest.mark.parametrize("spec", ["flip:Nose", "bits:0101", "set:Male=2", "shuffle"])
+def test_bad_attribute_specs_are_refused(spec, tmp_path, tiny_run, capsys):
+  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--attrs", spec])
+  assert rc == 1 and "attribute spec" in capsys.readouterr().err
+
+
+def test_bad_workdir_is_a_clear_error(tmp_path, capsys):
+  rc = cli.main(["protect", "--workdir", str(tmp_path), "--in", str(tmp_path), "--out", str(tmp_path / "o")])
+  assert rc == 1 and "not a training run" in capsys.readouterr().err
+
+
+def test_erase_restores_with_the_sidecar_attributes(protected, loaded_run, tmp_path, capsys):
+  out = protected["out"]
+  erased = tmp_path / "erased"
+  rc = cli.main(["erase", "--workdir", str(loaded_run.workdir), "--in", str(out), "--out", str(erased)])
+  assert rc == 0
+  state, models = loaded_run.state, loaded_run.models
+  for f in FACES:
+    side = json.loads((out / f.replace(".png", ".json")).read_text())
+    x_adv = inference.to_model_input(_png(out / f)[None])
+    x_rec, _ = models.restore(state.r.variables, jax.numpy.asarray(x_adv), np.asarray([side["att_a"]], np.float32))
+    assert np.abs(_png(erased / f).astype(int) - inference.to_uint8(np.asarray(x_rec))[0]).max() <= 1
+  # Existing outputs are refused without --force.
+  rc = cli.main(["erase", "--workdir", str(loaded_run.workdir), "--in", str(out), "--out", str(erased)])
+  assert rc == 1 and "pass --force" in capsys.readouterr().err
+
+
+def test_erase_missing_sidecar_is_skipped_or_given_source_attrs(protected, loaded_run, tmp_path, capsys):
+  import shutil
+  from erasablemask_jax.evaluation import folders
+  inp = tmp_path / "prot"
+  shutil.copytree(protected["out"], inp)
+  (inp / FACES[0].replace(".png", ".json")).unlink()
+  (inp / FACES[1].replace(".png", ".json")).write_text("{not json")
+  result = folders.erase_folder(loaded_run, inp, tmp_path / "a", progress=False)
+  assert sorted(result.written) == sorted(FACES[2:])
+  assert "no sidecar" in result.skipped[FACES[0]] and "not valid JSON" in result.skipped[FACES[1]]
+  # --source-attrs bits restores the image without a sidecar (the malformed one is still refused).
+  bits = "0000100000101"
+  result = folders.erase_folder(loaded_run, inp, tmp_path / "b", source_attrs=f"bits:{bits}", progress=False)
+  assert FACES[0] in result.written and FACES[1] in result.skipped
+  x_adv = inference.to_model_input(_png(inp / FACES[0])[None])
+  x_rec, _ = loaded_run.models.restore(loaded_run.state.r.variables, jax.numpy.asarray(x_adv),
+                                       attributes.parse_bits(bits)[None])
+  assert np.abs(_png(tmp_path / "b" / FACES[0]).astype(int) - inference.to_uint8(np.asarray(x_rec))[0]).max() <= 1
+  # The documented approximation: D_att's prediction with the recorded flipped attributes inverted.
+  result = folders.erase_folder(loaded_run, inp, tmp_path / "c", source_attrs="predicted", progress=False)
+  assert len(result.written) == len(FACES) - 1
+  x_adv = inference.to_model_input(_png(inp / FACES[2])[None])
+  _, logits = loaded_run.models.discriminate(loaded_run.state.d.variables, jax.numpy.asarray(x_adv))
+  guess = attributes.invert((np.asarray(logits[0]) > 0).astype(np.float32), ["Eyeglasses", "Male"])
+  x_rec, _ = loaded_run.models.restore(loaded_run.state.r.variables, jax.numpy.asarray(x_adv), guess[None])
+  assert np.abs(_png(tmp_path / "c" / FACES[2]).astype(int) - inference.to_uint8(np.asarray(x_rec))[0]).max() <= 1
