@@ -39,7 +39,7 @@ def test_train_pool_draws_one_member_per_batch():
   x = _tiny_images()
   singles = {m: jax.jit(noise.make_transform(m)) for m in members}
   counts = collections.Counter()
-  for i in range(16):
+  for i in range(12):
     key = jax.random.PRNGKey(i)
     out = pool(x, key)
     member_key = jax.random.split(key)[1]

@@ -80,10 +80,10 @@ def test_center_crop_close_to_pillow(image):
 
 @pytest.mark.parametrize("variance", [0.003, 0.01])
 def test_gaussian_noise_statistics(variance):
-  x = jnp.zeros((4, 128, 128, 3))  # mid-gray: no clipping
+  x = jnp.zeros((2, 96, 96, 3))  # mid-gray: no clipping
   out = jax.jit(noise.gaussian_noise)(x, jax.random.PRNGKey(0), variance)
   delta01 = np.asarray(out - x) / 2.0  # back to the [0, 1] scale
   assert abs(delta01.mean()) < 3 * np.sqrt(variance / delta01.size)
-  assert abs(delta01.var() / variance - 1.0) < 0.02
+  assert abs(delta01.var() / variance - 1.0) < 0.025  # ~4 standard errors of a 55k-sample variance
   clipped = noise.gaussian_noise(jnp.ones((1, 8, 8, 3)), jax.random.PRNGKey(1), 0.5)
   assert float(clipped.max()) <= 1.0
