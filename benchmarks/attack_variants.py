@@ -6,10 +6,15 @@ their own input sizes, as the real zoo is. Variants, all returning L_adv and its
 
   nested          jax.value_and_grad of the scalar meta-loss with jax.grad inside (reverse over reverse)
   for_unrolled    forward-over-reverse HVP, Python loop over the K primaries  (exact; the default)
+  for_linearize   forward-over-reverse, inner gradient and HVP map from one jax.linearize per primary  (exact)
   for_vmap        forward-over-reverse, generator passes batched over the K primaries with vmap  (exact)
   for_scan        forward-over-reverse, lax.scan over the primaries with lax.switch over the FR nets  (exact)
   first_order     the meta-auxiliary loss without the Hessian term (unrolled)
   ensemble        plain mean of the K losses (the paper's ablation)
+
+GFLOPs are XLA's cost analysis of the compiled program; it counts while loops and conditionals by its own rules, so
+the figure for for_scan is not comparable with the others. Times are medians over round-robin calls (after a warm-up
+call), so load drifting on a shared machine affects every variant alike.
 
 Usage: python benchmarks/attack_variants.py [--size 64 --batch 4 --repeats 10 --out benchmarks/attack_variants.json]
 """

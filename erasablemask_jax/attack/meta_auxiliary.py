@@ -18,8 +18,11 @@ which is exact (no approximation): H_p a_p is one Hessian-vector product, comput
 the inner gradient), which XLA compiles to a faster program than reverse-over-reverse (see
 `benchmarks/attack_variants.py`). `first_order=True` drops the H_p a_p term (the inner gradient is stop-gradiented).
 
-The K primaries can be evaluated three ways (`primaries=`), all exact and equal up to rounding:
-  "unrolled": a Python loop over p; XLA sees the whole program and may overlap the K passes.
+The K primaries can be evaluated four ways (`primaries=`), all exact and equal up to rounding:
+  "unrolled": a Python loop over p; XLA sees the whole program and may overlap the K passes. The HVP recomputes the
+              primal inner gradient, keeping fewer residuals alive.
+  "linearize": like "unrolled", but g_p and the linear map v -> H_p v come from one `jax.linearize`, so the inner
+              gradient is computed once (fewer FLOPs, the residuals of all K linearisations held longer).
   "vmap":     the K generator passes at theta'_p (and the generator half of each HVP) batched with `jax.vmap`; the
               FR nets are still called one by one (they may be different architectures), each vmapped over the K-1
               images it scores.
@@ -264,7 +267,7 @@ def meta_auxiliary_value_and_grad(theta: PyTree, generate: Generate, fr_losses: 
     lr_inner: lr of the inner step (Eq. 10).
     epsilon: the hinge of Eq. 12.
     first_order: drop the Hessian term (stop-gradient through the inner gradient).
-    primaries: how the K primaries are evaluated: "unrolled", "vmap" or "scan" (same result).
+    primaries: how the K primaries are evaluated: "unrolled", "linearize", "vmap" or "scan" (same result).
 
   Returns:
     (l_adv, grad, aux): the hinged loss; a pytree like theta; aux = {"l_pri": (K,) each L_pri_p,
@@ -315,7 +318,7 @@ def make_attack(kind: str, *, lr_inner=2e-5, epsilon=0.0, primaries: str = "unro
       term) or "ensemble" (plain mean, the paper's ablation).
     lr_inner: inner learning rate of Eq. 10 (ignored by "ensemble").
     epsilon: the hinge of Eq. 12.
-    primaries: "unrolled", "vmap" or "scan", see `meta_auxiliary_value_and_grad` (ignored by "ensemble").
+    primaries: "unrolled", "linearize", "vmap" or "scan", see `meta_auxiliary_value_and_grad` (ignored by "ensemble").
 
   Returns:
     The attack function.
