@@ -1,0 +1,468 @@
+"""Training-step throughput of each curriculum step, the cost of each attack variant, and the machine's utilisation.
+
+For stage 1, stage 2 with the meta-auxiliary attack (exact second order), its first-order variant and the ensemble
+ablation, and stage 3, each step jitted exactly as `erasablemask_jax.train.trainer` does (replicated state, batch
+sharded over a `data` mesh axis, state donated), measures:
+
+  compile time       `jit(step).lower(...).compile()` wall time
+  step time          median of `--steps` timed steps after `--warmup` steps, each `block_until_ready`
+  images/s           global batch / median step time
+  FLOPs per step     XLA's `compiled.cost_analysis()["flops"]` (of the per-device program)
+  achieved FLOP/s    FLOPs / median step time, and its fraction of the peak measured in the same run by a large
+                     matrix product (`--matmul` x `--matmul`, best of 5)
+  memory             device `memory_stats()["peak_bytes_in_use"]` on GPU/TPU, the process's peak RSS on CPU (both
+                     cumulative over the run), and XLA's temp buffer size of the step's program
+
+and reports the second-order step's time relative to the first-order and ensemble steps beside the ratio their FLOP
+counts predict (a measured ratio more than 1.3x the predicted one means waste in the second-order program).
+
+`--compare-torch` also runs the same stage-2 step in PyTorch eager (`benchmarks/torch_reference.py`: same networks,
+weights and batch), alternating JAX and torch rounds so that both see the same machine load, and reports the ratio.
+
+    python benchmarks/step_throughput.py --image-size 128 --batch 4 --width 16 --compare-torch
+    python benchmarks/step_throughput.py --devices 4 --stages 2:meta_auxiliary   # simulated devices on CPU
+
+Surrogates (`--fr`, comma-separated, K = their number or `--k`): `bundled:mobilefacenet` (the bundled weights),
+`random:ARCH` (random weights of any zoo architecture, e.g. `random:iresnet50`), each optionally `@flip` (the mirrored
+view, a different function of the image). With `--k` larger than the list, the list is cycled, alternating the view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import default as default_config
+from erasablemask_jax import fr
+from erasablemask_jax.attack import make_attack
+from erasablemask_jax.models import ErasableMask
+from erasablemask_jax.train import steps as steps_lib
+from erasablemask_jax.train.state import begin_stage2, create_train_state, make_optimizer
+from erasablemask_jax.train.surrogates import Surrogate, load_surrogate, target_embeddings
+
+STAGES = ("1", "2:meta_auxiliary", "2:first_order", "2:ensemble", "3")
+KINDS = ("meta_auxiliary", "first_order", "ensemble")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What a benchmark run builds. Widths apply to E_adv/G/R (`enc_dim`, `dec_dim`) and D (`dis_dim`)."""
+
+  image_size: int = 128
+  batch: int = 4
+  width: int = 16
+  layers: int = 5
+  max_dim: int = 1024
+  fc_dim: int = 256
+  fr: tuple[str, ...] = ("bundled:mobilefacenet", "bundled:mobilefacenet@flip")
+  k: int = 0  # 0: len(fr)
+  lr_inner: float = -1.0  # < 0: the optimiser's learning rate (as config.attack.lr_inner)
+  primaries: str = "unrolled"
+  noise: bool = False  # the config's training noise pool on x_adv (off: identity, as the torch reference)
+  devices: int = 1
+  seed: int = 0
+
+
+def make_config(s: Settings):
+  """configs/default.py with the benchmark's sizes."""
+  config = default_config.get_config()
+  config.image_size = s.image_size
+  m = config.model
+  m.enc_dim = m.dec_dim = m.dis_dim = s.width
+  m.enc_layers = m.dec_layers = m.dis_layers = s.layers
+  m.max_dim, m.dis_fc_dim = s.max_dim, s.fc_dim
+  config.data.batch_size = s.batch
+  config.mesh.data = s.devices
+  if not s.noise:
+    config.noise.train_pool = ("identity",)
+  return config
+
+
+def surrogate_specs(s: Settings) -> list[str]:
+  """`s.fr`, or `s.k` entries cycling through it with the view toggled on every other lap."""
+  k = s.k or len(s.fr)
+  out = []
+  for i in range(k):
+    spec = s.fr[i % len(s.fr)]
+    if (i // len(s.fr)) % 2 == 1:
+      spec = spec.removesuffix("@flip") if spec.endswith("@flip") else spec + "@flip"
+    out.append(spec)
+  return out
+
+
+def _flipped(apply_fn, variables, x):
+  return apply_fn(variables, x[:, :, ::-1, :])
+
+
+def make_surrogate(spec: str, seed: int) -> Surrogate:
+  """`bundled:NAME[@flip]`, `random:ARCH[@flip]` (random weights of a registered zoo architecture) or `tiny[@flip]`
+  (the 16x16 two-conv net of `tests/train/tiny.py`, for tests of this script)."""
+  source, _, view = spec.partition("@")
+  if source == "tiny":
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "train"))
+    import tiny  # pylint: disable=g-import-not-at-top
+
+    recogniser = tiny.tiny_surrogates(1, seed=seed)[0].recogniser
+    apply = recogniser.apply_fn if view != "flip" else functools.partial(_flipped, recogniser.apply_fn)
+    return Surrogate(spec=spec, recogniser=recogniser, apply=apply)
+  if not source.startswith("random:"):
+    return load_surrogate(spec)
+  from erasablemask_jax import convert  # pylint: disable=g-import-not-at-top
+
+  arch = source.removeprefix("random:")
+  arch_spec = convert.get_arch(arch)
+  variables = arch_spec.build().init(jax.random.key(seed), jnp.zeros((1, *arch_spec.input_shape), jnp.float32))
+  recogniser = fr.from_variables(arch, variables)
+  apply = recogniser.apply_fn if view != "flip" else functools.partial(_flipped, recogniser.apply_fn)
+  return Surrogate(spec=spec, recogniser=recogniser, apply=apply)
+
+
+def _capture_grads() -> optax.GradientTransformation:
+  """An identity transformation whose state is the last gradient (to read a step's raw gradients)."""
+  return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
+                                      lambda updates, state, params=None: (updates, updates))
+
+
+class Setup:
+  """Networks, surrogates, targets, the mesh and the jitted steps of one benchmark configuration."""
+
+  def __init__(self, settings: Settings, surrogates: list[Surrogate] | None = None):
+    """Builds everything for `settings`; `surrogates` replaces the ones `settings.fr` names (e.g. tiny test nets)."""
+    self.settings = s = settings
+    self.config = make_config(s)
+    self.lr_inner = s.lr_inner if s.lr_inner >= 0 else self.config.optim.lr
+    self.num_attributes = len(self.config.attributes)
+    self.models = ErasableMask.from_config(self.config.model, self.num_attributes)
+    self.tx = make_optimizer(self.config.optim)
+    devices = jax.devices()
+    if s.devices > len(devices):
+      raise ValueError(f"--devices {s.devices} but only {len(devices)} devices are visible")
+    if s.batch % s.devices:
+      raise ValueError(f"--batch {s.batch} does not divide over {s.devices} devices")
+    self.mesh = Mesh(np.asarray(devices[:s.devices]), ("data",))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P("data"))
+    self.surrogates = surrogates if surrogates is not None else [
+        make_surrogate(spec, s.seed + i) for i, spec in enumerate(surrogate_specs(s))]
+    rng = np.random.default_rng(s.seed + 1)
+    target = jnp.asarray(rng.uniform(-1, 1, (1, s.image_size, s.image_size, 3)), jnp.float32)
+    self.targets = jax.device_put(target_embeddings(self.surrogates, target), self.replicated)
+    self.fr_vars = jax.device_put([x.variables for x in self.surrogates], self.replicated)
+    self._compiled = {}
+    self.noise = None
+    if s.noise:
+      from erasablemask_jax.noise import make_train_pool  # pylint: disable=g-import-not-at-top
+      self.noise = make_train_pool(tuple(self.config.noise.train_pool))
+
+  # -------------------------------------------------------------------------------------------------------------------
+  def host_batch(self) -> dict[str, np.ndarray]:
+    """A deterministic batch: smooth random images in [-1, 1] and random 0/1 attributes (att_b flips some)."""
+    s = self.settings
+    rng = np.random.default_rng(s.seed + 2)
+    yy, xx = np.mgrid[:s.image_size, :s.image_size] / s.image_size
+    base = np.stack([yy, xx, 1 - yy], -1)[None] * rng.uniform(0.3, 1.0, (s.batch, 1, 1, 3))
+    image = np.clip(2 * base - 1 + rng.normal(0, 0.1, (s.batch, s.image_size, s.image_size, 3)), -1, 1)
+    att_a = (rng.random((s.batch, self.num_attributes)) < 0.5).astype(np.float32)
+    att_b = np.where(rng.random(att_a.shape) < 0.3, 1 - att_a, att_a).astype(np.float32)
+    return {"image": image.astype(np.float32), "att_a": att_a, "att_b": att_b}
+
+  def device_batch(self) -> dict[str, jax.Array]:
+    return jax.device_put(self.host_batch(), self.batch_sharding)
+
+  def _init(self, tx, stage: int):
+    state = create_train_state(self.models, tx, jax.random.key(self.settings.seed), self.config.image_size,
+                               self.num_attributes, len(self.surrogates))
+    if stage >= 2:
+      state = begin_stage2(state, tx)
+      # As after some stage-2 training: E_adv no longer equals G_enc (else x_adv == x_edit exactly).
+      leaves, tree = jax.tree.flatten(state.e_adv.params)
+      keys = jax.random.split(jax.random.key(self.settings.seed + 3), len(leaves))
+      leaves = [a * (1.0 + 0.1 * jax.random.normal(k, a.shape)) for a, k in zip(leaves, keys)]
+      state = state.replace(e_adv=state.e_adv.replace(params=jax.tree.unflatten(tree, leaves)))
+    return state
+
+  def state(self, stage: int, tx=None):
+    """A fresh train state for `stage` (stage >= 2: after `begin_stage2`), replicated on the mesh."""
+    return jax.jit(functools.partial(self._init, tx or self.tx, stage), out_shardings=self.replicated)()
+
+  def stage2_state(self):
+    return self.state(2)
+
+  def step_config(self, kind: str | None, tx=None) -> steps_lib.StepConfig:
+    attack = make_attack(kind, lr_inner=self.lr_inner, epsilon=self.config.loss.epsilon,
+                         primaries=self.settings.primaries) if kind else None
+    return steps_lib.StepConfig(models=self.models, tx=tx or self.tx, loss=self.config.loss,
+                                fr_applies=tuple(x.apply for x in self.surrogates) if kind else (), attack=attack,
+                                noise=self.noise)
+
+  def jitted(self, stage: int, kind: str | None = None, tx=None):
+    """`(jitted_step, extra_args)` as the trainer jits it: replicated state, sharded batch, donated state."""
+    fn = {1: steps_lib.stage1_step, 2: steps_lib.stage2_step, 3: steps_lib.stage3_step}[stage]
+    extra = (self.fr_vars, self.targets) if stage == 2 else ()
+    step = jax.jit(functools.partial(fn, self.step_config(kind if stage == 2 else None, tx)),
+                   in_shardings=(self.replicated, self.batch_sharding) + (self.replicated,) * len(extra),
+                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    return step, extra
+
+  def compiled(self, stage: int, kind: str | None = None):
+    """`(compiled_step, extra_args, compile_seconds)`, compiled once per (stage, kind) and cached."""
+    key = (stage, kind if stage == 2 else None)
+    if key not in self._compiled:
+      step, extra = self.jitted(stage, kind)
+      start = time.perf_counter()
+      compiled = step.lower(self.state(stage), self.device_batch(), *extra).compile()
+      self._compiled[key] = (compiled, extra, time.perf_counter() - start)
+    return self._compiled[key]
+
+  def stage2_with_grads(self, kind: str, batch: dict[str, np.ndarray]):
+    """One stage-2 step from `stage2_state()` on `batch`; returns `(metrics, {net: raw grads}, new_state)`."""
+    tx = optax.chain(_capture_grads(), self.tx)
+    step, extra = self.jitted(2, kind, tx)
+    state, metrics = step(self.state(2, tx), jax.device_put(batch, self.batch_sharding), *extra)
+    grads = {net: jax.device_get(getattr(state, net).opt_state[0]) for net in ("d", "e_adv", "r")}
+    return jax.device_get(metrics), grads, state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measurements.
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def peak_memory_bytes() -> dict[str, float]:
+  """Device peak bytes in use (GPU/TPU) or this process's peak RSS (CPU); both cumulative over the run."""
+  dev = jax.devices()[0]
+  if dev.platform != "cpu":
+    stats = dev.memory_stats() or {}
+    return {"device_peak_mib": stats.get("peak_bytes_in_use", float("nan")) / 2**20}
+  return {"rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
+
+
+def measure_matmul_peak(n: int, dtype=jnp.float32, repeats: int = 5) -> dict[str, float]:
+  """Best FLOP/s of an `n x n @ n x n` product on the first device (2 n^3 FLOPs)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(a))
+    times.append(time.perf_counter() - start)
+  return {"n": n, "dtype": jnp.dtype(dtype).name, "best_s": min(times), "flops_per_s": 2 * n**3 / min(times)}
+
+
+def measure_step(setup: Setup, stage: int, kind: str | None, warmup: int, steps: int) -> dict[str, Any]:
+  """Compile time, FLOPs, memory and steady-state times of one step (state donated between steps)."""
+  load_before = os.getloadavg()
+  compiled, extra, compile_s = setup.compiled(stage, kind)
+  state = setup.state(stage)
+  batch = setup.device_batch()
+  memory = compiled.memory_analysis()
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch, *extra)
+    jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch, *extra)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  flops = _flops(compiled)
+  median = statistics.median(times)
+  return {"stage": stage, "kind": kind, "compile_s": compile_s, "median_s": median, "min_s": min(times),
+          "times_s": times, "images_per_s": setup.settings.batch / median, "flops": flops,
+          "flops_per_s": flops * setup.settings.devices / median,
+          "xla_temp_mib": getattr(memory, "temp_size_in_bytes", float("nan")) / 2**20, **peak_memory_bytes(),
+          "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
+
+
+def compare_torch(setup: Setup, kind: str, rounds: int, steps: int, warmup: int, torch_threads: int) -> dict[str, Any]:
+  """Alternates rounds of `steps` JAX steps and `steps` torch steps (same networks, weights, batch)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(torch_threads)
+  torch_step = torch_reference.from_setup(setup, kind)
+  t_batch = torch_reference.to_torch_batch(setup.host_batch())
+  compiled, extra, _ = setup.compiled(2, kind)
+  state, batch = setup.state(2), setup.device_batch()
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch, *extra)
+    jax.block_until_ready((state, metrics))
+    torch_step.step(t_batch)
+  jax_times, torch_times, loads = [], [], []
+  for _ in range(rounds):
+    loads.append(os.getloadavg()[0])
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch, *extra)
+      jax.block_until_ready((state, metrics))
+      jax_times.append(time.perf_counter() - start)
+    for _ in range(steps):
+      start = time.perf_counter()
+      torch_step.step(t_batch)
+      torch_times.append(time.perf_counter() - start)
+  j, t = statistics.median(jax_times), statistics.median(torch_times)
+  per_round = [statistics.median(torch_times[i * steps:(i + 1) * steps]) /
+               statistics.median(jax_times[i * steps:(i + 1) * steps]) for i in range(rounds)]
+  return {"kind": kind, "jax_median_s": j, "torch_median_s": t, "torch_over_jax": t / j,
+          "torch_over_jax_per_round": per_round, "jax_times_s": jax_times, "torch_times_s": torch_times,
+          "torch_threads": torch_threads, "load_avg_1min_per_round": loads}
+
+
+def versions() -> dict[str, str]:
+  import flax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+
+  out = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+         "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    out["torch"] = torch.__version__
+  except ImportError:
+    pass
+  return out
+
+
+def _ratio(rows: dict[str, dict], a: str, b: str) -> dict[str, float] | None:
+  if a not in rows or b not in rows:
+    return None
+  time_ratio = rows[a]["median_s"] / rows[b]["median_s"]
+  flop_ratio = rows[a]["flops"] / rows[b]["flops"]
+  return {"time_ratio": time_ratio, "flop_ratio": flop_ratio, "time_over_flop_prediction": time_ratio / flop_ratio}
+
+
+def _row_name(stage: int, kind: str | None) -> str:
+  return f"stage{stage}" + (f":{kind}" if kind else "")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--image-size", type=int, default=128)
+  ap.add_argument("--batch", type=int, default=4, help="global batch")
+  ap.add_argument("--width", type=int, default=16, help="enc_dim = dec_dim = dis_dim (AttGAN's full width: 64)")
+  ap.add_argument("--layers", type=int, default=5)
+  ap.add_argument("--max-dim", type=int, default=1024)
+  ap.add_argument("--fc-dim", type=int, default=256, help="D's FC width (AttGAN: 1024)")
+  ap.add_argument("--fr", default="bundled:mobilefacenet,bundled:mobilefacenet@flip",
+                  help="surrogates: bundled:NAME or random:ARCH, optionally @flip")
+  ap.add_argument("--k", type=int, default=0, help="number of surrogates (0: as many as --fr lists)")
+  ap.add_argument("--lr-inner", type=float, default=-1.0)
+  ap.add_argument("--primaries", default="unrolled")
+  ap.add_argument("--noise", action="store_true", help="the default training noise pool on x_adv (JAX rows only)")
+  ap.add_argument("--devices", type=int, default=1,
+                  help="data-parallel devices; on CPU this many host devices are simulated")
+  ap.add_argument("--stages", default=",".join(STAGES), help=f"subset of {','.join(STAGES)}")
+  ap.add_argument("--warmup", type=int, default=1)
+  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--matmul", type=int, default=0, help="matmul side for the peak (0: 2048 on CPU, 8192 else)")
+  ap.add_argument("--compare-torch", action="store_true")
+  ap.add_argument("--torch-kinds", default="meta_auxiliary", help="stage-2 kinds to compare with torch")
+  ap.add_argument("--torch-rounds", type=int, default=3)
+  ap.add_argument("--torch-steps", type=int, default=2, help="steps per framework per round")
+  ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--out", default="benchmarks/step_throughput.json")
+  args = ap.parse_args(argv)
+  for stage in args.stages.split(","):
+    if stage not in STAGES:
+      ap.error(f"--stages: unknown {stage!r}; choose from {STAGES}")
+  for kind in args.torch_kinds.split(","):
+    if kind not in KINDS:
+      ap.error(f"--torch-kinds: unknown {kind!r}; choose from {KINDS}")
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.devices > 1 and os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu") and jax.config.jax_platforms in (
+      None, "", "cpu"):
+    jax.config.update("jax_num_cpu_devices", args.devices)  # before the backend starts; ignored by GPU/TPU
+  settings = Settings(image_size=args.image_size, batch=args.batch, width=args.width, layers=args.layers,
+                      max_dim=args.max_dim, fc_dim=args.fc_dim, fr=tuple(args.fr.split(",")), k=args.k,
+                      lr_inner=args.lr_inner, primaries=args.primaries, noise=args.noise, devices=args.devices,
+                      seed=args.seed)
+  device = jax.devices()[0]
+  setup = Setup(settings)
+  n = args.matmul or (2048 if device.platform == "cpu" else 8192)
+  peak = measure_matmul_peak(n)
+  if device.platform != "cpu":
+    peak_bf16 = measure_matmul_peak(n, jnp.bfloat16)
+  print(f"{device.device_kind} x{settings.devices} ({device.platform}); peak {n}x{n} f32 matmul "
+        f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s; load avg {os.getloadavg()[0]:.1f}")
+  print(f"{settings.batch}x{settings.image_size}x{settings.image_size}, width {settings.width}, K="
+        f"{len(setup.surrogates)} ({', '.join(x.spec for x in setup.surrogates)})")
+
+  rows: dict[str, dict] = {}
+  header = (f"{'step':<22}{'compile s':>10}{'median s':>10}{'img/s':>8}{'GFLOP':>9}{'GFLOP/s':>9}{'of peak':>8}"
+            f"{'mem MiB':>9}{'temp MiB':>9}")
+  print(header)
+  for entry in args.stages.split(","):
+    stage, _, kind = entry.partition(":")
+    r = measure_step(setup, int(stage), kind or None, args.warmup, args.steps)
+    r["fraction_of_peak"] = r["flops_per_s"] / (peak["flops_per_s"] * settings.devices)
+    name = _row_name(int(stage), kind or None)
+    rows[name] = r
+    mem = r.get("rss_peak_mib", r.get("device_peak_mib"))
+    print(f"{name:<22}{r['compile_s']:>10.1f}{r['median_s']:>10.3f}{r['images_per_s']:>8.2f}{r['flops'] / 1e9:>9.1f}"
+          f"{r['flops_per_s'] / 1e9:>9.1f}{r['fraction_of_peak']:>8.1%}{mem:>9.0f}{r['xla_temp_mib']:>9.0f}")
+
+  ratios = {"second_over_first_order": _ratio(rows, "stage2:meta_auxiliary", "stage2:first_order"),
+            "second_order_over_ensemble": _ratio(rows, "stage2:meta_auxiliary", "stage2:ensemble"),
+            "first_order_over_ensemble": _ratio(rows, "stage2:first_order", "stage2:ensemble")}
+  for name, r in ratios.items():
+    if r:
+      print(f"{name:<28} measured {r['time_ratio']:.2f}x   FLOP-predicted {r['flop_ratio']:.2f}x   "
+            f"measured/predicted {r['time_over_flop_prediction']:.2f}")
+
+  torch_results = []
+  if args.compare_torch:
+    for kind in args.torch_kinds.split(","):
+      c = compare_torch(setup, kind, args.torch_rounds, args.torch_steps, args.warmup, args.torch_threads)
+      torch_results.append(c)
+      print(f"stage2:{kind} JAX {c['jax_median_s']:.3f} s  PyTorch eager {c['torch_median_s']:.3f} s  "
+            f"JAX is {c['torch_over_jax']:.2f}x faster (per round: "
+            f"{', '.join(f'{x:.2f}' for x in c['torch_over_jax_per_round'])}; torch threads {c['torch_threads']})")
+
+  out = {
+      "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                  "device": device.device_kind, "backend": device.platform, "num_devices": settings.devices,
+                  "load_avg_end": os.getloadavg()},
+      "versions": versions(),
+      "settings": {**dataclasses.asdict(settings), "surrogates": [x.spec for x in setup.surrogates],
+                   "lr_inner_used": setup.lr_inner, "warmup": args.warmup, "steps": args.steps,
+                   "command": " ".join(sys.argv)},
+      "peak_matmul": peak, **({"peak_matmul_bf16": peak_bf16} if device.platform != "cpu" else {}),
+      "rows": rows, "ratios": ratios, "torch": torch_results,
+  }
+  path = pathlib.Path(args.out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(out, indent=1))
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+  sys.exit(main())

@@ -1,0 +1,567 @@
+"""The stage-2 meta-auxiliary training step in PyTorch eager, as a PyTorch implementation of the paper would write it.
+
+Same networks as `erasablemask_jax.models` (AttGAN encoder / decoder with clean-branch injection, E_adv, R, D with
+InstanceNorm and two FC heads), the same FR surrogates (the torch definitions of `tests/fr/fr_torch_reference.py`),
+the same losses (Eq. 3-13) and the same weights: `flax_to_torch_state_dict` is the converter in reverse.
+
+The step (Eq. 15, Algorithm 1), with theta = E_adv's parameters, G frozen, x_adv = G_dec(fuse(G_enc(x), E_adv(x)),
+att_b) computed once with its autograd graph:
+
+  D:   L_D + l_att_d L_att^D on (x, x_adv.detach()), one Adam step;
+  E,R: l_att L_att^G + l_G L_G + l_perb L_perb + l_era L_era + l_adv L_adv against the updated D, where
+       L_adv = max(sum_p [l_p(x_adv) + sum_{q != p} w_q l_q(G(theta - lr grad l_p)) / (K-1)] / (2K), epsilon)
+       with the inner gradient taken by `torch.autograd.grad(..., create_graph=True)` (second order; detached for
+       first order) and one `backward()` of the total; one Adam step each for E_adv and R.
+
+Usage (the equality check on one batch; timings are `benchmarks/step_throughput.py --compare-torch`):
+
+    python benchmarks/torch_reference.py [--image-size 64 --batch 2 --width 8 --lr-inner 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from erasablemask_jax import convert
+from erasablemask_jax.fr import Preprocessing
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "fr"))
+import fr_torch_reference  # noqa: E402  (torch definitions of the FR zoo with the published key names)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# AttGAN networks in torch, attribute names equal to the Flax module names (so the module path maps one to one).
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+  """`(1 - t) a + t b` in the same floating-point form as `erasablemask_jax.models.lerp`."""
+  if t == 0.0:
+    return a
+  if t == 1.0:
+    return b
+  if t < 0.5:
+    return a + t * (b - a)
+  return b - (1.0 - t) * (b - a)
+
+
+def tile(att: torch.Tensor, size: int) -> torch.Tensor:
+  """`(B, A)` -> `(B, A, size, size)`."""
+  return att[:, :, None, None].expand(att.shape[0], att.shape[1], size, size)
+
+
+def _widths(dim: int, num_layers: int, max_dim: int) -> list[int]:
+  return [min(dim * 2**i, max_dim) for i in range(num_layers)]
+
+
+class Encoder(nn.Module):
+  """`num_layers` x [Conv 4x4/2 (no bias) -> BatchNorm -> LeakyReLU(0.2)], every layer's output returned."""
+
+  def __init__(self, dim: int = 64, num_layers: int = 5, max_dim: int = 1024):
+    super().__init__()
+    c_in = 3
+    for i, c in enumerate(_widths(dim, num_layers, max_dim)):
+      setattr(self, f"enc_layers_{i}_conv", nn.Conv2d(c_in, c, 4, 2, 1, bias=False))
+      setattr(self, f"enc_layers_{i}_bn", nn.BatchNorm2d(c, eps=1e-5, momentum=0.1))
+      c_in = c
+    self.num_layers = num_layers
+
+  def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    features = []
+    for i in range(self.num_layers):
+      x = F.leaky_relu(getattr(self, f"enc_layers_{i}_bn")(getattr(self, f"enc_layers_{i}_conv")(x)), 0.2)
+      features.append(x)
+    return features
+
+
+class Decoder(nn.Module):
+  """ConvTranspose 4x4/2 -> BatchNorm -> ReLU (tanh last), shortcut / injection concatenations, clean-branch fusion."""
+
+  def __init__(self, enc_dim: int, dec_dim: int, num_layers: int, max_dim: int, num_attributes: int,
+               shortcut_layers: int = 1, inject_layers: int = 1):
+    super().__init__()
+    enc = _widths(enc_dim, num_layers, max_dim)
+    self.num_layers, self.shortcut_layers, self.inject_layers = num_layers, shortcut_layers, inject_layers
+    c_in = enc[-1] + num_attributes
+    for i in range(num_layers):
+      last = i == num_layers - 1
+      c = 3 if last else min(dec_dim * 2**(num_layers - i - 1), max_dim)
+      setattr(self, f"dec_layers_{i}_conv", nn.ConvTranspose2d(c_in, c, 4, 2, 1, bias=last))
+      if not last:
+        setattr(self, f"dec_layers_{i}_bn", nn.BatchNorm2d(c, eps=1e-5, momentum=0.1))
+        c_in = c + (enc[num_layers - 2 - i] if i < shortcut_layers else 0) + (num_attributes if i < inject_layers
+                                                                               else 0)
+
+  def _layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    h = getattr(self, f"dec_layers_{i}_conv")(h)
+    if i == self.num_layers - 1:
+      return torch.tanh(h)
+    return F.relu(getattr(self, f"dec_layers_{i}_bn")(h))
+
+  def _concat(self, i: int, h: torch.Tensor, zs: Sequence[torch.Tensor], att: torch.Tensor) -> torch.Tensor:
+    if i < self.shortcut_layers:
+      h = torch.cat([h, zs[self.num_layers - 2 - i]], dim=1)
+    if i < self.inject_layers:
+      h = torch.cat([h, tile(att, h.shape[2])], dim=1)
+    return h
+
+  def forward(self, zs, att, clean_zs=None, gamma: float = 0.0):
+    start = lambda z: torch.cat([z[-1], tile(att, z[-1].shape[2])], dim=1)
+    h = start(zs)
+    if clean_zs is None:
+      for i in range(self.num_layers):
+        h = self._layer(i, h)
+        if i < self.num_layers - 1:
+          h = self._concat(i, h, zs, att)
+      return h
+    c = start(clean_zs)
+    for i in range(self.num_layers):
+      c = self._layer(i, c)
+      h = lerp(self._layer(i, h), c, gamma)
+      if i < self.num_layers - 1:
+        h, c = self._concat(i, h, zs, att), self._concat(i, c, clean_zs, att)
+    return h, c
+
+
+class AttGAN(nn.Module):
+  """G = (G_enc, G_dec); also the restorer R."""
+
+  def __init__(self, m, num_attributes: int):
+    super().__init__()
+    if m.enc_layers != m.dec_layers:
+      raise ValueError("the torch reference assumes model.enc_layers == model.dec_layers")
+    self.enc = Encoder(m.enc_dim, m.enc_layers, m.max_dim)
+    self.dec = Decoder(m.enc_dim, m.dec_dim, m.dec_layers, m.max_dim, num_attributes, m.shortcut_layers,
+                       m.inject_layers)
+
+  def forward(self, x, att):
+    return self.dec(self.enc(x), att)
+
+
+class Discriminator(nn.Module):
+  """Conv 4x4/2 -> InstanceNorm(affine) -> LeakyReLU(0.2) trunk; `fc_adv` (1 logit) and `fc_cls` (A logits) heads."""
+
+  def __init__(self, m, num_attributes: int, image_size: int):
+    super().__init__()
+    c_in = 3
+    widths = _widths(m.dis_dim, m.dis_layers, m.max_dim)
+    for i, c in enumerate(widths):
+      setattr(self, f"conv_{i}", nn.Conv2d(c_in, c, 4, 2, 1))
+      setattr(self, f"conv_{i}_norm", nn.InstanceNorm2d(c, eps=1e-5, affine=True))
+      c_in = c
+    flat = widths[-1] * (image_size // 2**m.dis_layers)**2
+    self.fc_adv_0, self.fc_adv_1 = nn.Linear(flat, m.dis_fc_dim), nn.Linear(m.dis_fc_dim, 1)
+    self.fc_cls_0, self.fc_cls_1 = nn.Linear(flat, m.dis_fc_dim), nn.Linear(m.dis_fc_dim, num_attributes)
+    self.num_layers = m.dis_layers
+
+  def forward(self, x):
+    for i in range(self.num_layers):
+      x = F.leaky_relu(getattr(self, f"conv_{i}_norm")(getattr(self, f"conv_{i}")(x)), 0.2)
+    h = torch.flatten(x, 1)
+    return self.fc_adv_1(F.relu(self.fc_adv_0(h)))[:, 0], self.fc_cls_1(F.relu(self.fc_cls_0(h)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The converter in reverse.
+
+
+def flax_to_torch_state_dict(module: nn.Module, variables: Mapping[str, Any],
+                             module_path: Callable[[str], str] = convert.default_module_path,
+                             nchw_dense: Mapping[str, tuple[int, int, int]] | None = None,
+                             params_only: bool = False) -> dict[str, torch.Tensor]:
+  """Flax variables -> a state dict for `module`, inverting `erasablemask_jax.convert`'s layouts.
+
+  Each torch leaf module at path `a.0.b` reads the Flax module `module_path("a.0.b")` (`a_0/b`):
+  Conv2d `(kh, kw, I/g, O) -> (O, I/g, kh, kw)`; ConvTranspose2d with `transpose_kernel=True`, stored as the
+  forward conv's HWIO `(kh, kw, out, in)` -> `(in, out, kh, kw)` (the same transpose, no flip); Linear `(in, out) ->
+  (out, in)`, with the rows of a Dense that follows an NCHW flatten (`nchw_dense`) permuted back; BatchNorm
+  `scale, bias, mean, var -> weight, bias, running_mean, running_var`; affine InstanceNorm `scale, bias`; PReLU
+  `negative_slope -> weight`. Every Flax leaf must be used and every torch tensor found.
+
+  Args:
+    module: the torch module to fill.
+    variables: `{"params": ..., "batch_stats": ...}` (or, with `params_only`, `{"params": ...}`, e.g. gradients).
+    module_path: torch module path -> Flax module path.
+    nchw_dense: torch Linear paths whose Flax kernel rows are in NHWC-flatten order, with the `(C, H, W)` map.
+    params_only: map trainable tensors only (running statistics are neither read nor written).
+
+  Returns:
+    `{torch key: tensor}`; load with `module.load_state_dict(sd, strict=not params_only)`.
+
+  Raises:
+    KeyError: a torch tensor has no Flax counterpart, or a Flax leaf is left unused (names both sides).
+  """
+  flat = {k: np.asarray(v) for k, v in convert.flatten_variables(variables).items()}
+  used: set[str] = set()
+  out: dict[str, torch.Tensor] = {}
+  nchw_dense = nchw_dense or {}
+
+  def take(key: str) -> np.ndarray:
+    if key not in flat:
+      raise KeyError(f"no Flax variable {key!r} for the torch module; nearest: "
+                     f"{sorted(k for k in flat if k.rsplit('/', 2)[0] in key)[:4]}")
+    used.add(key)
+    return flat[key]
+
+  for name, m in module.named_modules():
+    path = module_path(name)
+    put = lambda leaf, a: out.__setitem__(f"{name}.{leaf}" if name else leaf, torch.from_numpy(np.array(a)))
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+      put("weight", take(f"params/{path}/kernel").transpose(3, 2, 0, 1))
+      if m.bias is not None:
+        put("bias", take(f"params/{path}/bias"))
+    elif isinstance(m, nn.Linear):
+      kernel = take(f"params/{path}/kernel")
+      if name in nchw_dense:
+        c, h, w = nchw_dense[name]
+        kernel = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(c * h * w, -1)
+      put("weight", kernel.T)
+      if m.bias is not None:
+        put("bias", take(f"params/{path}/bias"))
+    elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+      put("weight", take(f"params/{path}/scale"))
+      put("bias", take(f"params/{path}/bias"))
+      if not params_only:
+        put("running_mean", take(f"batch_stats/{path}/mean"))
+        put("running_var", take(f"batch_stats/{path}/var"))
+        put("num_batches_tracked", np.zeros((), np.int64))
+    elif isinstance(m, nn.InstanceNorm2d) and m.affine:
+      put("weight", take(f"params/{path}/scale"))
+      put("bias", take(f"params/{path}/bias"))
+    elif isinstance(m, nn.PReLU):
+      put("weight", take(f"params/{path}/negative_slope"))
+  expected = {k for k, _ in module.named_parameters()} | (set() if params_only else set(module.state_dict()))
+  missing = sorted(expected - set(out))
+  unused = sorted(set(flat) - used)
+  if missing or unused:
+    raise KeyError(f"Flax -> torch mapping incomplete: torch tensors without a Flax variable {missing[:8]}; "
+                   f"Flax variables left unused {unused[:8]}")
+  return out
+
+
+def load_flax(module: nn.Module, variables: Mapping[str, Any], **kwargs) -> nn.Module:
+  """Copies Flax `variables` into `module` (strict) and returns it."""
+  module.load_state_dict(flax_to_torch_state_dict(module, variables, **kwargs), strict=True)
+  return module
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Face recognition surrogates.
+
+_NCHW_DENSE = {"iresnet": {"fc": (512, 7, 7)}, "ir_": {"output_layer.3": (512, 7, 7)}}
+
+
+def _same_pad(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
+  """Flax/XLA 'SAME' padding (the extra pixel, if any, at the bottom/right)."""
+  pads = []
+  for n in (x.shape[3], x.shape[2]):
+    total = max((-(-n // s) - 1) * s + k - n, 0)
+    pads += [total // 2, total - total // 2]
+  return F.pad(x, pads)
+
+
+class TinyFR(nn.Module):
+  """Torch twin of `tests/train/tiny.py`'s `TinyFR` (two 3x3/2 SAME convs with ReLU, a Dense on the NHWC flatten)."""
+
+  def __init__(self, size: int, features: int = 8, embedding: int = 16):
+    super().__init__()
+    self.Conv_0 = nn.Conv2d(3, features, 3, 2)  # pylint: disable=invalid-name (Flax's auto names)
+    self.Conv_1 = nn.Conv2d(features, 2 * features, 3, 2)  # pylint: disable=invalid-name
+    self.out_hw = -(-(-(-size // 2)) // 2)
+    self.Dense_0 = nn.Linear(2 * features * self.out_hw**2, embedding)  # pylint: disable=invalid-name
+
+  def forward(self, x):
+    x = F.relu(self.Conv_0(_same_pad(x, 3, 2)))
+    x = F.relu(self.Conv_1(_same_pad(x, 3, 2)))
+    return self.Dense_0(torch.flatten(x, 1))
+
+
+def build_fr(arch: str, variables: Mapping[str, Any], input_size: Sequence[int] = (112, 112)) -> nn.Module:
+  """The torch reference network of a registered FR `arch` (or `tiny`) holding the Flax `variables` (eval, frozen)."""
+  if arch == "tiny":
+    model = TinyFR(input_size[0])
+    nchw = {"Dense_0": (model.Conv_1.out_channels, model.out_hw, model.out_hw)}
+  else:
+    model = fr_torch_reference.build(arch)
+    nchw = next((v for prefix, v in _NCHW_DENSE.items() if arch.startswith(prefix)), {})
+  if arch == "inception_resnet_v1":  # the classifier head is not part of the embedder
+    model.logits = nn.Identity()
+  load_flax(model, variables, nchw_dense=nchw)
+  for p in model.parameters():
+    p.requires_grad_(False)
+  return model.eval()
+
+
+class TorchSurrogate(nn.Module):
+  """`x in [-1, 1] NCHW -> L2-normalised embedding`: crop, antialiased bilinear resize, mean/std, the network.
+
+  Mirrors `erasablemask_jax.fr.preprocess` (and the `@flip` view of `train.surrogates`).
+  """
+
+  def __init__(self, net: nn.Module, prep: Preprocessing, flip: bool = False):
+    super().__init__()
+    self.net, self.prep, self.flip = net, prep, flip
+    self.register_buffer("mean", torch.tensor(prep.mean, dtype=torch.float32)[None, :, None, None])
+    self.register_buffer("std", torch.tensor(prep.std, dtype=torch.float32)[None, :, None, None])
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    if self.flip:
+      x = x.flip(-1)
+    fh, fw = self.prep.crop_fraction
+    if (fh, fw) != (1.0, 1.0):
+      h, w = x.shape[2], x.shape[3]
+      ch, cw = int(round(h * fh)), int(round(w * fw))
+      top, left = (h - ch) // 2, (w - cw) // 2
+      x = x[:, :, top:top + ch, left:left + cw]
+    size = tuple(self.prep.input_size)
+    if tuple(x.shape[2:]) != size:
+      x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    x = ((x + 1.0) * 0.5 - self.mean) / self.std
+    if self.prep.channel_order == "BGR":
+      x = x.flip(1)
+    e = self.net(x)
+    return e / torch.linalg.vector_norm(e, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses (erasablemask_jax.losses) and the step.
+
+
+def _bce(logits, labels):
+  return F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+
+
+def _l2_per_image(a, b):
+  return torch.linalg.vector_norm((a - b).flatten(1), dim=1)
+
+
+class TorchStage2:
+  """One stage-2 step of ErasableMask in PyTorch eager; networks, optimisers and attack settings held.
+
+  Attributes:
+    g, e_adv, r, d: the networks (G frozen, eval mode; E_adv and R train mode; D).
+    surrogates: the K `TorchSurrogate`s; targets: their (D,) target embeddings.
+    last_grads: after `step`, `{"d": ..., "e_adv": ..., "r": ...}` with each parameter's gradient.
+  """
+
+  def __init__(self, model_config, loss_config, optim_config, num_attributes: int, image_size: int,
+               variables: Mapping[str, Mapping[str, Any]], surrogates: Sequence[TorchSurrogate],
+               targets: Sequence[np.ndarray], w: np.ndarray, *, kind: str = "meta_auxiliary", lr_inner: float = 2e-5):
+    if kind not in ("meta_auxiliary", "first_order", "ensemble"):
+      raise ValueError(f"unknown attack kind {kind!r}")
+    m = model_config
+    self.g = load_flax(AttGAN(m, num_attributes), variables["g"]).eval()
+    self.e_adv = load_flax(Encoder(m.enc_dim, m.enc_layers, m.max_dim), variables["e_adv"]).train()
+    self.r = load_flax(AttGAN(m, num_attributes), variables["r"]).train()
+    self.d = load_flax(Discriminator(m, num_attributes, image_size), variables["d"]).train()
+    for p in self.g.parameters():
+      p.requires_grad_(False)
+    self.surrogates = list(surrogates)
+    self.targets = [torch.tensor(np.asarray(t), dtype=torch.float32) for t in targets]
+    self.w = torch.as_tensor(np.asarray(w), dtype=torch.float32)
+    self.beta, self.gamma, self.thres_int = m.beta, m.gamma, m.thres_int
+    self.loss, self.kind, self.lr_inner = loss_config, kind, lr_inner
+    adam = lambda net: torch.optim.Adam(net.parameters(), lr=optim_config.lr, betas=(optim_config.b1, optim_config.b2),
+                                        eps=1e-8)
+    self.opt = {"d": adam(self.d), "e_adv": adam(self.e_adv), "r": adam(self.r)}
+    self.last_grads: dict[str, dict[str, torch.Tensor]] = {}
+
+  def code(self, att: torch.Tensor) -> torch.Tensor:
+    return (2.0 * att - 1.0) * self.thres_int
+
+  def protect(self, theta: Mapping[str, torch.Tensor], x, code_b, ft):
+    """Eq. 6-7: `(x_adv, x_edit)` for E_adv parameters `theta` (a functional call; batch statistics)."""
+    perb = torch.func.functional_call(self.e_adv, dict(theta), (x,))
+    fs = [lerp(p, f, self.beta) for f, p in zip(ft, perb)]
+    return self.g.dec(fs, code_b, clean_zs=ft, gamma=self.gamma)
+
+  def fr_loss(self, k: int, x: torch.Tensor) -> torch.Tensor:
+    """Eq. 9's `1 - mean_b cos(FR_k(x), t_k)`."""
+    return 1.0 - torch.mean(self.surrogates[k](x) @ self.targets[k])
+
+  def adversarial_loss(self, theta, x_adv, x, code_b, ft):
+    """L_adv (Eq. 12) with the inner step of Eq. 10 differentiated by `create_graph=True`; also each L_pri_k."""
+    num = len(self.surrogates)
+    l_pri = [self.fr_loss(k, x_adv) for k in range(num)]
+    if self.kind == "ensemble":
+      total = torch.stack(l_pri).mean()
+    else:
+      names, params = list(theta), list(theta.values())
+      total = 0.0
+      for p in range(num):
+        grads = torch.autograd.grad(l_pri[p], params, create_graph=self.kind == "meta_auxiliary", retain_graph=True)
+        theta_p = {n: t - self.lr_inner * (g if self.kind == "meta_auxiliary" else g.detach())
+                   for n, t, g in zip(names, params, grads)}
+        x_p, _ = self.protect(theta_p, x, code_b, ft)
+        aux = sum(self.w[q] * self.fr_loss(q, x_p) for q in range(num) if q != p) / (num - 1)
+        total = total + l_pri[p] + aux
+      total = total / (2 * num)
+    eps = torch.as_tensor(self.loss.epsilon, dtype=total.dtype)
+    return torch.where(total > eps, total, eps), torch.stack(l_pri).detach()
+
+  def step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """One step on `{"image": (B, 3, H, W) in [-1, 1], "att_a", "att_b": (B, A)}`; returns the metrics."""
+    x, att_a, att_b = batch["image"], batch["att_a"], batch["att_b"]
+    w = self.loss
+    code_a, code_b = self.code(att_a), self.code(att_b)
+    theta = dict(self.e_adv.named_parameters())
+    with torch.no_grad():
+      ft = self.g.enc(x)
+    x_adv, x_edit = self.protect(theta, x, code_b, ft)
+
+    # D: L_D + l_att_d L_att^D on real and (detached) protected images.
+    real_logit, real_att = self.d(x)
+    fake_logit, _ = self.d(x_adv.detach())
+    l_d = torch.mean(_bce(real_logit, torch.ones_like(real_logit)) + _bce(fake_logit, torch.zeros_like(fake_logit)))
+    l_att_d = torch.mean(torch.sum(_bce(real_att, att_a), dim=-1))
+    d_total = l_d + w.l_att_d * l_att_d
+    self.opt["d"].zero_grad(set_to_none=True)
+    d_total.backward()
+    self.last_grads["d"] = {n: p.grad.detach().clone() for n, p in self.d.named_parameters()}
+    self.opt["d"].step()
+
+    # E_adv and R against the updated D.
+    for p in self.d.parameters():
+      p.requires_grad_(False)
+    logit, att_logits = self.d(x_adv)
+    x_rec = self.r(x_adv, code_a)
+    terms = {
+        "att": torch.mean(torch.sum(_bce(att_logits, att_b), dim=-1)),
+        "g": torch.mean(_bce(logit, torch.ones_like(logit))),
+        "perb": torch.mean(torch.clamp(_l2_per_image(x_adv, x_edit), min=w.sigma1)),
+        "era": torch.mean(_l2_per_image(x_rec, x)),
+    }
+    l_pri = None
+    if self.surrogates:
+      terms["adv"], l_pri = self.adversarial_loss(theta, x_adv, x, code_b, ft)
+    total = sum(getattr(w, f"l_{k}") * v for k, v in terms.items())
+    self.opt["e_adv"].zero_grad(set_to_none=True)
+    self.opt["r"].zero_grad(set_to_none=True)
+    total.backward()
+    for p in self.d.parameters():
+      p.requires_grad_(True)
+    for name in ("e_adv", "r"):
+      self.last_grads[name] = {n: p.grad.detach().clone() for n, p in getattr(self, name).named_parameters()}
+      self.opt[name].step()
+
+    with torch.no_grad():
+      rec = torch.mean(torch.abs(self.g(x, code_a) - x))
+    metrics = {"d/adv": l_d, "d/att": l_att_d, "d/total": d_total, **{f"e/{k}": v for k, v in terms.items()},
+               "e/total": total, "e/rec": rec}
+    if l_pri is not None:
+      for k in range(len(self.surrogates)):
+        metrics[f"fr/{k}/cos"] = 1.0 - l_pri[k]
+    return {k: float(v.detach()) for k, v in metrics.items()}
+
+
+def to_torch_batch(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+  """NHWC JAX/numpy batch -> NCHW torch tensors."""
+  return {"image": torch.from_numpy(np.ascontiguousarray(np.asarray(batch["image"], np.float32).transpose(0, 3, 1, 2))),
+          "att_a": torch.from_numpy(np.asarray(batch["att_a"], np.float32)),
+          "att_b": torch.from_numpy(np.asarray(batch["att_b"], np.float32))}
+
+
+def from_setup(setup, kind: str = "meta_auxiliary") -> TorchStage2:
+  """The torch twin of a `step_throughput.Setup` (same configs, same stage-2 variables, surrogates and targets)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  state = jax.device_get(setup.stage2_state())
+  variables = {name: getattr(state, name).variables for name in ("g", "e_adv", "r", "d")}
+  surrogates = []
+  for s in setup.surrogates:
+    net = build_fr(s.recogniser.card["arch"], jax.device_get(s.variables), s.recogniser.input_size)
+    surrogates.append(TorchSurrogate(net, s.recogniser.preprocessing, flip=s.spec.endswith("@flip")))
+  return TorchStage2(setup.config.model, setup.config.loss, setup.config.optim, len(setup.config.attributes),
+                     setup.config.image_size, variables, surrogates, jax.device_get(setup.targets),
+                     np.asarray(state.adaptive.w), kind=kind, lr_inner=setup.lr_inner)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The equality check.
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def compare_step(setup, kind: str = "meta_auxiliary") -> dict[str, Any]:
+  """Runs one stage-2 step in JAX and in torch from the same state on the same batch; compares everything.
+
+  The JAX step runs with `optax.chain(capture, adam)`, where `capture` stores the raw gradients in the optimiser
+  state, so the gradients of every network are compared directly (not only the Adam-normalised updates).
+
+  Returns:
+    `{"metrics": {name: (jax, torch)}, "grad_rel_err": {net: relative L2 error}, "grad_rel_err_first_order":
+    torch's first-order vs second-order E_adv gradient (how large a missing Hessian term would look),
+    "param_max_abs_err": {net: max |jax - torch| after the Adam step}, "update_rel_err": {net: relative L2 error of
+    the Adam update}}`. Adam's first update is nearly `lr * sign(grad)`, so a gradient entry at rounding level may
+    flip sign: compare updates in L2, not elementwise.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  torch_step = from_setup(setup, kind)
+  old = {net: {k: p.detach().clone() for k, p in getattr(torch_step, net).named_parameters()}
+         for net in ("d", "e_adv", "r")}
+  batch = setup.host_batch()
+  jax_metrics, grads, new_state = setup.stage2_with_grads(kind, batch)
+  t_metrics = torch_step.step(to_torch_batch(batch))
+  out = {"metrics": {k: (float(v), t_metrics[k]) for k, v in jax_metrics.items() if k in t_metrics},
+         "grad_rel_err": {}, "param_max_abs_err": {}, "update_rel_err": {}}
+  for net in ("d", "e_adv", "r"):
+    module = getattr(torch_step, net)
+    mapped = flax_to_torch_state_dict(module, {"params": grads[net]}, params_only=True)
+    flat_t = np.concatenate([torch_step.last_grads[net][k].numpy().ravel() for k in sorted(mapped)])
+    flat_j = np.concatenate([mapped[k].numpy().ravel() for k in sorted(mapped)])
+    out["grad_rel_err"][net] = _rel_err(flat_j, flat_t)
+    new_params = flax_to_torch_state_dict(module, {"params": jax.device_get(getattr(new_state, net).params)},
+                                          params_only=True)
+    tp = dict(module.named_parameters())
+    out["param_max_abs_err"][net] = max(float((new_params[k] - tp[k].detach()).abs().max()) for k in new_params)
+    delta_j = np.concatenate([(new_params[k] - old[net][k]).numpy().ravel() for k in sorted(new_params)])
+    delta_t = np.concatenate([(tp[k].detach() - old[net][k]).numpy().ravel() for k in sorted(new_params)])
+    out["update_rel_err"][net] = _rel_err(delta_j, delta_t)
+  if kind == "meta_auxiliary":  # what the same check reads when the Hessian term is dropped (torch, first order)
+    first = from_setup(setup, "first_order")
+    first.step(to_torch_batch(batch))
+    fo = np.concatenate([first.last_grads["e_adv"][k].numpy().ravel() for k in sorted(first.last_grads["e_adv"])])
+    so = np.concatenate([torch_step.last_grads["e_adv"][k].numpy().ravel() for k in sorted(first.last_grads["e_adv"])])
+    out["grad_rel_err_first_order"] = _rel_err(fo, so)
+  return out
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description="JAX vs PyTorch stage-2 step: same losses and gradients on one batch")
+  ap.add_argument("--image-size", type=int, default=64)
+  ap.add_argument("--batch", type=int, default=2)
+  ap.add_argument("--width", type=int, default=8, help="enc/dec/dis base width")
+  ap.add_argument("--layers", type=int, default=4)
+  ap.add_argument("--fr", default="bundled:mobilefacenet,bundled:mobilefacenet@flip")
+  ap.add_argument("--kind", default="meta_auxiliary", choices=("meta_auxiliary", "first_order", "ensemble"))
+  ap.add_argument("--lr-inner", type=float, default=0.5,
+                  help="large enough that the Hessian term is visible in the gradient")
+  args = ap.parse_args(argv)
+  import step_throughput  # pylint: disable=g-import-not-at-top
+
+  setup = step_throughput.Setup(step_throughput.Settings(
+      image_size=args.image_size, batch=args.batch, width=args.width, layers=args.layers, fc_dim=4 * args.width,
+      fr=tuple(args.fr.split(",")), lr_inner=args.lr_inner))
+  result = compare_step(setup, args.kind)
+  for k, (a, b) in result["metrics"].items():
+    print(f"{k:<12} jax {a:>14.7g}  torch {b:>14.7g}  rel {abs(a - b) / max(abs(b), 1e-12):.1e}")
+  for net, err in result["grad_rel_err"].items():
+    print(f"grad {net:<6} relative L2 error {err:.2e}   Adam update relative L2 error "
+          f"{result['update_rel_err'][net]:.1e}")
+  if "grad_rel_err_first_order" in result:
+    print(f"(E_adv gradient without the Hessian term differs by {result['grad_rel_err_first_order']:.2e})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,134 @@
+"""The PyTorch reference of the stage-2 step (benchmarks/torch_reference.py) and the throughput script's mechanics.
+
+The reference only means something if it computes what the JAX step computes: the converter in reverse must
+reproduce every network's outputs, and one stage-2 step from the same state on the same batch must give the same
+losses, the same raw gradients of D, E_adv and R (the meta-auxiliary second-order term included) and the same
+parameters after Adam.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import step_throughput  # noqa: E402
+import torch_reference  # noqa: E402
+
+from erasablemask_jax import convert  # noqa: E402
+from erasablemask_jax import fr  # noqa: E402
+
+TINY = dict(image_size=16, batch=2, width=4, layers=3, fc_dim=8, fr=("tiny", "tiny@flip"))
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+  # lr_inner this large makes the Hessian term a sizeable part of E_adv's gradient, so the check can see it.
+  return step_throughput.Setup(step_throughput.Settings(**TINY, lr_inner=2.0))
+
+
+def _nchw(x):
+  return torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+
+def test_networks_equal_after_reverse_conversion(tiny_setup):
+  setup = tiny_setup
+  state = jax.device_get(setup.stage2_state())
+  step = torch_reference.from_setup(setup)
+  batch = setup.host_batch()
+  x, att_b = batch["image"], batch["att_b"]
+  models = setup.models
+
+  @jax.jit
+  def outputs(state, x, att_a, att_b):
+    # G in inference mode, D, and the protected image with E_adv on batch statistics (as in training).
+    (x_adv, x_edit), _ = models.protect(state.g.variables, state.e_adv.variables, x, att_b, train_e=True)
+    logit, att = models.discriminate(state.d.variables, x)
+    edit, _ = models.edit(state.g.variables, x, att_a)
+    rec, _ = models.restore(state.r.variables, x_adv, att_a, train=True)
+    return x_adv, x_edit, logit, att, edit, rec
+
+  x_adv, x_edit, logit, att, edit, rec = outputs(state, x, batch["att_a"], att_b)
+  with torch.no_grad():
+    xt, code_a, code_b = _nchw(x), step.code(torch.from_numpy(batch["att_a"])), step.code(torch.from_numpy(att_b))
+    t_adv, t_edit = step.protect(dict(step.e_adv.named_parameters()), xt, code_b, step.g.enc(xt))
+    t_logit, t_att = step.d(xt)
+    t_edit_a = step.g(xt, code_a)
+    t_rec = step.r(_nchw(x_adv), code_a)
+  for ours, theirs in ((x_adv, t_adv), (x_edit, t_edit), (edit, t_edit_a), (rec, t_rec)):
+    np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), theirs.numpy(), atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(logit), t_logit.numpy(), atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(att), t_att.numpy(), atol=2e-5, rtol=1e-4)
+
+
+def test_bundled_mobilefacenet_round_trips_and_embeds_the_same():
+  recogniser = fr.load_bundled("mobilefacenet")
+  variables = jax.device_get(recogniser.variables)
+  net = torch_reference.build_fr("mobilefacenet", variables)
+  back = convert.torch_to_flax_flat({k: v.numpy() for k, v in net.state_dict().items()})
+  flat = convert.flatten_variables(variables)
+  assert set(back) == set(flat)
+  for key, value in flat.items():
+    np.testing.assert_array_equal(back[key], np.asarray(value), err_msg=key)
+  surrogate = torch_reference.TorchSurrogate(net, recogniser.preprocessing, flip=True)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 128, 128, 3)).astype(np.float32)  # resized down, antialiased
+  ours = jax.jit(recogniser.apply_fn)(recogniser.variables, jnp.asarray(x[:, :, ::-1]))
+  with torch.no_grad():
+    theirs = surrogate(_nchw(x)).numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-5)
+
+
+def test_reverse_conversion_names_missing_variables():
+  net = torch_reference.TinyFR(16)
+  with pytest.raises(KeyError, match="Conv_1"):
+    torch_reference.flax_to_torch_state_dict(net, {"params": {"Conv_0": {"kernel": np.zeros((3, 3, 3, 8)),
+                                                                         "bias": np.zeros(8)}}})
+
+
+def test_stage2_step_same_losses_and_gradients(tiny_setup):
+  result = torch_reference.compare_step(tiny_setup, "meta_auxiliary")
+  assert {"e/adv", "e/era", "e/perb", "d/total", "fr/1/cos"} <= set(result["metrics"])
+  for name, (ours, theirs) in result["metrics"].items():
+    assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-5), name
+  assert result["grad_rel_err"]["d"] < 1e-4
+  assert result["grad_rel_err"]["r"] < 1e-4
+  # The second-order term is visible (first order is far off) and matched (create_graph=True vs forward-over-reverse).
+  assert result["grad_rel_err_first_order"] > 1e-2
+  assert result["grad_rel_err"]["e_adv"] < 1e-3 * max(1.0, result["grad_rel_err_first_order"])
+  lr = tiny_setup.config.optim.lr
+  for net, err in result["update_rel_err"].items():
+    # Adam's first update is ~lr * sign(grad): only entries whose gradient is at rounding level may differ.
+    assert err < 0.05, net
+    assert result["param_max_abs_err"][net] <= 2 * lr * 1.01, net
+
+
+def test_step_throughput_runs_sharded_with_torch_comparison(tmp_path):
+  out = tmp_path / "steps.json"
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--image-size", "16", "--layers", "3",
+         "--width", "4", "--fc-dim", "8", "--batch", "4", "--fr", "tiny,tiny@flip", "--devices", "2",
+         "--stages", "1,2:meta_auxiliary,3", "--warmup", "1", "--steps", "2",
+         "--matmul", "256", "--compare-torch", "--torch-rounds", "1", "--torch-steps", "1", "--out", str(out)]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["machine"]["num_devices"] == 2
+  assert set(report["rows"]) == {"stage1", "stage2:meta_auxiliary", "stage3"}
+  for name, row in report["rows"].items():
+    assert row["median_s"] > 0 and row["flops"] > 0 and 0 < row["fraction_of_peak"], name
+    assert len(row["times_s"]) == 2, name
+  flops = {k: v["flops"] for k, v in report["rows"].items()}
+  assert flops["stage2:meta_auxiliary"] > flops["stage1"] > flops["stage3"]
+  assert report["torch"][0]["torch_over_jax"] > 0
+  assert "stage2:meta_auxiliary" in proc.stdout and "faster" in proc.stdout
