@@ -400,18 +400,44 @@ def _codec_int(pixels: jax.Array, qtables: jax.Array) -> jax.Array:
   return _ycc_to_rgb_int(y[:, :h, :w], chroma[:n], chroma[n:])
 
 
+def _chroma_resampling_matrix(n: int, box: bool) -> np.ndarray:
+  """(n, n) matrix of 1-d chroma down- then up-sampling in real numbers, edges as libjpeg handles them.
+
+  Down: out[i] = (x[2i] + x[min(2i + 1, n - 1)]) / 2 for i < ceil(n / 2). Up (fancy): out[2i] = 3/4 d[i] + 1/4 d[i - 1],
+  out[2i + 1] = 3/4 d[i] + 1/4 d[i + 1] with indices clamped to [0, ceil(n / 2) - 1]; `box` (libjpeg's fallback for
+  downsampled widths <= 2): out[o] = d[o // 2]. Cropped to n rows. The 2-d operator is the outer product of two of these.
+  """
+  m = (n + 1) // 2
+  down = np.zeros((m, n))
+  for i in range(m):
+    down[i, 2 * i] += 0.5
+    down[i, min(2 * i + 1, n - 1)] += 0.5
+  up = np.zeros((2 * m, m))
+  for o in range(2 * m):
+    i = o // 2
+    if box:
+      up[o, i] = 1.0
+    else:
+      up[o, i] += 0.75
+      up[o, min(max(i - 1 if o % 2 == 0 else i + 1, 0), m - 1)] += 0.25
+  return (up @ down)[:n].astype(np.float32)
+
+
 def _linear_jacobian(x255: jax.Array) -> jax.Array:
   """The codec in real numbers with identity rounding and no clamps, without its constant offsets (a linear map).
 
-  out = C^-1 [Y, U(D(Cb)), U(D(Cr))] with [Y, Cb, Cr] = C x: colour transform, 2x2 chroma mean (edges replicated to an
-  even size), fancy upsampling. The DCT, /Q, *Q and the inverse DCT compose to the identity and are omitted. This is
-  the straight-through Jacobian of `jpeg(rounding="ste")`.
+  out = C^-1 [Y, R_h Cb R_w^T, R_h Cr R_w^T] with [Y, Cb, Cr] = C x: colour transform, then the chroma 2x2 mean and
+  fancy upsampling as two small dense matrices (`_chroma_resampling_matrix`), so that this map and its transpose are
+  matrix products. The DCT, /Q, *Q and the inverse DCT compose to the identity and are omitted. This is the
+  straight-through Jacobian of `jpeg(rounding="ste")`.
   """
   n, h, w, _ = x255.shape
-  rgb = jnp.pad(jnp.moveaxis(x255, -1, 0), ((0, 0), (0, 0), (0, h % 2), (0, w % 2)), mode="edge")
+  box = (w + 1) // 2 <= 2
+  rh, rw = jnp.asarray(_chroma_resampling_matrix(h, box)), jnp.asarray(_chroma_resampling_matrix(w, box))
+  rgb = jnp.moveaxis(x255, -1, 0)
   y, cb, cr = _mix(_RGB_TO_YCC, rgb[0], rgb[1], rgb[2])
-  chroma = _chroma_up(_downsample_2x2(jnp.concatenate([cb, cr]), False), h, w, False)
-  return jnp.stack(_mix(_YCC_TO_RGB, y[:, :h, :w], chroma[:n], chroma[n:]), axis=-1)
+  chroma = jnp.einsum("hk,bkl,wl->bhw", rh, jnp.concatenate([cb, cr]), rw)
+  return jnp.stack(_mix(_YCC_TO_RGB, y, chroma[:n], chroma[n:]), axis=-1)
 
 
 @jax.custom_vjp

@@ -118,10 +118,11 @@ def test_gradients_finite_and_nonzero(rounding):
   assert float(jnp.abs(g).mean()) > 1e-4
 
 
-def test_ste_gradient_is_the_real_valued_codec_jacobian(monkeypatch):
+@pytest.mark.parametrize("shape", [(21, 18), (7, 3)])  # (7, 3): libjpeg's box-upsampling fallback
+def test_ste_gradient_is_the_real_valued_codec_jacobian(monkeypatch, shape):
   """STE backward == Jacobian of the float codec with identity rounding (its DCT and quantiser cancel)."""
   monkeypatch.setattr(jpeg_codec, "_cubic_round", lambda v: v)
-  x = jax.random.uniform(jax.random.PRNGKey(2), (2, 21, 18, 3), minval=60.0, maxval=190.0)  # away from clipping
+  x = jax.random.uniform(jax.random.PRNGKey(2), (2,) + shape + (3,), minval=60.0, maxval=190.0)  # no clipping
   qt = noise.quant_tables(jnp.asarray([20.0, 70.0]))
   v = jax.random.normal(jax.random.PRNGKey(3), x.shape)
   vjp = lambda codec: jax.jit(lambda y, v: jax.vjp(lambda z: codec(z, qt), y)[1](v)[0])(x, v)
