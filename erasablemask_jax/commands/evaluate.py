@@ -48,6 +48,7 @@ def run(args) -> int:
   from erasablemask_jax.evaluation import attributes  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.metrics.remote import RemoteCompareError  # pylint: disable=import-outside-toplevel
 
   try:
     identities = [int(v) for v in _list(args.identities)]
@@ -62,7 +63,7 @@ def run(args) -> int:
         max_faces=args.max_faces, surrogates=None if args.surrogates is None else _list(args.surrogates),
         pgd_steps=args.pgd_steps, lpips_weights=lpips_weights or None, lpips_net=args.lpips_net,
         fid_weights=args.fid_weights, remote_url=args.remote, remote_rate=args.remote_rate or None)
-  except (FileNotFoundError, KeyError, ValueError, attributes.AttributeSpecError) as e:
+  except (FileNotFoundError, KeyError, ValueError, RemoteCompareError, attributes.AttributeSpecError) as e:
     print(f"erasablemask evaluate: {e}", file=sys.stderr)
     return 1
   print(report_lib.format_markdown(report))

@@ -158,7 +158,7 @@ def protect_folder(run: Run, in_dir: str | os.PathLike[str], out_dir: str | os.P
   return result
 
 
-def _source_attrs_override(value: str, in_dir: pathlib.Path):
+def _source_attrs_override(value: str):
   """`--source-attrs`: bits for every face, a CSV keyed by protected file, or `predicted[:NAME,...]`."""
   if value.startswith("predicted"):
     _, _, names = value.partition(":")
@@ -196,7 +196,7 @@ def erase_folder(run: Run, in_dir: str | os.PathLike[str], out_dir: str | os.Pat
   in_dir, out_dir = pathlib.Path(in_dir), pathlib.Path(out_dir)
   if not in_dir.is_dir():
     raise FileNotFoundError(f"--in {in_dir} is not a folder of protected images")
-  override = _source_attrs_override(source_attrs, in_dir) if source_attrs else None
+  override = _source_attrs_override(source_attrs) if source_attrs else None
   result = FolderResult()
   items = []
   for path in sorted(in_dir.rglob("*.png")):

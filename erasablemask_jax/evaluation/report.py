@@ -17,10 +17,10 @@ the rates "not available", never a made-up number). Table V applies each evaluat
 `rng = fold_in(PRNGKey(seed), index of T)`) to x_adv: ASR of T(x_adv), ESR of R(T(x_adv), att_a). Table VI: L1, MSE
 (on [0, 1]), LPIPS and FID of x_adv against x_edit and of x_rec against x.
 
-Written to the report folder: `report.json`, `report.md`, `embeddings/<model>.npz` (keys
-`clean`, `edit`, `adv`, `rec`, `fgsm`, `pgd`, `<T>.adv`, `<T>.rec`: [N, D] unit embeddings; `target`: [M, D]; `tau1`,
-`tau2`, NaN when uncalibrated: enough to recompute every ASR / ESR), `fig4.png` (columns: source, attribute edit, FGSM, PGD,
-protected, restored), `table2_asr.png`, `table5_robustness.png`.
+Written to the report folder: `report.json`, `report.md`, `embeddings/<model>.npz` (keys `clean`, `edit`, `adv`,
+`rec`, `fgsm`, `pgd`, `<T>.adv`, `<T>.rec`: [N, D] unit embeddings; `target`: [M, D]; `tau1`, `tau2`, NaN when
+uncalibrated: enough to recompute every ASR / ESR), `fig4.png` (columns: source, attribute edit, FGSM, PGD, protected,
+restored), `table2_asr.png`, `table5_robustness.png`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,182 @@
+"""`erasablemask evaluate` on the bundled sample faces: numbers recomputed from the saved embeddings, determinism,
+white-box / black-box marking, missing thresholds and metric weights, `--remote` through a real local server; sweep."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from erasablemask_jax import cli
+from erasablemask_jax import fr
+from erasablemask_jax.evaluation import report as report_lib
+from erasablemask_jax.evaluation import sweep as sweep_lib
+from erasablemask_jax.metrics import compare_server
+
+TRANSFORMS = "jpeg50,gauss0.003,rotate30,crop224"
+COMMON = ["--data", "bundled:sample_faces", "--identities", "2,3,4", "--max-faces", "5", "--transforms", TRANSFORMS,
+          "--pgd-steps", "3", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def uncalibrated_copy(tmp_path_factory):
+  """The bundled MobileFaceNet copied to another directory with its thresholds removed (a black-box model)."""
+  dest = tmp_path_factory.mktemp("fr") / "mfn_uncalibrated"
+  shutil.copytree(fr.bundled_dir(), dest)
+  card = json.loads((dest / "card.json").read_text())
+  del card["thresholds"]
+  card["name"] = "mfn_uncalibrated"
+  (dest / "card.json").write_text(json.dumps(card))
+  return dest
+
+
+@pytest.fixture(scope="module")
+def remote_url():
+  recogniser = fr.load_bundled()
+  server = compare_server.make_server(recogniser.embed)
+  thread = compare_server.start_in_thread(server)
+  host, port = server.server_address[:2]
+  yield f"http://{host}:{port}/compare"
+  server.shutdown()
+  server.server_close()
+  thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def first(tiny_run, uncalibrated_copy, remote_url, tmp_path_factory):
+  out = tmp_path_factory.mktemp("report1")
+  rc = cli.main(["evaluate", "--workdir", str(tiny_run), "--fr", "bundled:mobilefacenet", "--blackbox",
+                 str(uncalibrated_copy), "--out", str(out), "--remote", remote_url, "--remote-rate", "0", *COMMON])
+  assert rc == 0
+  return out
+
+
+def test_report_files_and_layout(first):
+  report = json.loads((first / "report.json").read_text())
+  for name in ("report.md", "fig4.png", "table2_asr.png", "table5_robustness.png",
+               "embeddings/mobilefacenet_foamliu.npz", "embeddings/mfn_uncalibrated.npz"):
+    assert (first / name).is_file(), name
+  assert report["models"]["mobilefacenet_foamliu"]["whitebox"] is True
+  assert report["models"]["mfn_uncalibrated"]["whitebox"] is False
+  assert len(report["faces"]) == 5 and report["target"] == "identity:0"
+  assert not any(f.startswith("deepface_img8") or f.startswith("deepface_img9") for f in report["faces"])
+  md = (first / "report.md").read_text()
+  assert "mobilefacenet_foamliu (W)" in md and "mfn_uncalibrated (B)" in md
+  # No LPIPS / FID weights given: those columns say so, never a number.
+  for row in report["table6"].values():
+    assert "unavailable" in row["lpips"] and "unavailable" in row["fid"]
+    assert isinstance(row["l1"], float) and isinstance(row["mse"], float)
+  assert md.count("not available (no LPIPS") == 2 and md.count("not available (no FID") == 2
+  # crop224 does not fit 32x32 faces: reported unavailable with the reason.
+  assert "does not fit" in report["table5"]["mobilefacenet_foamliu"]["crop224"]["asr"]["unavailable"]
+  # An uncalibrated model gets cosines, not rates.
+  assert "unavailable" in report["table2"]["mfn_uncalibrated"]["erasablemask"]["asr"]
+  assert isinstance(report["table2"]["mfn_uncalibrated"]["erasablemask"]["mean_cos"], float)
+
+
+def test_rates_recomputed_from_saved_embeddings(first):
+  report = json.loads((first / "report.json").read_text())
+  data = np.load(first / "embeddings" / "mobilefacenet_foamliu.npz")
+  tau1, tau2 = float(data["tau1"]), float(data["tau2"])
+  card = fr.load_bundled().card["thresholds"]
+  assert tau1 == pytest.approx(card["far_0.01"]) and tau2 == pytest.approx(card["far_0.1"])
+  target = data["target"].astype(np.float64)
+  assert target.shape[0] == 2  # identity 0 has two photos
+  t = target.mean(axis=0)
+
+  def cos(key):
+    e = data[key].astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    return e @ t
+
+  t2 = report["table2"]["mobilefacenet_foamliu"]
+  for method, key in (("clean", "clean"), ("edit", "edit"), ("fgsm", "fgsm"), ("pgd", "pgd"),
+                      ("erasablemask", "adv")):
+    assert t2[method]["asr"] == pytest.approx(np.mean(cos(key) > tau1)), method
+    assert t2[method]["mean_cos"] == pytest.approx(np.mean(cos(key)), abs=1e-6), method
+  assert t2["erasablemask"]["esr"] == pytest.approx(np.mean(cos("rec") < tau2))
+  t5 = report["table5"]["mobilefacenet_foamliu"]
+  for name in ("jpeg50", "gauss0.003", "rotate30"):
+    assert t5[name]["asr"] == pytest.approx(np.mean(cos(f"{name}.adv") > tau1))
+    assert t5[name]["esr"] == pytest.approx(np.mean(cos(f"{name}.rec") < tau2))
+  # White-box PGD against the run's surrogate beats the clean faces even with 3 steps at 32x32.
+  assert np.mean(cos("pgd")) > np.mean(cos("clean")) + 0.1
+
+
+def test_clean_embeddings_are_the_models_own(first, loaded_run):
+  from erasablemask_jax.data.pipeline import load_face_folder_arrays
+  from erasablemask_jax.train.surrogates import load_surrogate
+  report = json.loads((first / "report.json").read_text())
+  arrays = load_face_folder_arrays("bundled:sample_faces", loaded_run.image_size)
+  index = [arrays["file"].index(f) for f in report["faces"]]
+  surrogate = load_surrogate("bundled:mobilefacenet", "loose_to_arcface", loaded_run.image_size)
+  expected = np.asarray(surrogate.embed(arrays["image"][index].astype(np.float32) / 127.5 - 1.0))
+  saved = np.load(first / "embeddings" / "mobilefacenet_foamliu.npz")["clean"]
+  np.testing.assert_allclose(saved, expected, atol=1e-5)
+
+
+def test_remote_scores_match_the_server_model(first):
+  report = json.loads((first / "report.json").read_text())
+  remote = report["remote"]
+  assert remote["requests"] == 3 * len(report["faces"])
+  from erasablemask_jax.data.pipeline import load_face_folder_arrays
+  arrays = load_face_folder_arrays("bundled:sample_faces", report["image_size"])
+  recogniser = fr.load_bundled()
+  target = arrays["image"][arrays["identity"] == 0][0]
+  expected = [compare_server.pair_confidence(recogniser.embed, arrays["image"][arrays["file"].index(f)], target)
+              for f in report["faces"]]
+  np.testing.assert_allclose(remote["clean"]["confidence"], expected, atol=1e-5)
+  assert len(remote["adv"]["confidence"]) == len(remote["rec"]["confidence"]) == len(report["faces"])
+
+
+def _numbers(report):
+  return {k: report[k] for k in ("table2", "table5", "table6", "faces", "models")}
+
+
+def test_second_run_gives_identical_numbers(first, loaded_run, uncalibrated_copy, tmp_path):
+  models = report_lib.load_eval_models(["bundled:mobilefacenet"], [str(uncalibrated_copy)], loaded_run.config)
+  second = report_lib.evaluate(loaded_run, "bundled:sample_faces", models, tmp_path, transforms=TRANSFORMS.split(","),
+                               seed=7, identities=[2, 3, 4], max_faces=5, pgd_steps=3)
+  assert _numbers(second) == _numbers(json.loads((first / "report.json").read_text()))
+  for name in ("mobilefacenet_foamliu", "mfn_uncalibrated"):
+    a, b = np.load(first / "embeddings" / f"{name}.npz"), np.load(tmp_path / "embeddings" / f"{name}.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_evaluate_bad_inputs(tiny_run, tmp_path, capsys):
+  rc = cli.main(["evaluate", "--workdir", str(tiny_run), "--fr", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
+                 *COMMON])
+  assert rc == 1 and "no converted FR directory" in capsys.readouterr().err
+  rc = cli.main(["evaluate", "--workdir", str(tiny_run), "--fr", "bundled:mobilefacenet", "--out",
+                 str(tmp_path / "r"), "--target", "identity:42", *COMMON])
+  assert rc == 1 and "no face of identity 42" in capsys.readouterr().err
+
+
+def test_sweep_plots_from_evaluated_runs(first, tiny_run, tmp_path, capsys):
+  runs = []
+  for gamma in (0.1, 0.0, 0.05):
+    run = tmp_path / f"run_gamma{gamma}"
+    (run / "evaluation").mkdir(parents=True)
+    config = json.loads((tiny_run / "config.json").read_text())
+    config["model"]["gamma"] = gamma
+    (run / "config.json").write_text(json.dumps(config))
+    shutil.copy(first / "report.json", run / "evaluation" / "report.json")
+    runs.append(str(run))
+  out = tmp_path / "sweep"
+  assert cli.main(["sweep", "--param", "gamma", "--runs", ",".join(runs), "--out", str(out)]) == 0
+  result = json.loads((out / "sweep.json").read_text())
+  assert [r["gamma"] for r in result["runs"]] == [0.1, 0.0, 0.05]
+  report = json.loads((first / "report.json").read_text())
+  asr = report["table2"]["mobilefacenet_foamliu"]["erasablemask"]["asr"]
+  assert result["runs"][0]["asr"]["mobilefacenet_foamliu"] == asr
+  assert result["runs"][0]["mean_asr"] == asr  # the uncalibrated model has no rate and is left out of the mean
+  assert (out / "sweep_asr_esr.png").is_file() and (out / "sweep_quality.png").is_file()
+  md = (out / "sweep.md").read_text().splitlines()
+  assert [line.split("|")[1].strip() for line in md[4:7]] == ["0", "0.05", "0.1"]
+  # A run without a report is a clear error.
+  with pytest.raises(FileNotFoundError, match="erasablemask evaluate"):
+    sweep_lib.sweep("gamma", [runs[0], str(tiny_run)], tmp_path / "s2")
+  assert cli.main(["sweep", "--param", "gamma", "--runs", runs[0], "--out", str(tmp_path / "s3")]) == 1
+  assert "at least 2 runs" in capsys.readouterr().err
