@@ -2,7 +2,7 @@
 found, seconds per photo, and the foamliu MobileFaceNet verification AUC of our ArcFace crops vs the assets' crops.
 
 Usage: `python benchmarks/alignment_accuracy.py [--assets ../shared/assets] [--crop continuous|facenet]
-[--max-side 1000] [--out benchmarks/alignment_accuracy.json]`. Needs ../shared/assets (CelebA is read from there only).
+[--max-side 1000] [--downscale exact_area|adaptive_pool] [--out benchmarks/alignment_accuracy.json]`. Needs ../shared/assets (CelebA is read from there only).
 """
 
 from __future__ import annotations
@@ -31,13 +31,15 @@ def main() -> None:
   ap.add_argument("--assets", default=str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "assets"))
   ap.add_argument("--crop", default=detect.DetectorConfig.crop, choices=("continuous", "facenet"))
   ap.add_argument("--max-side", type=int, default=detect.DetectorConfig.max_side)
+  ap.add_argument("--downscale", default=detect.DetectorConfig.downscale, choices=("exact_area", "adaptive_pool"))
   ap.add_argument("--limit", type=int, default=0, help="only the first N photos of each set (0: all)")
   ap.add_argument("--out", default="benchmarks/alignment_accuracy.json")
   args = ap.parse_args()
   assets = pathlib.Path(args.assets)
   if not (assets / "images").is_dir():
     raise SystemExit(f"shared assets not found at {assets}; pass --assets DIR")
-  config = dataclasses.replace(detect.DetectorConfig(), crop=args.crop, max_side=args.max_side)
+  config = dataclasses.replace(detect.DetectorConfig(), crop=args.crop, max_side=args.max_side,
+                               downscale=args.downscale)
   rows, per_photo, results_by_set = [], {}, {}
   for name in SETS:
     meta = evaluate.read_meta(assets / "images/derived_aligned112" / name / "alignment_meta.json")

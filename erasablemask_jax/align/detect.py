@@ -40,8 +40,12 @@ class DetectorConfig:
     min_face: smallest face side in pixels the pyramid looks for (facenet-pytorch default 20).
     thresholds: face-probability thresholds of P-, R- and O-Net.
     factor: pyramid scale step.
-    max_side: images whose longer side exceeds this are detected on an area-downscaled copy (coordinates are mapped
-      back to the original); 0 disables.
+    max_side: images whose longer side exceeds this are detected on a downscaled copy: longer side scaled to
+      `max_side`, each side `round(side * max_side / longer)`, rounded to uint8; boxes and landmarks are mapped back
+      to original pixels with the per-axis ratios. 0 disables.
+    downscale: resampling of that copy. 'exact_area' (default): exact area averaging with partial-pixel weights
+      (OpenCV INTER_AREA); on 30 downscaled asset photos it gives the same landmarks as PIL bicubic/bilinear/
+      thumbnail copies (median error 1.23 px) and beats 'adaptive_pool' (PyTorch `interpolate(mode='area')`, 1.36 px).
     crop: how R-/O-Net inputs are cut from the image (`_crop_patches`). 'continuous' (default) averages the exact
       real-valued box; it reproduces the assets' records (mean landmark error 1.27 px vs 2.13 px on 8 unscaled
       photos, and no systematic +1.5 px shift). 'facenet' is facenet-pytorch's truncated 1-based integer crop.
@@ -52,6 +56,7 @@ class DetectorConfig:
   factor: float = 0.709
   max_side: int = 1000
   crop: str = "continuous"
+  downscale: str = "exact_area"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,7 +343,13 @@ def detect_faces(image: np.ndarray, config: DetectorConfig = DetectorConfig()) -
     ratio = config.max_side / max(image.shape[:2])
     hw = (max(1, round(image.shape[0] * ratio)), max(1, round(image.shape[1] * ratio)))
     ratio_hw = (hw[0] / image.shape[0], hw[1] / image.shape[1])
-    work = np.round(area_resize(image, hw))  # a uint8 copy, as a downscaled file would be
+    if config.downscale == "exact_area":
+      work = IntegralImage(image).resize_continuous(hw, 0, image.shape[0], 0, image.shape[1])
+    elif config.downscale == "adaptive_pool":
+      work = area_resize(image, hw)
+    else:
+      raise ValueError(f"unknown downscale {config.downscale!r}; use 'exact_area' or 'adaptive_pool'")
+    work = np.round(work)  # a uint8 copy, as a downscaled file would be
   else:
     ratio_hw = (1.0, 1.0)
     work = image.astype(np.float32)
