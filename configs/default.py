@@ -51,6 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.attack.kind = "meta_auxiliary"  # "meta_auxiliary" | "ensemble" (the paper's ablation)
   config.attack.first_order = False  # stop-gradient through the inner step (an approximation; off in the paper)
   config.attack.lr_inner = -1.0  # inner SGD step size; < 0 means "the optimiser's learning rate" (one symbol in the paper)
+  # How the K primaries are evaluated (all exact): "unrolled", "linearize", "vmap" or "scan" (least memory).
+  config.attack.primaries = "unrolled"
 
   # Face recognition. Each entry is a converted FR directory (tools/convert_torch_weights) or "bundled:NAME".
   config.fr = ml_collections.ConfigDict()
@@ -66,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Noise pool: one member per batch (identity included) on x_adv before the FR models (stage 2) and before R (stage 3).
   config.noise = ml_collections.ConfigDict()
   config.noise.train_pool = ("identity", "jpeg50", "gauss0.003", "resize0.25")
+  config.noise.jpeg_rounding = "ste"  # training JPEG: "ste" (bit-exact libjpeg forward, identity gradient) or "cubic"
   config.noise.eval_transforms = ("jpeg50", "gauss0.003", "resize0.5", "median5", "rotate30", "crop224")
 
   # Curriculum (Eq. 14-16). A stage's length is `*_steps` when >= 0 (0 skips it), else `*_epochs` over the training split.

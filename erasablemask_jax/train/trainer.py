@@ -201,8 +201,9 @@ class Trainer:
     if kind != "ensemble" and len(self.surrogates) == 1:
       raise ValueError("the meta-auxiliary attack needs at least 2 surrogates (fr.surrogates); add one, a '@flip' "
                        "view of one, or set attack.kind='ensemble'")
-    attack = make_attack(kind, lr_inner=lr_inner, epsilon=config.loss.epsilon) if self.surrogates else None
-    noise = _make_noise(config.noise.train_pool)
+    attack = (make_attack(kind, lr_inner=lr_inner, epsilon=config.loss.epsilon, primaries=config.attack.primaries)
+              if self.surrogates else None)
+    noise = _make_noise(config.noise.train_pool, config.noise.jpeg_rounding)
     self.step_config = steps_lib.StepConfig(models=self.models, tx=self.tx, loss=config.loss,
                                             fr_applies=tuple(s.apply for s in self.surrogates), attack=attack,
                                             noise=noise)
@@ -323,12 +324,12 @@ class Trainer:
                     [np.asarray(columns[k]) for k in ("x_cov", "x_edit", "x_adv", "x_rec")])
 
 
-def _make_noise(members):
+def _make_noise(members, jpeg_rounding: str):
   if not members or tuple(members) == ("identity",):
     return None
   from erasablemask_jax.noise import make_train_pool
 
-  return make_train_pool(tuple(members))
+  return make_train_pool(tuple(members), jpeg_rounding=jpeg_rounding)
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -130,13 +130,36 @@ def test_batch_that_does_not_divide_is_a_clear_error():
     tiny.tiny_source(config, n=16, process_index=0, process_count=4)
 
 
+class _PoisonedSource:
+  """The tiny source, except that the batch of step `bad_step` carries NaN attribute labels."""
+
+  def __init__(self, source, bad_step):
+    self.source, self.bad_step, self.calls = source, bad_step, 0
+    self.steps_per_epoch = source.steps_per_epoch
+
+  def __next__(self):
+    batch = next(self.source)
+    self.calls += 1
+    if self.calls == self.bad_step:
+      batch = {**batch, "att_a": np.full_like(batch["att_a"], np.nan)}
+    return batch
+
+  def get_state(self):
+    return self.source.get_state()
+
+  def set_state(self, state):
+    self.source.set_state(state)
+
+
 def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint(tmp_path):
   config = tiny.tiny_config_for_process_tests("3,0,0")
-  config.optim.lr = float("nan")  # the first update poisons G and D; step 2's losses are NaN
-  trainer = _trainer(config, tmp_path)
-  with pytest.raises(trainer_lib.NonFiniteLossError, match=r"non-finite loss at step 2 \(stage 1\): d/adv"):
+  source = _PoisonedSource(tiny.tiny_source(config, n=16), bad_step=2)
+  trainer = trainer_lib.Trainer(config, tmp_path, source=source, surrogates=tiny.tiny_surrogates(),
+                                target_images=tiny.tiny_target(config))
+  with pytest.raises(trainer_lib.NonFiniteLossError, match=r"non-finite loss at step 2 \(stage 1\): d/att = nan.*"
+                                                           r"last good checkpoint \(step 1\)"):
     trainer.run()
-  assert trainer.checkpoints.latest_step() == 1
+  assert trainer.checkpoints.all_steps() == [1]  # nothing of step 2 was saved
   restored = trainer.checkpoints.restore(1, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(trainer.abstract_state()), data=ocp.args.JsonRestore()))
-  chex.assert_tree_all_finite(restored["state"].g.params)
+  chex.assert_tree_all_finite(restored["state"])
