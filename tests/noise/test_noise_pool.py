@@ -74,3 +74,18 @@ def test_eval_registry_runs_every_named_transform():
   np.testing.assert_array_equal(np.round((libjpeg + 1) * 127.5), np.round((in_graph + 1) * 127.5))
   with pytest.raises(ValueError, match="unknown noise member"):
     noise.get_eval_transform("sharpen2")
+
+
+def test_train_pool_supports_forward_over_reverse():
+  """The meta-auxiliary attack takes Hessian-vector products (jvp of grad) through the noise pool on x_adv."""
+  import jax
+  import jax.numpy as jnp
+
+  from erasablemask_jax.noise import make_train_pool
+
+  pool = make_train_pool(("identity", "jpeg50", "gauss0.003", "resize0.25"))
+  x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-0.9, maxval=0.9)
+  for seed in range(4):
+    f = lambda y, seed=seed: jnp.sum(pool(y, jax.random.key(seed)) ** 2)
+    _, hvp = jax.jit(lambda y: jax.jvp(jax.grad(f), (y,), (jnp.ones_like(y),)))(x)
+    assert bool(jnp.all(jnp.isfinite(hvp))) and float(jnp.abs(hvp).sum()) > 0
