@@ -146,14 +146,14 @@ class AttGAN(nn.Module):
 
 
 class Discriminator(nn.Module):
-  """Conv 4x4/2 -> InstanceNorm(affine) -> LeakyReLU(0.2) trunk; `fc_adv` (1 logit) and `fc_cls` (A logits) heads."""
+  """Conv 4x4/2 (no bias) -> InstanceNorm(affine) -> LeakyReLU(0.2) trunk; `fc_adv` (1 logit) and `fc_cls` (A logits) heads."""
 
   def __init__(self, m, num_attributes: int, image_size: int):
     super().__init__()
     c_in = 3
     widths = _widths(m.dis_dim, m.dis_layers, m.max_dim)
     for i, c in enumerate(widths):
-      setattr(self, f"conv_{i}", nn.Conv2d(c_in, c, 4, 2, 1))
+      setattr(self, f"conv_{i}", nn.Conv2d(c_in, c, 4, 2, 1, bias=False))  # InstanceNorm cancels a bias
       setattr(self, f"conv_{i}_norm", nn.InstanceNorm2d(c, eps=1e-5, affine=True))
       c_in = c
     flat = widths[-1] * (image_size // 2**m.dis_layers)**2

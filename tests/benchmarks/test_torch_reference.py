@@ -129,6 +129,6 @@ def test_step_throughput_runs_sharded_with_torch_comparison(tmp_path):
     assert row["median_s"] > 0 and row["flops"] > 0 and 0 < row["fraction_of_peak"], name
     assert len(row["times_s"]) == 2, name
   flops = {k: v["flops"] for k, v in report["rows"].items()}
-  assert flops["stage2:meta_auxiliary"] > flops["stage1"] > flops["stage3"]
+  assert flops["stage2:meta_auxiliary"] > max(flops["stage1"], flops["stage3"])
   assert report["torch"][0]["torch_over_jax"] > 0
   assert "stage2:meta_auxiliary" in proc.stdout and "faster" in proc.stdout
