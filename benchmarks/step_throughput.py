@@ -356,6 +356,22 @@ def _row_name(stage: int, kind: str | None) -> str:
   return f"stage{stage}" + (f":{kind}" if kind else "")
 
 
+def _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios, torch_results) -> None:
+  out = {
+      "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                  "device": device.device_kind, "backend": device.platform, "num_devices": settings.devices,
+                  "load_avg_end": os.getloadavg()},
+      "versions": versions(),
+      "settings": {**dataclasses.asdict(settings), "surrogates": [x.spec for x in setup.surrogates],
+                   "lr_inner_used": setup.lr_inner, "warmup": args.warmup, "steps": args.steps,
+                   "command": " ".join(sys.argv)},
+      "peak_matmul": peak, **({"peak_matmul_bf16": peak_bf16} if peak_bf16 else {}),
+      "rows": rows, "ratios": ratios, "torch": torch_results,
+  }
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(out, indent=1))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -437,28 +453,21 @@ def main(argv=None) -> int:
             f"measured/predicted {r['time_over_flop_prediction']:.2f}")
 
   torch_results = []
+  path = pathlib.Path(args.out)
+  _write(path, args, settings, setup, device, peak, peak_bf16 if device.platform != "cpu" else None, rows, ratios,
+         torch_results)  # the JAX rows are kept even if the torch comparison is interrupted
   if args.compare_torch:
     for kind in args.torch_kinds.split(","):
       c = compare_torch(setup, kind, args.torch_rounds, args.torch_steps, args.warmup, args.torch_threads)
       torch_results.append(c)
+      _write(path, args, settings, setup, device, peak, peak_bf16 if device.platform != "cpu" else None, rows,
+             ratios, torch_results)
       print(f"stage2:{kind} JAX {c['jax_median_s']:.3f} s  PyTorch eager {c['torch_median_s']:.3f} s  "
             f"JAX is {c['torch_over_jax']:.2f}x faster (per round: "
             f"{', '.join(f'{x:.2f}' for x in c['torch_over_jax_per_round'])}; torch threads {c['torch_threads']})")
 
-  out = {
-      "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                  "device": device.device_kind, "backend": device.platform, "num_devices": settings.devices,
-                  "load_avg_end": os.getloadavg()},
-      "versions": versions(),
-      "settings": {**dataclasses.asdict(settings), "surrogates": [x.spec for x in setup.surrogates],
-                   "lr_inner_used": setup.lr_inner, "warmup": args.warmup, "steps": args.steps,
-                   "command": " ".join(sys.argv)},
-      "peak_matmul": peak, **({"peak_matmul_bf16": peak_bf16} if device.platform != "cpu" else {}),
-      "rows": rows, "ratios": ratios, "torch": torch_results,
-  }
-  path = pathlib.Path(args.out)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(out, indent=1))
+  _write(path, args, settings, setup, device, peak, peak_bf16 if device.platform != "cpu" else None, rows, ratios,
+         torch_results)
   print(f"wrote {path}")
   return 0
 
