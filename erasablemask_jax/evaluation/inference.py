@@ -21,6 +21,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from erasablemask_jax.train.writer import to_uint8  # float [-1, 1] -> uint8, as the sample grids
+
 from erasablemask_jax.models import ErasableMask
 
 
@@ -133,6 +135,3 @@ def to_model_input(images_uint8: np.ndarray) -> np.ndarray:
   return np.asarray(images_uint8, np.float32) / 127.5 - 1.0
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """float [-1, 1] -> uint8 RGB, `round((x + 1) * 127.5)` clipped (as the trainer's sample grids)."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

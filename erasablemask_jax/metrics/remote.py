@@ -33,6 +33,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 from PIL import Image
 
+from erasablemask_jax.train.writer import to_uint8
+
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
@@ -50,7 +52,7 @@ def to_png(image: np.ndarray) -> bytes:
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f"expected one RGB image [H, W, 3], got shape {image.shape}")
   if image.dtype != np.uint8:
-    image = np.clip(np.round((image.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    image = to_uint8(image)
   buf = io.BytesIO()
   Image.fromarray(image, "RGB").save(buf, format="PNG")
   return buf.getvalue()

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
 from erasablemask_jax.metrics import recognition
 from erasablemask_jax.train.writer import save_image_grid
 
@@ -36,7 +37,7 @@ def whitebox_report(trainer, state) -> dict:
   else:
     batch = next(trainer.source)
     images, att_a = batch["image"], batch["att_a"]
-  x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+  x = uint8_to_minus1_1(images)
   att_a = jnp.asarray(att_a, jnp.float32)
   att_b = jnp.roll(att_a, 1, axis=0)
   models = trainer.models

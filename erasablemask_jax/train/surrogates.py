@@ -98,7 +98,3 @@ def target_embeddings(surrogates: Sequence[Surrogate], target_images: jax.Array)
   """Each surrogate's target: the mean of the target images' normalised embeddings, so `e @ t` is the mean cosine."""
   return [jnp.mean(s.embed(target_images), axis=0) for s in surrogates]
 
-
-def as_model_input(images_uint8: np.ndarray) -> jax.Array:
-  """uint8 RGB -> float32 [-1, 1]."""
-  return jnp.asarray(images_uint8, jnp.float32) / 127.5 - 1.0

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from erasablemask_jax.attack import end_epoch, make_attack
+from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import steps as steps_lib
 from erasablemask_jax.train.input_pipeline import InMemorySource, load_face_splits, read_faces
@@ -149,7 +150,7 @@ def make_source(config, process_index: int, process_count: int, train_arrays=Non
 
 
 def _prepare(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  return {"image": batch["image"].astype(jnp.float32) / 127.5 - 1.0, "att_a": batch["att_a"], "att_b": batch["att_b"]}
+  return {"image": uint8_to_minus1_1(batch["image"]), "att_a": batch["att_a"], "att_b": batch["att_b"]}
 
 
 def _with_prepared(step_fn, cfg, state, batch, *args):
@@ -189,7 +190,7 @@ class Trainer:
         target_images = self.splits.target if self.splits else read_faces(config.fr.target, config.image_size)
       if len(target_images) == 0:
         raise ValueError("the attack needs a target face: set fr.target to an image, a folder or 'identity:K'")
-      x_t = jnp.asarray(target_images, jnp.float32) / 127.5 - 1.0
+      x_t = uint8_to_minus1_1(target_images)
       self.targets = jax.device_put(target_embeddings(self.surrogates, x_t), self.replicated)
       self.fr_vars = jax.device_put([s.variables for s in self.surrogates], self.replicated)
     else:
