@@ -17,7 +17,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from erasablemask_jax.fr.layers import PReLU
+from erasablemask_jax.fr.layers import PReLU, relu6
 from erasablemask_jax.fr.layers import flatten
 from erasablemask_jax.fr.layers import torch_batch_norm
 from erasablemask_jax.fr.layers import torch_conv
@@ -47,12 +47,12 @@ class InvertedResidualFoamliu(nn.Module):
     hidden = int(round(self.inp * self.expand_ratio))
     h = x
     if self.expand_ratio != 1:
-      h = nn.relu6(torch_batch_norm(name="conv_0_1")(torch_conv(hidden, 1, name="conv_0_0")(h)))
+      h = relu6(torch_batch_norm(name="conv_0_1")(torch_conv(hidden, 1, name="conv_0_0")(h)))
       dw, pw, bn = "conv_1_0", "conv_2", "conv_3"
       dw_bn = "conv_1_1"
     else:
       dw, dw_bn, pw, bn = "conv_0_0", "conv_0_1", "conv_1", "conv_2"
-    h = nn.relu6(torch_batch_norm(name=dw_bn)(torch_conv(hidden, 3, self.stride, 1, groups=hidden, name=dw)(h)))
+    h = relu6(torch_batch_norm(name=dw_bn)(torch_conv(hidden, 3, self.stride, 1, groups=hidden, name=dw)(h)))
     h = torch_batch_norm(name=bn)(torch_conv(self.oup, 1, name=pw)(h))
     return x + h if self.stride == 1 and self.inp == self.oup else h
 
@@ -86,12 +86,12 @@ class MobileFaceNetFoamliu(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    x = nn.relu6(torch_batch_norm(name="conv1_1")(torch_conv(64, 3, 2, 1, name="conv1_0")(x)))
+    x = relu6(torch_batch_norm(name="conv1_1")(torch_conv(64, 3, 2, 1, name="conv1_0")(x)))
     x = DepthwiseSeparableConv(64, name="dw_conv")(x)
     oup = 64
     for index, inp, oup, stride, t in _blocks(self.setting):
       x = InvertedResidualFoamliu(inp, oup, stride, t, name=f"features_{index}")(x)
-    x = nn.relu6(torch_batch_norm(name="conv2_1")(torch_conv(512, 1, name="conv2_0")(x)))
+    x = relu6(torch_batch_norm(name="conv2_1")(torch_conv(512, 1, name="conv2_0")(x)))
     x = GDConv(512, (x.shape[1], x.shape[2]), name="gdconv")(x)
     x = torch_conv(self.embedding_size, 1, bias=True, name="conv3")(x)
     return flatten(torch_batch_norm(name="bn")(x))

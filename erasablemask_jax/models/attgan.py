@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from erasablemask_jax.models.layers import ConvTranspose4x4
+
 Array = jax.Array
 Dtype = Any
 
@@ -26,7 +28,6 @@ _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
 _IN_EPSILON = 1e-5
 _PT_PAD = ((1, 1), (1, 1))  # Conv2d(k=4, s=2, p=1)
-_PT_TPAD = ((2, 2), (2, 2))  # ConvTranspose2d(k=4, s=2, p=1) == conv of the 2x-dilated input padded by k-1-p
 
 
 def lerp(a: Array, b: Array, t: float) -> Array:
@@ -96,8 +97,7 @@ class Decoder(nn.Module):
     for i in range(self.num_layers):
       last = i == self.num_layers - 1
       features = 3 if last else min(self.dim * 2**(self.num_layers - i - 1), self.max_dim)
-      convs.append(nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding=_PT_TPAD, transpose_kernel=True,
-                                    use_bias=last, dtype=self.dtype, name=f"dec_layers_{i}_conv"))
+      convs.append(ConvTranspose4x4(features, use_bias=last, dtype=self.dtype, name=f"dec_layers_{i}_conv"))
       if not last:
         norms.append(nn.BatchNorm(momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, dtype=self.dtype,
                                   name=f"dec_layers_{i}_bn"))
