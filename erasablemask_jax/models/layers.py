@@ -6,8 +6,9 @@ kernel gradient is a convolution with a dilated window, which XLA:CPU runs at a 
 
 `conv_transpose_4x4_s2` keeps that lowering for the value and for the input tangent, and computes the kernel tangent in
 the sub-pixel form: output pixel `(2m + ry, 2n + rx)` only meets the kernel taps of parity `(ry, rx)`, so each of the
-four output phases is a stride-1 2x2 convolution of the 1-padded input with a 2x2 slice of the kernel. The transpose
-of that form (the kernel gradient) is four ordinary stride-1 kernel gradients, 10-15x faster on CPU. Both forms are
+four output phases is a stride-1 2x2 convolution of the 1-padded input with a 2x2 slice of the kernel; stacked on the
+channel axis they are one convolution. The transpose of that form (the kernel gradient) is one ordinary stride-1
+kernel gradient, 10-15x faster on CPU. Both forms are
 the same linear map, so every derivative order is exact; the custom JVP only chooses which program XLA sees.
 """
 
@@ -26,8 +27,6 @@ Array = jax.Array
 
 _PAD = ((2, 2), (2, 2))  # ConvTranspose2d(k=4, s=2, p=1) == conv of the 2x-dilated input padded by k - 1 - p
 _DIMS = ("NHWC", "HWIO", "NHWC")
-# Output parity r along one axis reads the 1-padded input at offsets (0, 1) + r with these kernel taps (PyTorch frame).
-_TAPS = {0: (3, 1), 1: (2, 0)}
 
 
 def _dilated_form(x: Array, kernel: Array) -> Array:
@@ -36,25 +35,23 @@ def _dilated_form(x: Array, kernel: Array) -> Array:
 
 
 def _subpixel_form(x: Array, kernel: Array) -> Array:
-  """The same map as four stride-1 2x2 convolutions, one per output phase, interleaved.
+  """The same map as one stride-1 2x2 convolution with the four output phases stacked on the channel axis.
 
-  With the kernel in PyTorch's frame `W[a, b, in, out] = kernel[a, b, out, in]`, output row `2m + r` is
-  `sum_a x[m + d] W[a]` over the two taps `a` of parity `1 - r` (`a = 2(m - i) + r + 1`), i.e. a 2-tap window of the
-  1-padded input starting at row `m + r`.
+  In PyTorch's frame `W[a, b, in, out] = kernel[a, b, out, in]`, output row `2m + r` sums `W[a] x[i]` over the taps
+  `a = 2(m - i) + r + 1`, i.e. `a = 3 - 2j - r` at input row `m + r + j - 1` for `j in {0, 1}`. Reversing the taps and
+  splitting them as `(j, r)` makes the phase-`(ry, rx)` kernel a plain reshape of `W`, and one VALID 2x2 convolution of
+  the 1-padded input gives, at position `(m + ry, n + rx)` and channel block `(ry, rx)`, output pixel
+  `(2m + ry, 2n + rx)`. The kernel gradient of this form is a single stride-1 convolution.
   """
   n, h, w, _ = x.shape
-  weight = jnp.swapaxes(kernel, 2, 3)  # (4, 4, in, out)
+  cout, cin = kernel.shape[2], kernel.shape[3]
+  weight = kernel[::-1, ::-1].reshape(2, 2, 2, 2, cout, cin)  # (jy, ry, jx, rx, out, in)
+  weight = weight.transpose(0, 2, 5, 1, 3, 4).reshape(2, 2, cin, 4 * cout)  # (jy, jx, in, (ry, rx, out))
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  rows = []
-  for ry in (0, 1):
-    cols = []
-    for rx in (0, 1):
-      taps = jnp.stack([jnp.stack([weight[a, b] for b in _TAPS[rx]]) for a in _TAPS[ry]])  # (2, 2, in, out)
-      window = xp[:, ry:ry + h + 1, rx:rx + w + 1]
-      cols.append(lax.conv_general_dilated(window, taps, (1, 1), "VALID", dimension_numbers=_DIMS))
-    rows.append(jnp.stack(cols, axis=3))  # (n, h, w, rx, out)
-  y = jnp.stack(rows, axis=2)  # (n, h, ry, w, rx, out)
-  return y.reshape(n, 2 * h, 2 * w, kernel.shape[2])
+  z = lax.conv_general_dilated(xp, weight, (1, 1), "VALID", dimension_numbers=_DIMS)
+  z = z.reshape(n, h + 1, w + 1, 2, 2, cout)
+  rows = [jnp.stack([z[:, ry:ry + h, rx:rx + w, ry, rx] for rx in (0, 1)], axis=3) for ry in (0, 1)]
+  return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, cout)  # (n, h, ry, w, rx, out) -> interleaved
 
 
 @jax.custom_jvp
