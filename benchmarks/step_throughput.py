@@ -296,6 +296,33 @@ def measure_step(setup: Setup, stage: int, kind: str | None, warmup: int, steps:
           "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
 
 
+def measure_interleaved(setup: Setup, kinds: list[str], rounds: int, steps: int) -> dict[str, Any]:
+  """Steady-state times of the stage-2 `kinds` in alternating rounds (`steps` of each kind per round).
+
+  Their ratios are what the goals compare; alternating puts every kind under the same machine load (a shared CPU
+  drifts by tens of percent between the sequential rows above).
+  """
+  programs = {kind: setup.compiled(2, kind)[:2] for kind in kinds}
+  states = {kind: setup.state(2) for kind in kinds}
+  batch = setup.device_batch()
+  times = {kind: [] for kind in kinds}
+
+  def run(kind):
+    compiled, extra = programs[kind]
+    start = time.perf_counter()
+    states[kind], metrics = compiled(states[kind], batch, *extra)
+    jax.block_until_ready((states[kind], metrics))
+    return time.perf_counter() - start
+
+  for kind in kinds:  # one warm-up step each
+    run(kind)
+  for _ in range(rounds):
+    for kind in kinds:
+      times[kind].extend(run(kind) for _ in range(steps))
+  return {"rounds": rounds, "steps": steps, "times_s": times,
+          "median_s": {kind: statistics.median(t) for kind, t in times.items()}}
+
+
 def compare_torch(setup: Setup, kind: str, rounds: int, steps: int, warmup: int, torch_threads: int) -> dict[str, Any]:
   """Alternates rounds of `steps` JAX steps and `steps` torch steps (same networks, weights, batch)."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -344,12 +371,18 @@ def versions() -> dict[str, str]:
   return out
 
 
-def _ratio(rows: dict[str, dict], a: str, b: str) -> dict[str, float] | None:
+def _ratio(rows: dict[str, dict], a: str, b: str, interleaved: dict[str, Any] | None = None) -> dict[str, float] | None:
+  """Time and FLOP ratios of rows `a` and `b`; the time ratio from the interleaved medians when both were measured."""
   if a not in rows or b not in rows:
     return None
-  time_ratio = rows[a]["median_s"] / rows[b]["median_s"]
+  medians = (interleaved or {}).get("median_s", {})
+  ka, kb = a.partition(":")[2], b.partition(":")[2]
+  both = ka in medians and kb in medians
+  time_ratio = medians[ka] / medians[kb] if both else rows[a]["median_s"] / rows[b]["median_s"]
   flop_ratio = rows[a]["flops"] / rows[b]["flops"]
-  return {"time_ratio": time_ratio, "flop_ratio": flop_ratio, "time_over_flop_prediction": time_ratio / flop_ratio}
+  return {"time_ratio": time_ratio, "flop_ratio": flop_ratio, "time_over_flop_prediction": time_ratio / flop_ratio,
+          "timing": "interleaved" if both else "sequential",
+          "sequential_time_ratio": rows[a]["median_s"] / rows[b]["median_s"]}
 
 
 def _row_name(stage: int, kind: str | None) -> str:
@@ -392,6 +425,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--stages", default=",".join(STAGES), help=f"subset of {','.join(STAGES)}")
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--interleave-rounds", type=int, default=3,
+                  help="alternating rounds of the stage-2 kinds for their time ratios (0: use the sequential rows)")
   ap.add_argument("--matmul", type=int, default=0, help="matmul side for the peak (0: 2048 on CPU, 8192 else)")
   ap.add_argument("--compare-torch", action="store_true")
   ap.add_argument("--torch-kinds", default="meta_auxiliary", help="stage-2 kinds to compare with torch")
@@ -444,12 +479,19 @@ def main(argv=None) -> int:
     print(f"{name:<22}{r['compile_s']:>10.1f}{r['median_s']:>10.3f}{r['images_per_s']:>8.2f}{r['flops'] / 1e9:>9.1f}"
           f"{r['flops_per_s'] / 1e9:>9.1f}{r['fraction_of_peak']:>8.1%}{mem:>9.0f}{r['xla_temp_mib']:>9.0f}")
 
-  ratios = {"second_over_first_order": _ratio(rows, "stage2:meta_auxiliary", "stage2:first_order"),
-            "second_order_over_ensemble": _ratio(rows, "stage2:meta_auxiliary", "stage2:ensemble"),
-            "first_order_over_ensemble": _ratio(rows, "stage2:first_order", "stage2:ensemble")}
+  kinds = [name.partition(":")[2] for name in rows if name.startswith("stage2:")]
+  interleaved = None
+  if len(kinds) > 1 and args.interleave_rounds > 0:
+    interleaved = measure_interleaved(setup, kinds, args.interleave_rounds, args.steps)
+    print(f"interleaved ({args.interleave_rounds} rounds x {args.steps} steps): " +
+          ", ".join(f"{kind} {t:.3f} s" for kind, t in interleaved["median_s"].items()))
+  ratios = {"second_over_first_order": _ratio(rows, "stage2:meta_auxiliary", "stage2:first_order", interleaved),
+            "second_order_over_ensemble": _ratio(rows, "stage2:meta_auxiliary", "stage2:ensemble", interleaved),
+            "first_order_over_ensemble": _ratio(rows, "stage2:first_order", "stage2:ensemble", interleaved),
+            "interleaved": interleaved}
   for name, r in ratios.items():
-    if r:
-      print(f"{name:<28} measured {r['time_ratio']:.2f}x   FLOP-predicted {r['flop_ratio']:.2f}x   "
+    if r and name != "interleaved":
+      print(f"{name:<28} measured {r['time_ratio']:.2f}x ({r['timing']})   FLOP-predicted {r['flop_ratio']:.2f}x   "
             f"measured/predicted {r['time_over_flop_prediction']:.2f}")
 
   torch_results = []

@@ -132,3 +132,16 @@ def test_step_throughput_runs_sharded_with_torch_comparison(tmp_path):
   assert flops["stage2:meta_auxiliary"] > max(flops["stage1"], flops["stage3"])
   assert report["torch"][0]["torch_over_jax"] > 0
   assert "stage2:meta_auxiliary" in proc.stdout and "faster" in proc.stdout
+
+
+def test_interleaved_timing_feeds_the_attack_ratios(tiny_setup):
+  kinds = ["meta_auxiliary", "first_order", "ensemble"]
+  result = step_throughput.measure_interleaved(tiny_setup, kinds, rounds=2, steps=1)
+  assert {k: len(v) for k, v in result["times_s"].items()} == {k: 2 for k in kinds}
+  rows = {f"stage2:{k}": {"median_s": 1.0, "flops": flops} for k, flops in zip(kinds, (3.0, 2.0, 1.0))}
+  ratio = step_throughput._ratio(rows, "stage2:meta_auxiliary", "stage2:first_order", result)  # pylint: disable=protected-access
+  medians = result["median_s"]
+  assert ratio["timing"] == "interleaved"
+  np.testing.assert_allclose(ratio["time_ratio"], medians["meta_auxiliary"] / medians["first_order"])
+  np.testing.assert_allclose(ratio["flop_ratio"], 1.5)
+  assert step_throughput._ratio(rows, "stage2:meta_auxiliary", "stage2:ensemble")["timing"] == "sequential"  # pylint: disable=protected-access
