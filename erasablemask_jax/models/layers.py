@@ -8,8 +8,8 @@ kernel gradient is a convolution with a dilated window, which XLA:CPU runs at a 
 the sub-pixel form: output pixel `(2m + ry, 2n + rx)` only meets the kernel taps of parity `(ry, rx)`, so each of the
 four output phases is a stride-1 2x2 convolution of the 1-padded input with a 2x2 slice of the kernel; stacked on the
 channel axis they are one convolution. The transpose of that form (the kernel gradient) is one ordinary stride-1
-kernel gradient, 10-15x faster on CPU. Both forms are
-the same linear map, so every derivative order is exact; the custom JVP only chooses which program XLA sees.
+kernel gradient, 10-15x faster on CPU. Both forms are the same linear map, so every derivative order is exact; the
+custom JVP only chooses which program XLA sees.
 """
 
 from __future__ import annotations
