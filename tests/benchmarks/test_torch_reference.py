@@ -145,3 +145,16 @@ def test_interleaved_timing_feeds_the_attack_ratios(tiny_setup):
   np.testing.assert_allclose(ratio["time_ratio"], medians["meta_auxiliary"] / medians["first_order"])
   np.testing.assert_allclose(ratio["flop_ratio"], 1.5)
   assert step_throughput._ratio(rows, "stage2:meta_auxiliary", "stage2:ensemble")["timing"] == "sequential"  # pylint: disable=protected-access
+
+
+def test_meta_grad_precision_script_compares_float32_with_float64(tmp_path):
+  out = tmp_path / "precision.json"
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "meta_grad_precision.py"), "--image-size", "16", "--width", "4",
+         "--layers", "3", "--fc-dim", "8", "--fr", "tiny,tiny@flip", "--lr-inner", "2.0", "--out", str(out)]
+  proc = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = json.loads(out.read_text())["rows"]
+  # float32 vs float64 is rounding-sized on the tiny nets, while the Hessian term is far above it.
+  assert 0 < row["f32_vs_f64_rel"] < 1e-3 < row["hessian_term_rel"]
+  np.testing.assert_allclose(row["l_adv_f32"], row["l_adv_f64"], rtol=1e-5)
