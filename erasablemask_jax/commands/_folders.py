@@ -1,0 +1,38 @@
+"""What `protect` and `erase` share: the run/folder arguments and one error-reporting wrapper around the work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def add_run_and_folder_args(p: argparse.ArgumentParser, *, workdir_help: str, in_help: str, out_help: str) -> None:
+  """`--workdir`, `--in`, `--out`, `--force`, `--batch-size` and `--step`."""
+  p.add_argument("--workdir", required=True, help=workdir_help)
+  p.add_argument("--in", dest="in_dir", required=True, help=in_help)
+  p.add_argument("--out", required=True, help=out_help)
+  p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+  p.add_argument("--batch-size", type=int, default=16, help="images per jitted call")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+
+
+def run_on_folder(command: str, args, work: Callable[[Any], Any], check: Callable[[], None] = lambda: None) -> int:
+  """Checks the arguments (`check`), loads the run, calls `work(loaded_run)` and prints its summary.
+
+  Bad input (a missing run or folder, an existing output without --force, a malformed label file or attribute spec)
+  is one line on stderr naming the command, and exit status 1; so is a folder where nothing could be written.
+  """
+  from erasablemask_jax.data.labels import LabelFileError  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.evaluation import attributes  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
+
+  try:
+    check()
+    result = work(inference.load_run(args.workdir, args.step, args.batch_size))
+  except (FileNotFoundError, FileExistsError, LabelFileError, attributes.AttributeSpecError) as e:
+    print(f"erasablemask {command}: {e}", file=sys.stderr)
+    return 1
+  print(f"{command}: {result.summary()}")
+  return 0 if result.written else 1
