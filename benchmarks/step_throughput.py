@@ -271,6 +271,14 @@ def measure_matmul_peak(n: int, dtype=jnp.float32, repeats: int = 5) -> dict[str
   return {"n": n, "dtype": jnp.dtype(dtype).name, "best_s": min(times), "flops_per_s": 2 * n**3 / min(times)}
 
 
+def _timed_step(compiled, state, batch, extra) -> tuple[Any, float]:
+  """One step, blocked until its state and metrics are ready; `(new_state, seconds)`."""
+  start = time.perf_counter()
+  state, metrics = compiled(state, batch, *extra)
+  jax.block_until_ready((state, metrics))
+  return state, time.perf_counter() - start
+
+
 def measure_step(setup: Setup, stage: int, kind: str | None, warmup: int, steps: int) -> dict[str, Any]:
   """Compile time, FLOPs, memory and steady-state times of one step (state donated between steps)."""
   load_before = os.getloadavg()
@@ -279,14 +287,11 @@ def measure_step(setup: Setup, stage: int, kind: str | None, warmup: int, steps:
   batch = setup.device_batch()
   memory = compiled.memory_analysis()
   for _ in range(warmup):
-    state, metrics = compiled(state, batch, *extra)
-    jax.block_until_ready((state, metrics))
+    state, _ = _timed_step(compiled, state, batch, extra)
   times = []
   for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch, *extra)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
+    state, seconds = _timed_step(compiled, state, batch, extra)
+    times.append(seconds)
   flops = _flops(compiled)
   median = statistics.median(times)
   return {"stage": stage, "kind": kind, "compile_s": compile_s, "median_s": median, "min_s": min(times),
@@ -309,10 +314,8 @@ def measure_interleaved(setup: Setup, kinds: list[str], rounds: int, steps: int)
 
   def run(kind):
     compiled, extra = programs[kind]
-    start = time.perf_counter()
-    states[kind], metrics = compiled(states[kind], batch, *extra)
-    jax.block_until_ready((states[kind], metrics))
-    return time.perf_counter() - start
+    states[kind], seconds = _timed_step(compiled, states[kind], batch, extra)
+    return seconds
 
   for kind in kinds:  # one warm-up step each
     run(kind)
@@ -334,17 +337,14 @@ def compare_torch(setup: Setup, kind: str, rounds: int, steps: int, warmup: int,
   compiled, extra, _ = setup.compiled(2, kind)
   state, batch = setup.state(2), setup.device_batch()
   for _ in range(warmup):
-    state, metrics = compiled(state, batch, *extra)
-    jax.block_until_ready((state, metrics))
+    state, _ = _timed_step(compiled, state, batch, extra)
     torch_step.step(t_batch)
   jax_times, torch_times, loads = [], [], []
   for _ in range(rounds):
     loads.append(os.getloadavg()[0])
     for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = compiled(state, batch, *extra)
-      jax.block_until_ready((state, metrics))
-      jax_times.append(time.perf_counter() - start)
+      state, seconds = _timed_step(compiled, state, batch, extra)
+      jax_times.append(seconds)
     for _ in range(steps):
       start = time.perf_counter()
       torch_step.step(t_batch)
@@ -458,8 +458,7 @@ def main(argv=None) -> int:
   setup = Setup(settings)
   n = args.matmul or (2048 if device.platform == "cpu" else 8192)
   peak = measure_matmul_peak(n)
-  if device.platform != "cpu":
-    peak_bf16 = measure_matmul_peak(n, jnp.bfloat16)
+  peak_bf16 = measure_matmul_peak(n, jnp.bfloat16) if device.platform != "cpu" else None
   print(f"{device.device_kind} x{settings.devices} ({device.platform}); peak {n}x{n} f32 matmul "
         f"{peak['flops_per_s'] / 1e9:.1f} GFLOP/s; load avg {os.getloadavg()[0]:.1f}")
   print(f"{settings.batch}x{settings.image_size}x{settings.image_size}, width {settings.width}, K="
@@ -496,19 +495,19 @@ def main(argv=None) -> int:
 
   torch_results = []
   path = pathlib.Path(args.out)
-  _write(path, args, settings, setup, device, peak, peak_bf16 if device.platform != "cpu" else None, rows, ratios,
+  _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios,
          torch_results)  # the JAX rows are kept even if the torch comparison is interrupted
   if args.compare_torch:
     for kind in args.torch_kinds.split(","):
       c = compare_torch(setup, kind, args.torch_rounds, args.torch_steps, args.warmup, args.torch_threads)
       torch_results.append(c)
-      _write(path, args, settings, setup, device, peak, peak_bf16 if device.platform != "cpu" else None, rows,
+      _write(path, args, settings, setup, device, peak, peak_bf16, rows,
              ratios, torch_results)
       print(f"stage2:{kind} JAX {c['jax_median_s']:.3f} s  PyTorch eager {c['torch_median_s']:.3f} s  "
             f"JAX is {c['torch_over_jax']:.2f}x faster (per round: "
             f"{', '.join(f'{x:.2f}' for x in c['torch_over_jax_per_round'])}; torch threads {c['torch_threads']})")
 
-  _write(path, args, settings, setup, device, peak, peak_bf16 if device.platform != "cpu" else None, rows, ratios,
+  _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios,
          torch_results)
   print(f"wrote {path}")
   return 0

@@ -26,7 +26,7 @@ from erasablemask_jax.evaluation import attributes as attributes_lib
 from erasablemask_jax.evaluation import sidecar as sidecar_lib
 from erasablemask_jax.evaluation.inference import Run
 from erasablemask_jax.evaluation.inference import to_model_input
-from erasablemask_jax.evaluation.inference import to_uint8
+from erasablemask_jax.train.writer import to_uint8
 
 log = logging.getLogger(__name__)
 

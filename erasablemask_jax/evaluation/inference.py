@@ -21,8 +21,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from erasablemask_jax.train.writer import to_uint8  # float [-1, 1] -> uint8, as the sample grids
-
 from erasablemask_jax.models import ErasableMask
 
 

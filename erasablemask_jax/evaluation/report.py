@@ -40,11 +40,11 @@ from erasablemask_jax.evaluation import plots
 from erasablemask_jax.evaluation import sidecar as sidecar_lib
 from erasablemask_jax.evaluation.inference import Run
 from erasablemask_jax.evaluation.inference import to_model_input
-from erasablemask_jax.evaluation.inference import to_uint8
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import batching
 from erasablemask_jax.metrics import quality
 from erasablemask_jax.metrics import recognition
+from erasablemask_jax.train.writer import to_uint8
 
 log = logging.getLogger(__name__)
 

@@ -67,13 +67,12 @@ def conv_transpose_4x4_s2(x: Array, kernel: Array) -> Array:
 def _conv_transpose_jvp(primals, tangents):
   x, kernel = primals
   dx, dkernel = tangents
-  y = conv_transpose_4x4_s2(x, kernel)
-  dy = jnp.zeros_like(y)
+  terms = []  # JAX calls the rule only when at least one tangent is non-zero
   if not isinstance(dx, SymbolicZero):
-    dy = dy + conv_transpose_4x4_s2(dx, kernel)
+    terms.append(conv_transpose_4x4_s2(dx, kernel))
   if not isinstance(dkernel, SymbolicZero):
-    dy = dy + _subpixel_form(x, dkernel)
-  return y, dy
+    terms.append(_subpixel_form(x, dkernel))
+  return conv_transpose_4x4_s2(x, kernel), sum(terms[1:], terms[0])
 
 
 conv_transpose_4x4_s2.defjvp(_conv_transpose_jvp, symbolic_zeros=True)

@@ -13,6 +13,7 @@ from erasablemask_jax.data import labels
 from erasablemask_jax.evaluation import attributes
 from erasablemask_jax.evaluation import inference
 from erasablemask_jax.evaluation import sidecar
+from erasablemask_jax.train.writer import to_uint8
 
 FACES = ["deepface_img12.png", "deepface_img13.png", "deepface_img16.png", "facenet_paul_rudd.png"]
 
@@ -60,7 +61,7 @@ def test_protect_writes_pngs_and_sidecars_equal_to_the_networks(protected, loade
     att_b[:, labels.ATTRIBUTES.index(name)] = 1 - att_b[:, labels.ATTRIBUTES.index(name)]
   state, models = loaded_run.state, loaded_run.models
   (x_adv, _), _ = models.protect(state.g.variables, state.e_adv.variables, jax.numpy.asarray(x), att_b)
-  expected = inference.to_uint8(np.asarray(x_adv))
+  expected = to_uint8(np.asarray(x_adv))
   for i, f in enumerate(FACES):
     got = _png(out / f)
     assert got.shape == (size, size, 3)
@@ -132,7 +133,7 @@ def test_erase_restores_with_the_sidecar_attributes(protected, loaded_run, tmp_p
     side = json.loads((out / f.replace(".png", ".json")).read_text())
     x_adv = inference.to_model_input(_png(out / f)[None])
     x_rec, _ = models.restore(state.r.variables, jax.numpy.asarray(x_adv), np.asarray([side["att_a"]], np.float32))
-    assert np.abs(_png(erased / f).astype(int) - inference.to_uint8(np.asarray(x_rec))[0]).max() <= 1
+    assert np.abs(_png(erased / f).astype(int) - to_uint8(np.asarray(x_rec))[0]).max() <= 1
   # Existing outputs are refused without --force.
   rc = cli.main(["erase", "--workdir", str(loaded_run.workdir), "--in", str(out), "--out", str(erased)])
   assert rc == 1 and "pass --force" in capsys.readouterr().err
@@ -155,7 +156,7 @@ def test_erase_missing_sidecar_is_skipped_or_given_source_attrs(protected, loade
   x_adv = inference.to_model_input(_png(inp / FACES[0])[None])
   x_rec, _ = loaded_run.models.restore(loaded_run.state.r.variables, jax.numpy.asarray(x_adv),
                                        attributes.parse_bits(bits)[None])
-  assert np.abs(_png(tmp_path / "b" / FACES[0]).astype(int) - inference.to_uint8(np.asarray(x_rec))[0]).max() <= 1
+  assert np.abs(_png(tmp_path / "b" / FACES[0]).astype(int) - to_uint8(np.asarray(x_rec))[0]).max() <= 1
   # The documented approximation: D_att's prediction with the recorded flipped attributes inverted.
   result = folders.erase_folder(loaded_run, inp, tmp_path / "c", source_attrs="predicted", progress=False)
   assert len(result.written) == len(FACES) - 1
@@ -163,4 +164,4 @@ def test_erase_missing_sidecar_is_skipped_or_given_source_attrs(protected, loade
   _, logits = loaded_run.models.discriminate(loaded_run.state.d.variables, jax.numpy.asarray(x_adv))
   guess = attributes.invert((np.asarray(logits[0]) > 0).astype(np.float32), ["Eyeglasses", "Male"])
   x_rec, _ = loaded_run.models.restore(loaded_run.state.r.variables, jax.numpy.asarray(x_adv), guess[None])
-  assert np.abs(_png(tmp_path / "c" / FACES[2]).astype(int) - inference.to_uint8(np.asarray(x_rec))[0]).max() <= 1
+  assert np.abs(_png(tmp_path / "c" / FACES[2]).astype(int) - to_uint8(np.asarray(x_rec))[0]).max() <= 1
