@@ -1,7 +1,9 @@
 """A converted model on disk: `DIR/variables/` (an orbax PyTree checkpoint) and `DIR/card.json`.
 
 Writing is atomic: everything goes to a hidden temporary directory beside DIR which is then renamed onto DIR, so a
-crash never leaves a half-written model, and an existing DIR is only replaced with `force=True`.
+crash never leaves a half-written model. An existing DIR is only replaced with `force=True`, and only when it is a model
+directory (it holds `card.json`): `--force` never deletes a folder of other files, nor `.`. The directory gets the
+usual permissions (0777 less the umask, so 0755 with the common umask 022), not a temporary directory's 0700.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import tempfile
 from typing import Any, Mapping
@@ -24,12 +27,17 @@ class ModelDirError(ValueError):
 
 
 def check_writable(out_dir: str | os.PathLike[str], force: bool = False) -> pathlib.Path:
-  """Raises `ModelDirError` when `out_dir` exists and `force` is off; returns it as a Path."""
+  """Raises `ModelDirError` unless `out_dir` is free, or `force` is on and it is a model directory; returns it."""
   out_dir = pathlib.Path(out_dir)
-  if out_dir.exists() and not force:
+  if not out_dir.exists():
+    return out_dir
+  if not force:
     raise ModelDirError(f"output {out_dir} already exists; choose another directory or pass --force to replace it")
-  if out_dir.exists() and not out_dir.is_dir():
+  if not out_dir.is_dir():
     raise ModelDirError(f"output {out_dir} exists and is not a directory; remove it first")
+  if not (out_dir / CARD_FILE).is_file():
+    raise ModelDirError(f"--force replaces only a model directory, and {out_dir} has no {CARD_FILE}; it was left as "
+                        "it is: choose another --out")
   return out_dir
 
 
@@ -41,15 +49,17 @@ def write_model_dir(out_dir: str | os.PathLike[str], variables: Mapping[str, Any
     out_dir: destination directory; its parent is created if needed.
     variables: `{'params': ..., 'batch_stats': ...}` pytree of arrays.
     card: JSON-serialisable metadata.
-    force: replace an existing `out_dir`.
+    force: replace an existing `out_dir`, which must be a model directory (`check_writable`).
 
   Returns:
-    `out_dir` as a Path.
+    `out_dir` as an absolute Path.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  out_dir = check_writable(out_dir, force).absolute()
+  out_dir = pathlib.Path(os.path.abspath(check_writable(out_dir, force)))  # abspath: `..` resolved, links kept
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  # Not tempfile.mkdtemp: its 0700 would become the model directory's mode once renamed.
+  tmp = out_dir.parent / f".{out_dir.name}.tmp-{secrets.token_hex(8)}"
+  tmp.mkdir()
   try:
     tree = _to_numpy(variables)
     ocp.PyTreeCheckpointer().save(tmp / VARIABLES_DIR, tree)
