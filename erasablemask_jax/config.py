@@ -1,4 +1,5 @@
-"""Experiment configs: loading `configs/<name>.py[:arg]` and applying `--config.a.b=value` overrides.
+"""Experiment configs: loading `path/to/file.py[:arg]` or a packaged `name[:arg]`, and applying `--config.a.b=value`
+overrides.
 
 A config file defines `get_config(arg=None) -> ml_collections.ConfigDict` (big_vision's convention). The loaded config
 is locked: an override of an unknown key, or with a value that does not convert to the field's type, raises
@@ -26,16 +27,25 @@ class ConfigError(ValueError):
 
 
 def resolve_config_path(name: str) -> pathlib.Path:
-  """`configs/demo.py`, `path/to/x.py`, or a bare name such as `demo` (one of the packaged configs)."""
+  """A bare name such as `demo` (one of the packaged configs), or a path to a `.py` file that must exist.
+
+  Anything with a directory or a `.py` suffix is a path: a missing `some/where/demo.py` is an error, never the packaged
+  `demo`.
+  """
   path = pathlib.Path(name)
-  if path.suffix == ".py" and path.is_file():
-    return path
-  for candidate in (_PACKAGED_CONFIGS / name, _PACKAGED_CONFIGS / f"{name}.py", _PACKAGED_CONFIGS / path.name):
-    if candidate.suffix == ".py" and candidate.is_file():
-      return candidate
   known = sorted(p.stem for p in _PACKAGED_CONFIGS.glob("*.py") if not p.stem.startswith("_"))
-  raise ConfigError(f"config file {name!r} not found; give a path to a .py file with get_config(), or one of the "
-                    f"packaged configs: {', '.join(known)}")
+  if len(path.parts) == 1 and path.suffix != ".py":
+    if name in known:
+      return _PACKAGED_CONFIGS / f"{name}.py"
+    raise ConfigError(f"no packaged config named {name!r}; the packaged ones are {', '.join(known)}, or give a path "
+                      "to a .py file with get_config()")
+  if not path.is_file():
+    hint = f" (for the packaged one, write --config {path.stem})" if path.stem in known else ""
+    raise ConfigError(f"config file {name} not found{hint}; give a path to an existing .py file with get_config(), "
+                      f"or one of the packaged configs: {', '.join(known)}")
+  if path.suffix != ".py":
+    raise ConfigError(f"config file {name} is not a .py file; a config is a Python file defining get_config()")
+  return path
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

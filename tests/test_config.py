@@ -67,3 +67,30 @@ def test_installed_console_script_help_and_describe():
   out = subprocess.run([sys.executable, "-m", "erasablemask_jax.cli", "describe", "--config", "default"],
                        capture_output=True, text=True, check=True).stdout
   assert "E_adv" in out and "11,148,160" in out
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("some/missing/path/demo.py", "config file some/missing/path/demo.py not found (for the packaged one, write "
+                                  "--config demo)"),
+    ("demo.py", "config file demo.py not found (for the packaged one, write --config demo)"),
+    ("configs/nope.py:arg", "config file configs/nope.py not found;"),
+    ("nope", "no packaged config named 'nope'; the packaged ones are .*demo"),
+    ("configs", "no packaged config named 'configs'"),
+])
+def test_a_missing_path_is_an_error_never_a_packaged_config(spec, message):
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    load_config(spec)
+
+
+def test_packaged_names_are_bare_and_paths_must_be_python_files(tmp_path, capsys):
+  assert load_config("smoke:ignored").image_size == 32
+  (tmp_path / "notes.txt").write_text("get_config = None\n")
+  with pytest.raises(ConfigError, match="is not a .py file"):
+    load_config(str(tmp_path / "notes.txt"))
+  mine = tmp_path / "demo.py"  # a user's own file that shares a packaged name is read, not the packaged one
+  mine.write_text("import ml_collections\n\ndef get_config(arg=None):\n"
+                  "  return ml_collections.ConfigDict({'image_size': 48})\n")
+  assert load_config(str(mine)).image_size == 48
+  assert cli.main(["config", "--config", str(tmp_path / "missing" / "demo.py")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "config error: config file" in err and "not found" in err
