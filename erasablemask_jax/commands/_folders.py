@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,9 @@ def add_run_and_folder_args(p: argparse.ArgumentParser, *, workdir_help: str, in
 def run_on_folder(command: str, args, work: Callable[[Any], Any], check: Callable[[], None] = lambda: None) -> int:
   """Checks the arguments (`check`), loads the run, calls `work(loaded_run)` and prints its summary.
 
+  An --out that is --in, or inside it, is refused first, as a usage error (exit status 2): with --force the outputs
+  would overwrite the originals, and without it they would mix with them (and be read as inputs next time).
+
   Bad input (a missing run or folder, an existing output without --force, a malformed label file or attribute spec)
   is one line on stderr naming the command, and exit status 1; so is a folder where nothing could be written.
   """
@@ -28,6 +32,11 @@ def run_on_folder(command: str, args, work: Callable[[Any], Any], check: Callabl
   from erasablemask_jax.evaluation import attributes  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
 
+  inside = _output_inside_input(args.in_dir, args.out)
+  if inside is not None:
+    print(f"erasablemask {command}: the output is the input: --out {args.out} {inside} --in {args.in_dir}, so the "
+          "originals would be overwritten or mixed with the outputs; choose an --out outside --in", file=sys.stderr)
+    return 2
   try:
     check()
     result = work(inference.load_run(args.workdir, args.step, args.batch_size))
@@ -36,3 +45,11 @@ def run_on_folder(command: str, args, work: Callable[[Any], Any], check: Callabl
     return 1
   print(f"{command}: {result.summary()}")
   return 0 if result.written else 1
+
+
+def _output_inside_input(in_dir: str, out_dir: str) -> str | None:
+  """'is' or 'is inside' when `out_dir` is `in_dir` or under it (after resolving links and `..`), else None."""
+  in_path, out_path = pathlib.Path(in_dir).resolve(), pathlib.Path(out_dir).resolve()
+  if out_path == in_path:
+    return "is"
+  return "is inside" if in_path in out_path.parents else None

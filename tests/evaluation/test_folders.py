@@ -113,14 +113,38 @@ def test_protect_without_labels_uses_d_att(tmp_path, loaded_run):
 
 @pytest.mark.parametrize("spec", ["flip:Nose", "bits:0101", "set:Male=2", "shuffle"])
 def test_bad_attribute_specs_are_refused(spec, tmp_path, tiny_run, capsys):
-  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(tmp_path), "--out", str(tmp_path / "o"),
+  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
                  "--attrs", spec])
   assert rc == 1 and "attribute spec" in capsys.readouterr().err
 
 
 def test_bad_workdir_is_a_clear_error(tmp_path, capsys):
-  rc = cli.main(["protect", "--workdir", str(tmp_path), "--in", str(tmp_path), "--out", str(tmp_path / "o")])
+  rc = cli.main(["protect", "--workdir", str(tmp_path), "--in", str(tmp_path / "in"), "--out", str(tmp_path / "o")])
   assert rc == 1 and "not a training run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["protect", "erase"])
+@pytest.mark.parametrize("out", [".", "./", "sub", "sub/deeper", "../in", "link"])
+def test_output_that_is_the_input_is_refused(command, out, tmp_path, monkeypatch, capsys):
+  inp = tmp_path / "in"
+  (inp / "sub").mkdir(parents=True)
+  (inp / "face.png").write_bytes(b"original")
+  (tmp_path / "link").symlink_to(inp)  # --out reaching --in through a link
+  monkeypatch.chdir(inp)
+  out = str(tmp_path / out) if out == "link" else out
+  rc = cli.main([command, "--workdir", str(tmp_path / "run"), "--in", ".", "--out", out, "--force"])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.startswith(f"erasablemask {command}: the output is the input: --out {out} is")
+  assert err.count("\n") == 1
+  assert (inp / "face.png").read_bytes() == b"original" and sorted(p.name for p in inp.rglob("*")) == ["face.png", "sub"]
+
+
+@pytest.mark.parametrize("out", ["../in-protected", "../out", ".."])
+def test_output_beside_or_above_the_input_is_allowed(out, tmp_path, monkeypatch, capsys):
+  (tmp_path / "in").mkdir()
+  monkeypatch.chdir(tmp_path / "in")
+  rc = cli.main(["protect", "--workdir", str(tmp_path / "run"), "--in", ".", "--out", out])
+  assert rc == 1 and "not a training run" in capsys.readouterr().err  # past the check, stopped by the missing run
 
 
 def test_erase_restores_with_the_sidecar_attributes(protected, loaded_run, tmp_path, capsys):
