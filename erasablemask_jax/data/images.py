@@ -1,8 +1,9 @@
 """Reading face photos robustly: every odd file is converted to uint8 RGB or skipped, with the reason recorded.
 
 Handled: truncated or corrupt files (skipped), EXIF orientation (applied), grayscale / palette / 1-bit (expanded to
-RGB), RGBA / LA / PA (composited on white), CMYK and YCbCr (converted), 16-bit and 32-bit integer or float modes
-(rescaled to 8 bit from the image's own range type), images smaller than a minimum side (skipped).
+RGB), RGBA / LA / PA (composited on white), CMYK and YCbCr (converted), 16-bit modes (scaled from 0..65535 to 8 bit),
+32-bit integer or float modes (rescaled to 8 bit from the range their values suggest), images smaller than a minimum
+side (skipped). Every command reads photos through `read_image`, so they all see the same pixels.
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ def _to_rgb(img: Image.Image, note) -> Image.Image:
     return img
   if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
     arr = np.asarray(img).astype(np.float64)
-    if mode == "F":
+    if mode.startswith("I;16"):  # the depth is known: a dark 16-bit image stays dark
+      hi = 65535.0
+    elif mode == "F":
       hi = 1.0 if arr.max(initial=0) <= 1.0 else 255.0 if arr.max(initial=0) <= 255.0 else 65535.0
-    else:
+    else:  # 32-bit integers: guess 8- or 16-bit data from the values
       hi = 255.0 if arr.max(initial=0) <= 255 else 65535.0
     note(f"{mode} ({'16/32-bit' if mode != 'F' else 'float'}) rescaled to 8-bit RGB")
     arr8 = np.clip(np.round(arr * (255.0 / hi)), 0, 255).astype(np.uint8)

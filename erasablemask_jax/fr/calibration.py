@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from erasablemask_jax.data import images as images_lib
+
 FARS = (0.1, 0.01, 0.001)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -164,14 +166,15 @@ def roc_metrics(genuine: np.ndarray, impostor: np.ndarray, fars: Iterable[float]
 
 
 def load_faces(paths: Sequence[pathlib.Path]) -> list[np.ndarray]:
-  """uint8 RGB arrays of the images."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  """uint8 RGB arrays of the images, read as every other command reads them.
+
+  That is `data.images.read_image`: EXIF orientation applied, 16-bit scaled to 8 bit, alpha composited on white.
+  """
   out = []
   for p in paths:
     try:
-      with Image.open(p) as im:
-        out.append(np.asarray(im.convert("RGB")))
-    except OSError as e:
+      out.append(images_lib.read_image(p, str(p), min_side=1))
+    except images_lib.SkipImage as e:
       raise CalibrationError(f"cannot read image {p}: {e}") from e
   return out
 

@@ -48,3 +48,37 @@ def test_bundled_model_card():
   assert card["source"]["sha256"] == "90a00ba1d8b0b688af3deb731ed53dca582e6106805d1bc3cfdef55f570493f4"
   assert (fr.bundled_dir("mobilefacenet") / "LICENSE").read_text().startswith("\n                                 Apache")
   assert 0.2 < card["thresholds"]["far_0.01"] < 0.35
+
+
+def _smooth_image(seed: int, size: int = 112) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  small = np.random.RandomState(seed).randint(0, 256, (14, 14, 3)).astype(np.uint8)
+  return np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def test_calibrate_reads_16_bit_pngs_and_exif_rotated_jpegs_like_every_command(tmp_path, capsys):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  faces = tmp_path / "faces"
+  faces.mkdir()
+  gray = _smooth_image(0)[..., 0]
+  Image.fromarray(np.stack([gray] * 3, -1)).save(faces / "a8.png")
+  Image.fromarray(gray.astype(np.uint16) * 257).save(faces / "a16.png")  # 16-bit grayscale, same picture
+  assert Image.open(faces / "a16.png").mode == "I;16"
+  upright = _smooth_image(1)
+  Image.fromarray(upright).save(faces / "b.jpg", quality=100, subsampling=0)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 CW to display": the stored pixels are the upright picture turned 90 CCW
+  Image.fromarray(np.rot90(upright)).save(faces / "b_rot.jpg", quality=100, subsampling=0, exif=exif)
+  (tmp_path / "ids.txt").write_text("a8.png 1\na16.png 1\nb.jpg 2\nb_rot.jpg 2\n")
+
+  loaded = dict(zip(["a16", "a8", "b", "b_rot"], calibration.load_faces(sorted(faces.iterdir()))))
+  np.testing.assert_array_equal(loaded["a16"], loaded["a8"])
+  assert loaded["b_rot"].shape == upright.shape
+  assert np.abs(loaded["b_rot"].astype(int) - loaded["b"]).mean() < 2  # upright again (JPEG noise only)
+
+  out = tmp_path / "cal.json"
+  assert cli.main(["calibrate", "--fr", "bundled:mobilefacenet", "--faces", str(faces), "--identities",
+                   str(tmp_path / "ids.txt"), "--out", str(out)]) == 0
+  res = json.loads(out.read_text())
+  assert res["n_genuine"] == 2 and res["n_impostor"] == 4
+  assert res["mean_cos"]["genuine"] > 0.99  # both pairs embed as the same picture

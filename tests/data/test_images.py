@@ -1,0 +1,42 @@
+"""`read_image`, the one photo reader every command uses: bit depths and EXIF orientation."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from erasablemask_jax.data import images
+
+
+def _png(array: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize("peak", [200, 65535])  # a dark 16-bit image (every value < 256) stays dark
+def test_16_bit_png_is_scaled_from_its_depth(peak):
+  values = np.linspace(0, peak, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+  report = images.ImportReport()
+  out = images.read_image(_png(values), "sixteen.png", report)
+  assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
+  np.testing.assert_array_equal(out[..., 0], np.round(values / 257.0).astype(np.uint8))
+  np.testing.assert_array_equal(out[..., 0], out[..., 2])
+  assert any("16" in reason for reason in report.converted)
+
+
+@pytest.mark.parametrize("orientation, undo", [(3, lambda a: np.rot90(a, 2)), (6, np.rot90),
+                                               (8, lambda a: np.rot90(a, -1))])
+def test_exif_orientation_is_applied(orientation, undo):
+  upright = np.zeros((40, 24, 3), np.uint8)
+  upright[:10] = 255  # white top band
+  upright[:, :6, 1] = 200  # green left band
+  stored = undo(upright)  # what a camera stores for this tag
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  buf = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(stored)).save(buf, format="PNG", exif=exif)
+  np.testing.assert_array_equal(images.read_image(buf.getvalue(), min_side=1), upright)
