@@ -6,21 +6,31 @@ within the set as in training), one target identity with images `x_t`:
   x_edit, x_adv = G(x, att_b) (clean edit and protected), x_rec = R(x_adv, att_a)
   x_fgsm, x_pgd = FGSM / PGD (eps 4/255 on [0, 1]) against the run's surrogate ensemble (`metrics.recognition`)
 
+Every generated face is scored as published: x_edit, x_adv, x_fgsm, x_pgd and x_rec are rounded to uint8 (as the PNG
+`protect` writes, `train.writer.to_uint8`) before any FR model, transform or quality metric sees them, and R restores
+the rounded x_adv (its output rounded in turn).
+
 Per FR model f (white-box: one of the run's surrogates; black-box: any other), with L2-normalised embeddings and the
 target embedding `t = mean_j f(x_t_j)` (unnormalised mean of unit vectors, so `f(x) . t` is the mean cosine over the
 target images, as the trainer's report):
 
   cos_k = f(x_k) . t,   ASR_k = mean[cos_k > tau1],   ESR = mean[f(x_rec) . t < tau2]
 
+and, against each face's own source (beyond the paper; `metrics.recognition`),
+
+  src_k = f(x_k) . f(x),   SMR_k = mean[src_k > tau1] (k = edit, fgsm, pgd, adv),   IRR = mean[src_rec > tau1]
+
 with tau1, tau2 the model's calibrated thresholds at `fr.tau1_far` / `fr.tau2_far` (its card; missing thresholds make
-the rates "not available", never a made-up number). Table V applies each evaluation transform T (seeded:
-`rng = fold_in(PRNGKey(seed), index of T)`) to x_adv: ASR of T(x_adv), ESR of R(T(x_adv), att_a). Table VI: L1, MSE
-(on [0, 1]), LPIPS and FID of x_adv against x_edit and of x_rec against x.
+the rates "not available", never a made-up number). The clean face has no SMR / IRR (its source is itself: both
+trivially 1). Table V applies each evaluation transform T (seeded: `rng = fold_in(PRNGKey(seed), index of T)`) to
+x_adv: ASR and SMR of T(x_adv), ESR and IRR of R(T(x_adv), att_a) (rounded). Table VI: L1, MSE (on [0, 1]), LPIPS and
+FID of x_adv against x_edit and of x_rec against x.
 
 Written to the report folder: `report.json`, `report.md`, `embeddings/<model>.npz` (keys `clean`, `edit`, `adv`,
-`rec`, `fgsm`, `pgd`, `<T>.adv`, `<T>.rec`: [N, D] unit embeddings; `target`: [M, D]; `tau1`, `tau2`, NaN when
-uncalibrated: enough to recompute every ASR / ESR), `fig4.png` (columns: source, attribute edit, FGSM, PGD, protected,
-restored), `table2_asr.png`, `table5_robustness.png`.
+`rec`, `fgsm`, `pgd`, `<T>.adv`, `<T>.rec`: [N, D] unit embeddings, `clean` being the sources; `target`: [M, D];
+`tau1`, `tau2`, NaN when uncalibrated: enough to recompute every ASR / ESR / SMR / IRR), `fig4.png` (columns: source,
+attribute edit, FGSM, PGD, protected, restored), `table2_asr.png`, `table2_source.png` (SMR, IRR),
+`table5_robustness.png`, `table5_source.png`.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from erasablemask_jax.train.writer import to_uint8
 log = logging.getLogger(__name__)
 
 METHODS = ("clean", "edit", "fgsm", "pgd", "erasablemask")
+SOURCE_METHODS = METHODS[1:]  # the clean face is its own source: no SMR
 METHOD_LABELS = {"clean": "Clean", "edit": "Attribute edit", "fgsm": "FGSM", "pgd": "PGD",
                  "erasablemask": "ErasableMask"}
 EMBED_BATCH = 32
@@ -129,10 +140,51 @@ def _embed(model: EvalModel, images: np.ndarray) -> np.ndarray:
   return batching.map_in_batches(lambda a: fn(variables, a), EMBED_BATCH, np.asarray(images, np.float32))
 
 
+def published(images: np.ndarray) -> np.ndarray:
+  """Float [-1, 1] faces as a user publishes them: rounded to the uint8 PNG `protect` writes, back in [-1, 1]."""
+  return to_model_input(to_uint8(images))
+
+
+def protect_and_restore(run: Run, x: np.ndarray, att_a: np.ndarray, att_b: np.ndarray) -> dict[str, np.ndarray]:
+  """`{"edit", "adv", "rec"}` as published: x_edit, x_adv rounded, and R(rounded x_adv, att_a) rounded."""
+  x_adv, x_edit = run.protect(x, att_b)
+  x_adv = published(x_adv)
+  return {"edit": published(x_edit), "adv": x_adv, "rec": published(run.restore(x_adv, att_a))}
+
+
 def _rate(fn, cos: np.ndarray, tau: float | None, what: str):
   if tau is None:
     return availability.Unavailable(f"no calibrated threshold for {what}; run `erasablemask calibrate --store`")
   return fn(cos, tau)
+
+
+def _protected_rates(cos, src, adv: str, rec: str, m: EvalModel) -> dict[str, Any]:
+  return {"asr": _rate(recognition.attack_success_rate, cos[adv], m.tau1, "ASR"),
+          "esr": _rate(recognition.erasure_success_rate, cos[rec], m.tau2, "ESR"),
+          "smr": _rate(recognition.source_match_rate, src[adv], m.tau1, "SMR"),
+          "irr": _rate(recognition.identity_recovery_rate, src[rec], m.tau1, "IRR")}
+
+
+def _table2_rows(cos: dict[str, np.ndarray], src: dict[str, np.ndarray], m: EvalModel,
+                 baselines: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """Table II's rows of one model from the cosines to the target (`cos`) and to each face's source (`src`)."""
+  rows = {}
+  for method in METHODS:
+    kind = "adv" if method == "erasablemask" else method
+    if kind not in cos:
+      reason = baselines[method]
+      rows[method] = {"asr": reason, "mean_cos": reason, "smr": reason, "mean_cos_source": reason}
+      continue
+    rows[method] = {"asr": _rate(recognition.attack_success_rate, cos[kind], m.tau1, "ASR"),
+                    "mean_cos": float(cos[kind].mean())}
+    if method in SOURCE_METHODS:
+      rows[method]["smr"] = _rate(recognition.source_match_rate, src[kind], m.tau1, "SMR")
+      rows[method]["mean_cos_source"] = float(src[kind].mean())
+  rows["erasablemask"].update(_protected_rates(cos, src, "adv", "rec", m))
+  rows["erasablemask"]["mean_cos_restored"] = float(cos["rec"].mean())
+  rows["erasablemask"]["mean_cos_restored_source"] = float(src["rec"].mean())
+  rows["clean"]["esr"] = _rate(recognition.erasure_success_rate, cos["clean"], m.tau2, "ESR")
+  return rows
 
 
 def _faces(run: Run, data_dir: str, target: str, identities: Sequence[int] | None, max_faces: int | None):
@@ -216,7 +268,7 @@ def _transformed(run: Run, x_adv: np.ndarray, att_a: np.ndarray, transforms: Seq
     except ValueError as e:
       out[name] = availability.Unavailable(f"{name} does not apply to {x_adv.shape[1]}x{x_adv.shape[2]} faces: {e}")
       continue
-    out[name] = {"adv": adv_t, "rec": run.restore(adv_t, att_a)}
+    out[name] = {"adv": adv_t, "rec": published(run.restore(adv_t, att_a))}
   return out
 
 
@@ -283,13 +335,11 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
   att_a, att_a_source = _faces_att_a(run, data_dir, faces)
   att_b = attributes_lib.parse_spec(attrs).apply(att_a)
   x, x_t = to_model_input(faces["image"]), to_model_input(target_images)
-  x_adv, x_edit = run.protect(x, att_b)
-  x_rec = run.restore(x_adv, att_a)
-  images = {"clean": x, "edit": x_edit, "adv": x_adv, "rec": x_rec}
+  images = {"clean": x, **protect_and_restore(run, x, att_a, att_b)}
   baselines = _baselines(run, x, x_t, tuple(config.fr.surrogates if surrogates is None else surrogates), pgd_steps,
                          epsilon)
-  images.update({k: v for k, v in baselines.items() if not isinstance(v, availability.Unavailable)})
-  robust = _transformed(run, x_adv, att_a, transforms, seed)
+  images.update({k: published(v) for k, v in baselines.items() if not isinstance(v, availability.Unavailable)})
+  robust = _transformed(run, images["adv"], att_a, transforms, seed)
 
   (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
   table2, table5, model_info = {}, {}, {}
@@ -301,25 +351,14 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
     target_emb = _embed(m, x_t)
     t = target_emb.mean(axis=0)
     cos = {k: e @ t for k, e in emb.items()}
-    rows = {}
-    for method in METHODS:
-      kind = "adv" if method == "erasablemask" else method
-      if kind not in cos:
-        rows[method] = {"asr": baselines[method], "mean_cos": baselines[method]}
-        continue
-      rows[method] = {"asr": _rate(recognition.attack_success_rate, cos[kind], m.tau1, "ASR"),
-                      "mean_cos": float(cos[kind].mean())}
-    rows["erasablemask"]["esr"] = _rate(recognition.erasure_success_rate, cos["rec"], m.tau2, "ESR")
-    rows["erasablemask"]["mean_cos_restored"] = float(cos["rec"].mean())
-    rows["clean"]["esr"] = _rate(recognition.erasure_success_rate, cos["clean"], m.tau2, "ESR")
-    table2[m.key] = rows
-    t5 = {"none": {"asr": rows["erasablemask"]["asr"], "esr": rows["erasablemask"]["esr"]}}
+    src = {k: np.sum(e * emb["clean"], axis=1) for k, e in emb.items()}  # each face against its own source
+    table2[m.key] = _table2_rows(cos, src, m, baselines)
+    t5 = {"none": {k: table2[m.key]["erasablemask"][k] for k in ("asr", "esr", "smr", "irr")}}
     for name, r in robust.items():
       if isinstance(r, availability.Unavailable):
-        t5[name] = {"asr": r, "esr": r}
+        t5[name] = {"asr": r, "esr": r, "smr": r, "irr": r}
       else:
-        t5[name] = {"asr": _rate(recognition.attack_success_rate, cos[f"{name}.adv"], m.tau1, "ASR"),
-                    "esr": _rate(recognition.erasure_success_rate, cos[f"{name}.rec"], m.tau2, "ESR")}
+        t5[name] = _protected_rates(cos, src, f"{name}.adv", f"{name}.rec", m)
     table5[m.key] = t5
     model_info[m.key] = {"spec": m.spec, "whitebox": m.whitebox, "tau1": m.tau1, "tau2": m.tau2,
                          "tau1_far": float(config.fr.tau1_far), "tau2_far": float(config.fr.tau2_far),
@@ -382,7 +421,9 @@ def format_markdown(report: dict[str, Any]) -> str:
            "", f"Target: {report['target']} ({report['target_images']} images); att_b: `{report['attrs']}`; att_a "
            f"from {report['att_a_source']}; FGSM/PGD: eps {report['epsilon'] * 127.5:.2f}/255 on [0,1], "
            f"{report['pgd_steps']} PGD steps, surrogates {report['surrogates']}. (W) white-box, (B) black-box.", "",
-           "## Table II: attack and erasure success rates (%)", "",
+           "## Table II: attack and erasure success rates (%), and matches to the source face", "",
+           "SMR: protected face verified as its source (lower = more private); IRR: restored face verified as its "
+           "source (higher = identity recovered); both at tau1. The clean face is its own source (no SMR).", "",
            "| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
   for method in METHODS:
     lines.append(f"| {METHOD_LABELS[method]} ASR | "
@@ -391,17 +432,22 @@ def format_markdown(report: dict[str, Any]) -> str:
                + " |")
   lines.append("| Clean ESR (no protection) | "
                + " | ".join(_pct(report["table2"][k]["clean"]["esr"]) for k in keys) + " |")
+  for method in SOURCE_METHODS:
+    lines.append(f"| {METHOD_LABELS[method]} SMR | "
+                 + " | ".join(_pct(report["table2"][k][method]["smr"]) for k in keys) + " |")
+  lines.append("| ErasableMask IRR | " + " | ".join(_pct(report["table2"][k]["erasablemask"]["irr"]) for k in keys)
+               + " |")
   def tau(k, which):
     value = report["models"][k][which]
     return "not calibrated" if value is None else f"{value:.4f}"
 
   lines += ["", "| thresholds | " + " | ".join(f"tau1 {tau(k, 'tau1')}, tau2 {tau(k, 'tau2')}" for k in keys) + " |",
             "|---" * (len(keys) + 1) + "|"]
-  lines += ["", "## Table V: robustness, ASR / ESR (%) after each transform of the protected face", "",
+  lines += ["", "## Table V: robustness, ASR / ESR / SMR / IRR (%) after each transform of the protected face", "",
             "| transform | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
   for name in ["none", *report["transforms"]] if keys else []:
     lines.append(f"| {name} | " + " | ".join(
-        f"{_pct(report['table5'][k][name]['asr'])} / {_pct(report['table5'][k][name]['esr'])}" for k in keys) + " |")
+        " / ".join(_pct(report["table5"][k][name][r]) for r in ("asr", "esr", "smr", "irr")) for k in keys) + " |")
   lines += ["", "## Table VI: image quality", "", "| comparison | L1 | MSE | LPIPS | FID |", "|---|---|---|---|---|"]
   for row, label in (("protected_vs_edit", "protected vs attribute-edited clean"),
                      ("restored_vs_source", "restored vs source")):
@@ -417,7 +463,8 @@ def format_markdown(report: dict[str, Any]) -> str:
   if reasons:
     lines += ["", "n/a: " + "; ".join(reasons)]
   lines += ["", "Figures: fig4.png (source | attribute edit | FGSM | PGD | protected | restored), table2_asr.png, "
-            "table5_robustness.png. Embeddings and thresholds: embeddings/<model>.npz.", ""]
+            "table2_source.png, table5_robustness.png, table5_source.png. Embeddings and thresholds: "
+            "embeddings/<model>.npz.", ""]
   return "\n".join(lines)
 
 
@@ -443,9 +490,14 @@ def _figures(out_dir: pathlib.Path, images: dict[str, np.ndarray], report: dict[
   series = {METHOD_LABELS[m] + " ASR": [_value_or_none(report["table2"][k][m]["asr"]) for k in keys] for m in METHODS}
   series["ErasableMask ESR"] = [_value_or_none(report["table2"][k]["erasablemask"]["esr"]) for k in keys]
   plots.grouped_bars(out_dir / "table2_asr.png", head, series, "Table II: ASR / ESR per FR model")
+  source = {METHOD_LABELS[m] + " SMR": [_value_or_none(report["table2"][k][m]["smr"]) for k in keys]
+            for m in SOURCE_METHODS}
+  source["ErasableMask IRR"] = [_value_or_none(report["table2"][k]["erasablemask"]["irr"]) for k in keys]
+  plots.grouped_bars(out_dir / "table2_source.png", head, source,
+                     "Table II: source match (SMR, lower = private) / identity recovery (IRR)")
   names = ["none", *report["transforms"]]
-  series5 = {}
-  for k, h in zip(keys, head):
-    series5[f"{h} ASR"] = [_value_or_none(report["table5"][k][nm]["asr"]) for nm in names]
-    series5[f"{h} ESR"] = [_value_or_none(report["table5"][k][nm]["esr"]) for nm in names]
-  plots.grouped_bars(out_dir / "table5_robustness.png", names, series5, "Table V: ASR / ESR after transforms")
+  for path, rates, title in (("table5_robustness.png", ("asr", "esr"), "Table V: ASR / ESR after transforms"),
+                             ("table5_source.png", ("smr", "irr"), "Table V: SMR / IRR after transforms")):
+    series5 = {f"{h} {r.upper()}": [_value_or_none(report["table5"][k][nm][r]) for nm in names]
+               for k, h in zip(keys, head) for r in rates}
+    plots.grouped_bars(out_dir / path, names, series5, title)

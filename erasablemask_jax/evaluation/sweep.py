@@ -1,9 +1,11 @@
-"""The Fig. 5 ablation: ASR, ESR and quality of several evaluated runs against one swept config value.
+"""The Fig. 5 ablation: ASR, ESR, SMR, IRR and quality of several evaluated runs against one swept config value.
 
 Each run contributes its config value (`model.gamma` or `model.beta`, read from `RUN/config.json`) and its evaluation
 report (`REPORT/report.json` written by `erasablemask evaluate`, by default `RUN/evaluation/report.json`). The sweep
-plots, per FR model and as the mean over models, ASR and ESR of ErasableMask against the value, and the L1 of the
-protected faces; it writes `sweep.json`, `sweep.md`, `sweep_asr_esr.png` and `sweep_quality.png`.
+plots, per FR model and as the mean over models, ASR and ESR of ErasableMask against the value, its SMR (protected face
+verified as its source) and IRR (restored face verified as its source), and the L1 of the protected faces; it writes
+`sweep.json`, `sweep.md`, `sweep_asr_esr.png`, `sweep_smr_irr.png` and `sweep_quality.png`. A report written before
+SMR / IRR existed contributes None to those.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from erasablemask_jax.evaluation import sidecar as sidecar_lib
 
 PARAMS = {"gamma": ("model", "gamma"), "beta": ("model", "beta")}
 DEFAULT_REPORT = "evaluation"
+RATES = ("asr", "esr", "smr", "irr")
 
 
 def _number(value):
-  return None if isinstance(value, dict) else float(value)
+  return None if value is None or isinstance(value, dict) else float(value)
 
 
 def _read_run(run: pathlib.Path, report_dir: pathlib.Path | None, param: str) -> dict[str, Any]:
@@ -71,11 +74,10 @@ def sweep(param: str, runs: Sequence[str | os.PathLike[str]], out_dir: str | os.
   for e in entries:
     t2 = e["data"]["table2"]
     row = {"run": e["run"], "report": e["report"], param: e["value"],
-           "asr": {m: _number(t2[m]["erasablemask"]["asr"]) for m in models},
-           "esr": {m: _number(t2[m]["erasablemask"]["esr"]) for m in models},
+           **{k: {m: _number(t2[m]["erasablemask"].get(k)) for m in models} for k in RATES},
            "l1_protected": _number(e["data"]["table6"]["protected_vs_edit"]["l1"]),
            "l1_restored": _number(e["data"]["table6"]["restored_vs_source"]["l1"])}
-    for k in ("asr", "esr"):
+    for k in RATES:
       known = [v for v in row[k].values() if v is not None]
       row[f"mean_{k}"] = float(np.mean(known)) if known else None
     rows.append(row)
@@ -87,11 +89,11 @@ def sweep(param: str, runs: Sequence[str | os.PathLike[str]], out_dir: str | os.
   def pct(v):
     return None if v is None else 100 * v
 
-  series = {"mean ASR": [pct(r["mean_asr"]) for r in rows], "mean ESR": [pct(r["mean_esr"]) for r in rows]}
-  for m in models:
-    series[f"{m} ASR"] = [pct(r["asr"][m]) for r in rows]
-    series[f"{m} ESR"] = [pct(r["esr"][m]) for r in rows]
-  plots.sweep_lines(out_dir / "sweep_asr_esr.png", param, values, series, f"Fig. 5: ASR / ESR against {param}")
+  for name, rates in (("asr_esr", ("asr", "esr")), ("smr_irr", ("smr", "irr"))):
+    series = {f"mean {k.upper()}": [pct(r[f"mean_{k}"]) for r in rows] for k in rates}
+    series.update({f"{m} {k.upper()}": [pct(r[k][m]) for r in rows] for m in models for k in rates})
+    plots.sweep_lines(out_dir / f"sweep_{name}.png", param, values, series,
+                      f"Fig. 5: {' / '.join(k.upper() for k in rates)} against {param}")
   plots.sweep_lines(out_dir / "sweep_quality.png", param, values,
                     {"L1 protected vs edit": [r["l1_protected"] for r in rows],
                      "L1 restored vs source": [r["l1_restored"] for r in rows]},
@@ -105,11 +107,11 @@ def format_markdown(result: dict[str, Any], models: Sequence[str]) -> str:
   def pct(v):
     return "n/a" if v is None else f"{100 * v:.2f}"
 
-  lines = [f"# Sweep over {param}", "", f"| {param} | mean ASR | mean ESR | "
-           + " | ".join(f"{m} ASR / ESR" for m in models) + " | L1 protected | run |",
-           "|---" * (len(models) + 5) + "|"]
+  lines = [f"# Sweep over {param}", "", f"| {param} | mean ASR | mean ESR | mean SMR | mean IRR | "
+           + " | ".join(f"{m} ASR / ESR / SMR / IRR" for m in models) + " | L1 protected | run |",
+           "|---" * (len(models) + 7) + "|"]
   for r in sorted(result["runs"], key=lambda r: r[param]):
     l1 = "n/a" if r["l1_protected"] is None else f"{r['l1_protected']:.4f}"
-    lines.append(f"| {r[param]:g} | {pct(r['mean_asr'])} | {pct(r['mean_esr'])} | "
-                 + " | ".join(f"{pct(r['asr'][m])} / {pct(r['esr'][m])}" for m in models) + f" | {l1} | {r['run']} |")
+    lines.append(f"| {r[param]:g} | " + " | ".join(pct(r[f"mean_{k}"]) for k in RATES) + " | "
+                 + " | ".join(" / ".join(pct(r[k][m]) for k in RATES) for m in models) + f" | {l1} | {r['run']} |")
   return "\n".join(lines) + "\n"

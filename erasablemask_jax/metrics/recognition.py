@@ -1,9 +1,14 @@
-"""Recognition metrics (ASR, ESR) from embeddings and thresholds, and the FGSM / PGD impersonation baselines.
+"""Recognition metrics (ASR, ESR, IRR, SMR) from embeddings and thresholds, and the FGSM / PGD impersonation baselines.
 
 Per SPEC.md, with L2-normalised embeddings and `cos(a, b) = <a/|a|, b/|b|>`:
 
   ASR = mean_i [ cos(FR(x_adv_i), FR(x_target)) > tau1 ]    tau1: the model's threshold at FAR 0.01
   ESR = mean_i [ cos(FR(x_rec_i), FR(x_target)) < tau2 ]    tau2: the model's threshold at FAR 0.1
+  IRR = mean_i [ cos(FR(x_rec_i), FR(x_cov_i)) > tau1 ]     identity recovery: R gives back the source's identity
+  SMR = mean_i [ cos(FR(x_adv_i), FR(x_cov_i)) > tau1 ]     source match of the protected face (lower: more private)
+
+ESR alone is met by any restored face that is not the target (a clean face scores high ESR); IRR asks that the FR
+model verify the restored face as the person in the original photo x_cov, at the strict threshold tau1.
 
 Baselines (Table II), targeted impersonation against an ensemble of K surrogate embedding functions:
 
@@ -39,40 +44,64 @@ def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.sum(normalize(a) * normalize(b), axis=-1)
 
 
+def _fraction(cos: np.ndarray, tau: float, above: bool, name: str) -> float:
+  c = np.asarray(cos, np.float64)
+  if c.size == 0:
+    raise ValueError(f"{name} of an empty set of cosines is undefined")
+  return float(np.mean(c > tau if above else c < tau))
+
+
 def attack_success_rate(cos_adv_target: np.ndarray, tau1: float) -> float:
   """ASR: fraction of `cos(FR(x_adv), FR(x_target))` strictly above tau1."""
-  c = np.asarray(cos_adv_target, np.float64)
-  if c.size == 0:
-    raise ValueError("ASR of an empty set of cosines is undefined")
-  return float(np.mean(c > tau1))
+  return _fraction(cos_adv_target, tau1, True, "ASR")
 
 
 def erasure_success_rate(cos_rec_target: np.ndarray, tau2: float) -> float:
   """ESR: fraction of `cos(FR(x_rec), FR(x_target))` strictly below tau2."""
-  c = np.asarray(cos_rec_target, np.float64)
-  if c.size == 0:
-    raise ValueError("ESR of an empty set of cosines is undefined")
-  return float(np.mean(c < tau2))
+  return _fraction(cos_rec_target, tau2, False, "ESR")
 
 
-def success_rates(emb_adv: np.ndarray, emb_rec: np.ndarray, emb_target: np.ndarray, tau1: float,
-                  tau2: float) -> dict[str, float]:
-  """ASR, ESR and the mean cosines, from embeddings of one FR model.
+def identity_recovery_rate(cos_rec_source: np.ndarray, tau1: float) -> float:
+  """IRR: fraction of `cos(FR(x_rec), FR(x_cov))` strictly above tau1 (the restored face verifies as its source)."""
+  return _fraction(cos_rec_source, tau1, True, "IRR")
+
+
+def source_match_rate(cos_adv_source: np.ndarray, tau1: float) -> float:
+  """SMR: fraction of `cos(FR(x_adv), FR(x_cov))` strictly above tau1 (the protected face still verifies as its
+  source; lower is more private)."""
+  return _fraction(cos_adv_source, tau1, True, "SMR")
+
+
+def success_rates(emb_adv: np.ndarray, emb_rec: np.ndarray, emb_target: np.ndarray, tau1: float, tau2: float,
+                  emb_source: np.ndarray | None = None) -> dict[str, float]:
+  """ASR, ESR (and, given the source faces' embeddings, IRR and SMR) and the mean cosines, for one FR model.
 
   Args:
     emb_adv: [N, D] embeddings of the protected faces.
     emb_rec: [N, D] embeddings of the restored faces.
     emb_target: [D] (one target) or [N, D] (a target per face).
-    tau1: ASR threshold (FAR 0.01).
+    tau1: ASR / IRR / SMR threshold (FAR 0.01).
     tau2: ESR threshold (FAR 0.1).
+    emb_source: [N, D] embeddings of the source faces x_cov, row i the source of face i; None: no IRR / SMR.
 
   Returns:
-    {"asr", "esr", "mean_cos_adv", "mean_cos_rec"}.
+    {"asr", "esr", "mean_cos_adv", "mean_cos_rec"}, and with `emb_source` also
+    {"irr", "smr", "mean_cos_adv_source", "mean_cos_rec_source"}.
   """
   cos_adv = np.asarray(cosine(emb_adv, emb_target))
   cos_rec = np.asarray(cosine(emb_rec, emb_target))
-  return {"asr": attack_success_rate(cos_adv, tau1), "esr": erasure_success_rate(cos_rec, tau2),
-          "mean_cos_adv": float(cos_adv.mean()), "mean_cos_rec": float(cos_rec.mean())}
+  out = {"asr": attack_success_rate(cos_adv, tau1), "esr": erasure_success_rate(cos_rec, tau2),
+         "mean_cos_adv": float(cos_adv.mean()), "mean_cos_rec": float(cos_rec.mean())}
+  if emb_source is not None:
+    if np.shape(emb_source) != np.shape(emb_adv):
+      raise ValueError(f"emb_source has shape {np.shape(emb_source)}; it needs one source per protected face, "
+                       f"{np.shape(emb_adv)}")
+    cos_adv_source = np.asarray(cosine(emb_adv, emb_source))
+    cos_rec_source = np.asarray(cosine(emb_rec, emb_source))
+    out.update({"irr": identity_recovery_rate(cos_rec_source, tau1), "smr": source_match_rate(cos_adv_source, tau1),
+                "mean_cos_adv_source": float(cos_adv_source.mean()),
+                "mean_cos_rec_source": float(cos_rec_source.mean())})
+  return out
 
 
 def impersonation_loss(x: jax.Array, embed_fns: Sequence[EmbedFn], targets: Sequence[jax.Array]) -> jax.Array:

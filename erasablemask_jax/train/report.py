@@ -1,15 +1,21 @@
-"""The closing report of a training run: white-box ASR and ESR on held-out faces against the clean baselines.
+"""The closing report of a training run: white-box ASR, ESR, SMR and IRR on held-out faces against the clean baselines.
 
 For each surrogate and each face `x_cov` of the held-out split (or, without one, the first training batch), with
 `att_b` the held-out labels rolled by one face (a permutation, as in training):
-- `cos(FR(x), FR(x_target))` for x in {x_cov (clean), x_cov^{att_b} (attribute edit only), x_adv, x_rec};
+- the generated faces are scored as published: x_cov^{att_b} (attribute edit only) and x_adv are rounded to uint8
+  (`train.writer.to_uint8`, as `protect` writes the PNG), R restores the rounded x_adv, and x_rec is rounded too;
+- `cos(FR(x), FR(x_target))` for x in {x_cov (clean), x_cov^{att_b}, x_adv, x_rec}, and `cos(FR(x), FR(x_cov))` for
+  x in {x_cov^{att_b}, x_adv, x_rec};
 - ASR = fraction above tau1 (the model's calibrated threshold at `fr.tau1_far`), ESR = fraction of restored faces below
-  tau2 (at `fr.tau2_far`), with the same rates for the clean and edited baselines. Thresholds come from the FR model's
-  card (`erasablemask calibrate --store`); an uncalibrated model reports cosines only.
+  tau2 (at `fr.tau2_far`), with the same rates for the clean and edited baselines; SMR = fraction of protected (and
+  edited) faces whose cosine to their own source is above tau1 (lower: more private), IRR = the same fraction of
+  restored faces (identity recovered). Thresholds come from the FR model's card (`erasablemask calibrate --store`); an
+  uncalibrated model reports cosines only.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -20,13 +26,36 @@ import numpy as np
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
 from erasablemask_jax.metrics import recognition
 from erasablemask_jax.train.writer import save_image_grid
+from erasablemask_jax.train.writer import to_uint8
 
 IMAGES = ("clean", "edit", "adv", "rec")
+SOURCE_IMAGES = IMAGES[1:]  # compared with their source x_cov (the clean face is the source)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _protect(models, g_vars, e_vars, x, att_b):
+  (x_adv, x_edit), _ = models.protect(g_vars, e_vars, x, att_b)
+  return x_adv, x_edit
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _restore(models, r_vars, x_adv, att_a):
+  return models.restore(r_vars, x_adv, att_a)[0]
 
 
 def _threshold(recogniser, far: float) -> float | None:
   value = recogniser.thresholds.get(f"far_{far:g}")
   return None if value is None else float(value)
+
+
+def published_outputs(models, state, x: jax.Array, att_a: jax.Array, att_b: jax.Array) -> dict[str, jax.Array]:
+  """`{"clean", "edit", "adv", "rec"}` in [-1, 1]; edit, adv and rec rounded to uint8 as published, R restoring the
+  rounded x_adv."""
+  x_adv, x_edit = _protect(models, state.g.variables, state.e_adv.variables, x, att_b)
+  x_adv = uint8_to_minus1_1(to_uint8(x_adv))
+  x_rec = _restore(models, state.r.variables, x_adv, att_a)
+  return {"clean": x, "edit": uint8_to_minus1_1(to_uint8(x_edit)), "adv": x_adv,
+          "rec": uint8_to_minus1_1(to_uint8(x_rec))}
 
 
 def whitebox_report(trainer, state) -> dict:
@@ -40,28 +69,26 @@ def whitebox_report(trainer, state) -> dict:
   x = uint8_to_minus1_1(images)
   att_a = jnp.asarray(att_a, jnp.float32)
   att_b = jnp.roll(att_a, 1, axis=0)
-  models = trainer.models
-
-  @jax.jit
-  def forward(state, x, att_a, att_b):
-    (x_adv, x_edit), _ = models.protect(state.g.variables, state.e_adv.variables, x, att_b)
-    x_rec, _ = models.restore(state.r.variables, x_adv, att_a)
-    return {"clean": x, "edit": x_edit, "adv": x_adv, "rec": x_rec}
-
-  outputs = forward(state, x, att_a, att_b)
+  outputs = published_outputs(trainer.models, state, x, att_a, att_b)
   config = trainer.config
   report = {"faces": int(x.shape[0]), "split": "held-out" if held_out else "training batch",
             "image_size": config.image_size, "steps": int(state.step), "surrogates": {}}
   for surrogate, target in zip(trainer.surrogates, trainer.targets):
-    cos = {k: np.asarray(surrogate.embed(v) @ target) for k, v in outputs.items()}
+    emb = {k: np.asarray(surrogate.embed(v)) for k, v in outputs.items()}
+    cos = {k: e @ np.asarray(target) for k, e in emb.items()}
+    src = {k: np.sum(emb[k] * emb["clean"], axis=1) for k in SOURCE_IMAGES}
     tau1 = _threshold(surrogate.recogniser, config.fr.tau1_far)
     tau2 = _threshold(surrogate.recogniser, config.fr.tau2_far)
-    entry = {"mean_cos": {k: float(c.mean()) for k, c in cos.items()}, "tau1": tau1, "tau2": tau2}
+    entry = {"mean_cos": {k: float(c.mean()) for k, c in cos.items()},
+             "mean_cos_source": {k: float(c.mean()) for k, c in src.items()}, "tau1": tau1, "tau2": tau2}
     if tau1 is not None:
       entry["asr"] = {k: recognition.attack_success_rate(cos[k], tau1) for k in ("clean", "edit", "adv")}
+      entry["smr"] = {k: recognition.source_match_rate(src[k], tau1) for k in ("edit", "adv")}
+      entry["irr"] = {"rec": recognition.identity_recovery_rate(src["rec"], tau1)}
     if tau2 is not None:
       entry["esr"] = {k: recognition.erasure_success_rate(cos[k], tau2) for k in ("adv", "rec")}
     entry["cos"] = {k: c.tolist() for k, c in cos.items()}
+    entry["cos_source"] = {k: c.tolist() for k, c in src.items()}
     report["surrogates"][surrogate.spec] = entry
   workdir = pathlib.Path(trainer.workdir)
   (workdir / "report.json").write_text(json.dumps(report, indent=2))
@@ -73,18 +100,22 @@ def format_report(report: dict) -> str:
   """A Markdown table of the report."""
   lines = [f"White-box report: {report['faces']} {report['split']} faces at {report['image_size']}x"
            f"{report['image_size']} after {report['steps']} steps (x_cov | x_cov^att_b | x_adv | x_rec in report.png)",
-           "", "| surrogate | cos clean | cos edit | cos adv | cos rec | ASR clean | ASR edit | ASR adv | ESR rec |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "", "cos: to the target; src: to the face's own source x_cov. SMR (lower = more private) and IRR count "
+           "faces verified as their source at tau1; all outputs rounded to uint8 as published.", "",
+           "| surrogate | cos clean | cos edit | cos adv | cos rec | src edit | src adv | src rec | ASR clean | ASR edit "
+           "| ASR adv | ESR rec | SMR edit | SMR adv | IRR rec |", "|---" * 15 + "|"]
   for spec, e in report["surrogates"].items():
-    c = e["mean_cos"]
-    asr = e.get("asr", {})
-    esr = e.get("esr", {})
+    c, s = e["mean_cos"], e["mean_cos_source"]
 
-    def pct(d, k):
+    def pct(rate, k):
+      d = e.get(rate, {})
       return f"{100 * d[k]:.1f}%" if k in d else "n/a"
 
-    lines.append(f"| {spec} | {c['clean']:.3f} | {c['edit']:.3f} | {c['adv']:.3f} | {c['rec']:.3f} | "
-                 f"{pct(asr, 'clean')} | {pct(asr, 'edit')} | {pct(asr, 'adv')} | {pct(esr, 'rec')} |")
+    lines.append(f"| {spec} | " + " | ".join(f"{c[k]:.3f}" for k in IMAGES) + " | "
+                 + " | ".join(f"{s[k]:.3f}" for k in SOURCE_IMAGES) + " | "
+                 + " | ".join(pct(rate, k) for rate, k in (("asr", "clean"), ("asr", "edit"), ("asr", "adv"),
+                                                           ("esr", "rec"), ("smr", "edit"), ("smr", "adv"),
+                                                           ("irr", "rec"))) + " |")
   taus = {spec: (e["tau1"], e["tau2"]) for spec, e in report["surrogates"].items()}
   lines += ["", f"thresholds (tau1, tau2) from each model's calibrated card: {taus}"]
   return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""`erasablemask evaluate` on the bundled sample faces: numbers recomputed from the saved embeddings, determinism,
-white-box / black-box marking, missing thresholds and metric weights, `--remote` through a real local server; sweep."""
+"""`erasablemask evaluate` on the bundled sample faces: numbers recomputed from the saved embeddings, faces scored as
+published (uint8), determinism, white-box / black-box marking, missing thresholds and metric weights, `--remote` through
+a real local server; sweep."""
 
 import json
 import shutil
@@ -53,7 +54,8 @@ def first(tiny_run, uncalibrated_copy, remote_url, tmp_path_factory):
 
 def test_report_files_and_layout(first):
   report = json.loads((first / "report.json").read_text())
-  for name in ("report.md", "fig4.png", "table2_asr.png", "table5_robustness.png",
+  for name in ("report.md", "fig4.png", "table2_asr.png", "table2_source.png", "table5_robustness.png",
+               "table5_source.png",
                "embeddings/mobilefacenet_foamliu.npz", "embeddings/mfn_uncalibrated.npz"):
     assert (first / name).is_file(), name
   assert report["models"]["mobilefacenet_foamliu"]["whitebox"] is True
@@ -62,6 +64,9 @@ def test_report_files_and_layout(first):
   assert not any(f.startswith("deepface_img8") or f.startswith("deepface_img9") for f in report["faces"])
   md = (first / "report.md").read_text()
   assert "mobilefacenet_foamliu (W)" in md and "mfn_uncalibrated (B)" in md
+  for row in ("Attribute edit SMR", "FGSM SMR", "PGD SMR", "ErasableMask SMR", "ErasableMask IRR"):
+    assert f"| {row} |" in md, row
+  assert "ASR / ESR / SMR / IRR" in md
   # No LPIPS / FID weights given: those columns say so, never a number.
   for row in report["table6"].values():
     assert "unavailable" in row["lpips"] and "unavailable" in row["fid"]
@@ -70,8 +75,15 @@ def test_report_files_and_layout(first):
   # crop224 does not fit 32x32 faces: reported unavailable with the reason.
   assert "does not fit" in report["table5"]["mobilefacenet_foamliu"]["crop224"]["asr"]["unavailable"]
   # An uncalibrated model gets cosines, not rates.
-  assert "unavailable" in report["table2"]["mfn_uncalibrated"]["erasablemask"]["asr"]
-  assert isinstance(report["table2"]["mfn_uncalibrated"]["erasablemask"]["mean_cos"], float)
+  uncalibrated = report["table2"]["mfn_uncalibrated"]
+  for key in ("asr", "esr", "smr", "irr"):
+    assert "unavailable" in uncalibrated["erasablemask"][key], key
+  assert "unavailable" in uncalibrated["pgd"]["smr"]
+  assert isinstance(uncalibrated["erasablemask"]["mean_cos"], float)
+  assert isinstance(uncalibrated["erasablemask"]["mean_cos_restored_source"], float)
+  assert "unavailable" in report["table5"]["mfn_uncalibrated"]["jpeg50"]["irr"]
+  # The clean face is its own source: no SMR.
+  assert "smr" not in report["table2"]["mobilefacenet_foamliu"]["clean"]
 
 
 def test_rates_recomputed_from_saved_embeddings(first):
@@ -95,10 +107,23 @@ def test_rates_recomputed_from_saved_embeddings(first):
     assert t2[method]["asr"] == pytest.approx(np.mean(cos(key) > tau1)), method
     assert t2[method]["mean_cos"] == pytest.approx(np.mean(cos(key)), abs=1e-6), method
   assert t2["erasablemask"]["esr"] == pytest.approx(np.mean(cos("rec") < tau2))
+
+  def src(key):  # each face against its own clean source
+    return np.sum(data[key].astype(np.float64) * data["clean"].astype(np.float64), axis=1)
+
+  for method, key in (("edit", "edit"), ("fgsm", "fgsm"), ("pgd", "pgd"), ("erasablemask", "adv")):
+    assert t2[method]["smr"] == pytest.approx(np.mean(src(key) > tau1)), method
+    assert t2[method]["mean_cos_source"] == pytest.approx(np.mean(src(key)), abs=1e-6), method
+  assert t2["erasablemask"]["irr"] == pytest.approx(np.mean(src("rec") > tau1))
+  assert t2["erasablemask"]["mean_cos_restored_source"] == pytest.approx(np.mean(src("rec")), abs=1e-6)
+  assert t2["erasablemask"]["mean_cos_restored_source"] < 1.0
   t5 = report["table5"]["mobilefacenet_foamliu"]
+  assert t5["none"] == {k: t2["erasablemask"][k] for k in ("asr", "esr", "smr", "irr")}
   for name in ("jpeg50", "gauss0.003", "rotate30"):
     assert t5[name]["asr"] == pytest.approx(np.mean(cos(f"{name}.adv") > tau1))
     assert t5[name]["esr"] == pytest.approx(np.mean(cos(f"{name}.rec") < tau2))
+    assert t5[name]["smr"] == pytest.approx(np.mean(src(f"{name}.adv") > tau1))
+    assert t5[name]["irr"] == pytest.approx(np.mean(src(f"{name}.rec") > tau1))
   # White-box PGD against the run's surrogate beats the clean faces even with 3 steps at 32x32.
   assert np.mean(cos("pgd")) > np.mean(cos("clean")) + 0.1
 
@@ -113,6 +138,35 @@ def test_clean_embeddings_are_the_models_own(first, loaded_run):
   expected = np.asarray(surrogate.embed(arrays["image"][index].astype(np.float32) / 127.5 - 1.0))
   saved = np.load(first / "embeddings" / "mobilefacenet_foamliu.npz")["clean"]
   np.testing.assert_allclose(saved, expected, atol=1e-5)
+
+
+def test_faces_are_scored_as_published_uint8(first, loaded_run):
+  """x_adv is rounded to uint8 before FR and R; x_rec = round(R(round(x_adv))), as `protect` then `erase` would."""
+  from erasablemask_jax.data.pipeline import load_face_folder_arrays
+  from erasablemask_jax.evaluation import attributes as attributes_lib
+  from erasablemask_jax.train.surrogates import load_surrogate
+  from erasablemask_jax.train.writer import to_uint8
+  report = json.loads((first / "report.json").read_text())
+  assert report["att_a_source"] == "attributes.csv"
+  arrays = load_face_folder_arrays("bundled:sample_faces", loaded_run.image_size)
+  index = [arrays["file"].index(f) for f in report["faces"]]
+  x = arrays["image"][index].astype(np.float32) / 127.5 - 1.0
+  att_a = arrays["att"][index].astype(np.float32)
+  x_adv_float, _ = loaded_run.protect(x, attributes_lib.parse_spec(report["attrs"]).apply(att_a))
+  x_adv = to_uint8(x_adv_float).astype(np.float32) / 127.5 - 1.0
+  x_rec = to_uint8(loaded_run.restore(x_adv, att_a)).astype(np.float32) / 127.5 - 1.0
+  published = report_lib.protect_and_restore(loaded_run, x, att_a,
+                                             attributes_lib.parse_spec(report["attrs"]).apply(att_a))
+  np.testing.assert_array_equal(published["adv"], x_adv)
+  np.testing.assert_array_equal(published["rec"], x_rec)
+  for k in ("edit", "adv", "rec"):  # on the uint8 grid
+    np.testing.assert_array_equal(to_uint8(published[k]).astype(np.float32) / 127.5 - 1.0, published[k])
+  surrogate = load_surrogate("bundled:mobilefacenet", "loose_to_arcface", loaded_run.image_size)
+  saved = np.load(first / "embeddings" / "mobilefacenet_foamliu.npz")
+  np.testing.assert_allclose(saved["adv"], np.asarray(surrogate.embed(x_adv)), atol=1e-5)
+  np.testing.assert_allclose(saved["rec"], np.asarray(surrogate.embed(x_rec)), atol=1e-5)
+  # The rounding is visible to the FR model (so the checks above tell rounded from unrounded inputs).
+  assert np.max(np.abs(saved["adv"] - np.asarray(surrogate.embed(x_adv_float)))) > 1e-4
 
 
 def test_remote_scores_match_the_server_model(first):
@@ -172,9 +226,15 @@ def test_sweep_plots_from_evaluated_runs(first, tiny_run, tmp_path, capsys):
   asr = report["table2"]["mobilefacenet_foamliu"]["erasablemask"]["asr"]
   assert result["runs"][0]["asr"]["mobilefacenet_foamliu"] == asr
   assert result["runs"][0]["mean_asr"] == asr  # the uncalibrated model has no rate and is left out of the mean
-  assert (out / "sweep_asr_esr.png").is_file() and (out / "sweep_quality.png").is_file()
+  for k in ("smr", "irr"):
+    rate = report["table2"]["mobilefacenet_foamliu"]["erasablemask"][k]
+    assert result["runs"][0][k] == {"mobilefacenet_foamliu": rate, "mfn_uncalibrated": None}
+    assert result["runs"][0][f"mean_{k}"] == rate
+  for name in ("sweep_asr_esr.png", "sweep_smr_irr.png", "sweep_quality.png"):
+    assert (out / name).is_file(), name
   md = (out / "sweep.md").read_text().splitlines()
   assert [line.split("|")[1].strip() for line in md[4:7]] == ["0", "0.05", "0.1"]
+  assert "mean SMR | mean IRR" in md[2]
   # A run without a report is a clear error.
   with pytest.raises(FileNotFoundError, match="erasablemask evaluate"):
     sweep_lib.sweep("gamma", [runs[0], str(tiny_run)], tmp_path / "s2")

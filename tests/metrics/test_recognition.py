@@ -1,4 +1,4 @@
-"""ASR / ESR from embeddings, cosines, and the FGSM / PGD baselines on tiny random conv nets."""
+"""ASR / ESR / IRR / SMR from embeddings, cosines, and the FGSM / PGD baselines on tiny random conv nets."""
 
 import flax.linen as nn
 import jax
@@ -72,6 +72,35 @@ def test_success_rates_from_embeddings():
   got = recognition.success_rates(adv, rec, target, tau1=0.5, tau2=0.2)
   assert got["asr"] == pytest.approx(2 / 3) and got["esr"] == pytest.approx(2 / 3)
   assert got["mean_cos_rec"] == pytest.approx((0 + 1 + 0.1 / np.sqrt(1.01)) / 3, rel=1e-5)
+  assert "irr" not in got and "smr" not in got  # no sources given
+
+
+@pytest.mark.parametrize("fn, name", [(recognition.identity_recovery_rate, "IRR"),
+                                      (recognition.source_match_rate, "SMR")])
+def test_source_rates_count_strictly_above_tau1(fn, name):
+  c = np.array([0.1, 0.3, 0.5, 0.2])
+  assert fn(c, 0.25) == 0.5
+  assert fn(c, 0.3) == 0.25  # strictly above, as ASR
+  assert fn(c, 0.6) == 0.0 and fn(c, -1.0) == 1.0
+  with pytest.raises(ValueError, match=f"{name} of an empty"):
+    fn(np.array([]), 0.1)
+
+
+def test_success_rates_with_sources():
+  target = np.array([1.0, 0.0, 0.0])
+  source = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0], [0.0, 1.0, 1.0]])  # per face, unnormalised
+  adv = np.array([[1.0, 0.1, 0.0], [0.0, 1.0, 0.0], [0.9, 0.0, 0.5]])
+  rec = np.array([[0.0, 3.0, 0.0], [0.0, 0.6, 0.8], [1.0, 0.0, 0.0]])
+  got = recognition.success_rates(adv, rec, target, tau1=0.5, tau2=0.2, emb_source=source)
+  unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
+  cos_adv_source = np.sum(unit(adv) * unit(source), axis=1)  # ~0.0995, 0, ~0.3714
+  cos_rec_source = np.sum(unit(rec) * unit(source), axis=1)  # 1, 0.8, 0
+  assert got["smr"] == 0.0 and got["irr"] == pytest.approx(2 / 3)
+  assert got["mean_cos_adv_source"] == pytest.approx(cos_adv_source.mean(), rel=1e-5)
+  assert got["mean_cos_rec_source"] == pytest.approx(cos_rec_source.mean(), rel=1e-5)
+  assert got["asr"] == pytest.approx(2 / 3)  # unchanged by the sources
+  with pytest.raises(ValueError, match="one source per protected face"):
+    recognition.success_rates(adv, rec, target, 0.5, 0.2, emb_source=source[0])
 
 
 def _mean_cos(x, fns, targets):
