@@ -1,15 +1,18 @@
-"""PyTorch -> Flax weight conversion: the reusable library behind `tools.convert_torch_weights`.
+"""PyTorch / MXNet -> Flax weight conversion: the reusable library behind `tools.convert_torch_weights`.
 
 - `read_state_dict(path)`: torch (`weights_only=True`) or safetensors file -> `{name: np.ndarray}`.
+- `mxnet`: numpy-only reader of MXNet `.params` NDArray lists (`read_ndarray_list`) and `-symbol.json` graphs
+  (`read_symbol`, parameter-shape inference and layer checks), and the `arg:`/`aux:` rename (`mxnet_to_flax_flat`).
 - Layout helpers: `conv_oihw_to_hwio`, `depthwise_oihw_to_hwio`, `linear_to_dense`, `linear_after_nchw_flatten`,
   and `torch_to_flax_flat`, the generic rename (BatchNorm / conv / Linear / PReLU by their tensors).
 - `strict_merge(flat, abstract_variables)`: exact one-to-one merge naming every mismatch in one error.
 - `register_arch(name, ArchSpec(...))` / `get_arch` / `list_archs`: the architecture registry; modules outside this
   package register at import and are found through `registry.PROVIDER_MODULES` / `add_provider` (see `registry`).
 - `write_model_dir` / `read_model_dir`: atomic orbax + `card.json` model directories.
-- `convert_checkpoint(arch, checkpoint, out_dir, force)`: all of the above in one call.
+- `convert_checkpoint(arch, checkpoint, out_dir, force, symbol)`: all of the above in one call.
 """
 
+from erasablemask_jax.convert import mxnet
 from erasablemask_jax.convert.checkpoint import CONVERTER_VERSION
 from erasablemask_jax.convert.checkpoint import convert_checkpoint
 from erasablemask_jax.convert.checkpoint import convert_state_dict

@@ -1,4 +1,4 @@
-"""End-to-end conversion of one PyTorch checkpoint into a model directory."""
+"""End-to-end conversion of one checkpoint (PyTorch state dict or MXNet `.params`) into a model directory."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from erasablemask_jax.convert import merge
 from erasablemask_jax.convert import model_dir as model_dir_lib
+from erasablemask_jax.convert import mxnet
 from erasablemask_jax.convert import registry
 from erasablemask_jax.convert import state_dict as state_dict_lib
 
@@ -25,26 +26,62 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
   return digest.hexdigest()
 
 
-def convert_state_dict(arch: str, state: dict[str, Any], context: str = "") -> dict[str, Any]:
-  """Torch state dict -> Flax variables of `arch` (rename, re-layout, then `strict_merge` against `eval_shape`)."""
+FORMAT_NAMES = {"torch": "PyTorch", "mxnet": "MXNet"}
+# A wrong MXNet architecture mismatches most of its ~200 auto-named tensors (batchnorm12, ...): list the first few.
+MXNET_LISTED_KEYS = 10
+
+
+def convert_state_dict(arch: str, state: dict[str, Any], context: str = "",
+                       limit: int | None = None) -> dict[str, Any]:
+  """Torch state dict (or MXNet `arg:`/`aux:` arrays) -> Flax variables of `arch`.
+
+  Renames and re-lays with the architecture's `rename`, then `strict_merge`s against `eval_shape`; `limit` caps the
+  keys listed per kind of mismatch in the error.
+  """
   spec = registry.get_arch(arch)
   flat = spec.rename(state)
   abstract = merge.abstract_init(spec.build(), spec.input_shape)
-  return merge.strict_merge(flat, abstract, context=context or f"arch {arch}")
+  return merge.strict_merge(flat, abstract, context=context or f"arch {arch}", limit=limit)
+
+
+def _read_mxnet(spec: registry.ArchSpec, checkpoint: pathlib.Path,
+                symbol: pathlib.Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads `.params`, checks the graph (given, or `PREFIX-symbol.json` beside it) and the values; returns the arrays
+  and the card's `source` entries for the symbol."""
+  params = mxnet.read_ndarray_list(checkpoint)
+  symbol = symbol if symbol is not None else mxnet.symbol_path_for(checkpoint)
+  source: dict[str, Any] = {}
+  if symbol is not None:
+    graph = mxnet.read_symbol(symbol)
+    context = f"--arch {spec.name}, checkpoint {checkpoint.name}"
+    if spec.symbol_layers is not None:
+      mxnet.check_layers(graph, spec.symbol_layers(), context=context)
+    h, w, c = spec.input_shape
+    mxnet.check_params_match_symbol(params, graph, (1, c, h, w), context=str(checkpoint))
+    source["symbol"] = {"file": symbol.name, "sha256": sha256_file(symbol)}
+  mxnet.check_finite(params, context=str(checkpoint))
+  return params, source
+
+
+def _format_of(checkpoint: pathlib.Path) -> str:
+  return "mxnet" if mxnet.is_params_file(checkpoint) else "torch"
 
 
 def convert_checkpoint(arch: str, checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                       force: bool = False) -> pathlib.Path:
+                       force: bool = False, symbol: str | os.PathLike[str] | None = None) -> pathlib.Path:
   """Converts `checkpoint` as architecture `arch` into `out_dir` (orbax variables + `card.json`).
 
-  Every check (architecture known, output free, file readable and safe, strict match) happens before anything is
-  written, so a failure leaves the file system as it was.
+  Every check (architecture known, output free, file readable and safe, graph consistent, values finite for MXNet,
+  strict match) happens before anything is written, so a failure leaves the file system as it was.
 
   Args:
     arch: a registered architecture name (`registry.list_archs()`).
-    checkpoint: `.pth`/`.pt`/`.ckpt` (read with `torch.load(weights_only=True)`) or `.safetensors`.
+    checkpoint: `.pth`/`.pt`/`.ckpt` (read with `torch.load(weights_only=True)`) or `.safetensors` for PyTorch
+      architectures; an MXNet `PREFIX-EPOCH.params` for MXNet ones.
     out_dir: destination directory.
     force: replace an existing `out_dir`.
+    symbol: MXNet only: the `-symbol.json` to check the parameters against (default `PREFIX-symbol.json` beside the
+      checkpoint, when it exists).
 
   Returns:
     The written directory.
@@ -52,12 +89,29 @@ def convert_checkpoint(arch: str, checkpoint: str | os.PathLike[str], out_dir: s
   spec = registry.get_arch(arch)
   model_dir_lib.check_writable(out_dir, force)
   checkpoint = pathlib.Path(checkpoint)
-  state = state_dict_lib.read_state_dict(checkpoint)
-  variables = convert_state_dict(arch, state, context=f"--arch {arch}, checkpoint {checkpoint.name}")
+  if not checkpoint.is_file():
+    raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+  fmt = _format_of(checkpoint)
+  if fmt != spec.checkpoint_format:
+    raise state_dict_lib.CheckpointError(
+        f"{checkpoint} is in the {FORMAT_NAMES[fmt]} format, but --arch {arch} converts "
+        f"{FORMAT_NAMES.get(spec.checkpoint_format, spec.checkpoint_format)} checkpoints; choose the architecture "
+        "the checkpoint was trained with")
+  if symbol is not None and fmt != "mxnet":
+    raise state_dict_lib.CheckpointError(f"--symbol {symbol}: only MXNet .params checkpoints have a symbol graph")
+  context = f"--arch {arch}, checkpoint {checkpoint.name}"
+  source: dict[str, Any] = {"file": checkpoint.name, "sha256": sha256_file(checkpoint)}
+  if fmt == "mxnet":
+    state, extra = _read_mxnet(spec, checkpoint, pathlib.Path(symbol) if symbol is not None else None)
+    source.update(extra, format="mxnet")
+    variables = convert_state_dict(arch, state, context=context, limit=MXNET_LISTED_KEYS)
+  else:
+    state = state_dict_lib.read_state_dict(checkpoint)
+    variables = convert_state_dict(arch, state, context=context)
   card = dict(spec.card)
   card.update({
       "arch": arch,
-      "source": {"file": checkpoint.name, "sha256": sha256_file(checkpoint)},
+      "source": source,
       "converter_version": CONVERTER_VERSION,
       "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   })

@@ -18,7 +18,8 @@ from erasablemask_jax.convert.state_dict import CheckpointError
 class StrictMergeError(CheckpointError):
   """Converted tensors do not match the model's variables: names every missing, unexpected and mis-shaped key."""
 
-  def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str], context: str = ""):
+  def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str], context: str = "",
+               limit: int | None = None):
     self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
     lines = [f"checkpoint does not match the model{(' (' + context + ')') if context else ''}: "
              f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped"]
@@ -27,7 +28,9 @@ class StrictMergeError(CheckpointError):
                         ("mis-shaped", mismatched)):
       if keys:
         lines.append(f"  {title}:")
-        lines.extend(f"    {k}" for k in keys)
+        lines.extend(f"    {k}" for k in keys[:limit])
+        if limit is not None and len(keys) > limit:
+          lines.append(f"    ... and {len(keys) - limit} more")
     lines.append("  Is the checkpoint for a different --arch (or depth)? Check the architecture the checkpoint "
                  "was trained with.")
     super().__init__("\n".join(lines))
@@ -40,13 +43,14 @@ def flatten_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def strict_merge(flat: Mapping[str, np.ndarray], abstract_variables: Mapping[str, Any],
-                 context: str = "") -> dict[str, Any]:
+                 context: str = "", limit: int | None = None) -> dict[str, Any]:
   """Builds the variable tree of `abstract_variables` from `flat`, requiring an exact one-to-one match.
 
   Args:
     flat: `{"params/layer1_0/conv1/kernel": array, ...}` as produced by an architecture's rename function.
     abstract_variables: `jax.eval_shape(module.init, ...)` (leaves with `.shape` and `.dtype`).
     context: words for the error message (e.g. the architecture and checkpoint names).
+    limit: list at most this many keys of each kind in the error (the counts are always complete); None lists all.
 
   Returns:
     Nested `{'params': ..., 'batch_stats': ...}` of numpy arrays cast to the abstract dtypes.
@@ -61,7 +65,7 @@ def strict_merge(flat: Mapping[str, np.ndarray], abstract_variables: Mapping[str
       f"{k}: checkpoint {tuple(np.shape(flat[k]))} vs model {tuple(want[k].shape)}"
       for k in want if k in flat and tuple(np.shape(flat[k])) != tuple(want[k].shape))
   if missing or unexpected or mismatched:
-    raise StrictMergeError(missing, unexpected, mismatched, context)
+    raise StrictMergeError(missing, unexpected, mismatched, context, limit)
   out = {k: np.asarray(flat[k], dtype=want[k].dtype) for k in want}
   return flax.traverse_util.unflatten_dict(out, sep="/")
 

@@ -2,7 +2,8 @@
 
 An `ArchSpec` knows how to build the Flax module, the shape of the batch its `init` takes, how to turn a torch state
 dict into flat Flax variable paths (`rename`), and the card entries (preprocessing, embedding size, ...) written beside
-the converted weights.
+the converted weights. PyTorch architectures read state dicts; MXNet ones (`checkpoint_format="mxnet"`) read `.params`
+files through `erasablemask_jax.convert.mxnet` and check the `-symbol.json` graph beside them.
 
 Registering from outside this package: any module may call `register_arch(name, spec)` at import time. So that
 `get_arch` / `list_archs` (and the `tools.convert_torch_weights` CLI) see the specs without the caller importing the
@@ -38,9 +39,15 @@ class ArchSpec:
     name: registry name (`iresnet100`, `mobilefacenet`, ...).
     build: returns the Flax linen module (called with no arguments).
     input_shape: `(H, W, C)` of one example for `module.init`.
-    rename: torch state dict (numpy) -> `{"params/...": array, "batch_stats/...": array}`.
+    rename: the checkpoint's arrays (a torch state dict, or MXNet `arg:`/`aux:` arrays; numpy) ->
+      `{"params/...": array, "batch_stats/...": array}`.
     card: JSON-serialisable entries for `card.json` (preprocessing, embedding size, source repository, ...).
     description: one line for `--help` listings.
+    checkpoint_format: `"torch"` (`.pth`/`.pt`/`.ckpt`/`.safetensors` state dicts, `rename` takes torch names) or
+      `"mxnet"` (`.params` NDArray lists, `rename` takes `arg:NAME` / `aux:NAME`).
+    symbol_layers: MXNet architectures only: returns the layers (`{name: {"op": ..., attr: value}}`, the form of
+      `convert.mxnet.graph_layers`) that a `-symbol.json` of this architecture must hold; checked when a symbol is
+      found beside the checkpoint or given.
   """
   name: str
   build: Callable[[], Any]
@@ -48,6 +55,8 @@ class ArchSpec:
   rename: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
   card: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   description: str = ""
+  checkpoint_format: str = "torch"
+  symbol_layers: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
 
 
 def register_arch(name: str, spec: ArchSpec, *, overwrite: bool = False) -> ArchSpec:

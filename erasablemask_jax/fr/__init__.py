@@ -1,4 +1,4 @@
-"""Surrogate face-recognition networks in Flax (IResNet, IR/IR-SE, InceptionResnetV1, MobileFaceNet).
+"""Surrogate face-recognition networks in Flax (IResNet, IR/IR-SE, InceptionResnetV1, MobileFaceNet, MobileFace V2).
 
 `load(directory)` / `load_bundled("mobilefacenet")` return a `Recogniser` with `embed(images)` and a pure
 `apply_fn(variables, images_in_minus1_1)`; `erasablemask_jax.fr.archs` registers the architectures with

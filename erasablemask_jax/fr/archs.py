@@ -1,12 +1,16 @@
 """Registers the face-recognition zoo with the converter (`erasablemask_jax.convert.register_arch`).
 
-| name | PyTorch source | input | normalisation | embedding |
+| name | source | input | normalisation | embedding |
 |---|---|---|---|---|
 | iresnet18/34/50/100/200 | insightface arcface_torch `iresnet.py` | 112x112 | (p/255-0.5)/0.5 | 512 |
 | ir_50/100/152, ir_se_50/100/152 | face.evoLVe `model_irse.py` | 112x112 | (p/255-0.5)/0.5 | 512 |
 | inception_resnet_v1 | facenet-pytorch | 160x160 | (p-127.5)/128 | 512 |
 | mobilefacenet | foamliu/MobileFaceNet | 112x112 | ImageNet mean/std | 128 |
 | mobilefacenet_sphereface | Xiaoccer/MobileFaceNet_Pytorch | 112x96 (8 px cut off each side of a 112x112 crop) | (p-127.5)/128 | 128 |
+| mobileface_v2 | becauseofAI/MobileFace V2 (MXNet `.params` + `-symbol.json`) | 112x112 RGB | (p-127.5)/128 (in the graph) | 256 |
+
+All but `mobileface_v2` are PyTorch state dicts; `mobileface_v2` is MXNet (`checkpoint_format="mxnet"`), renamed
+by `convert.mxnet.mxnet_to_flax_flat` and checked against its symbol graph's layers (`mobileface_v2.mxnet_layers`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from erasablemask_jax import convert
 from erasablemask_jax.fr import inception_resnet_v1
 from erasablemask_jax.fr import iresnet
 from erasablemask_jax.fr import irse
+from erasablemask_jax.fr import mobileface_v2
 from erasablemask_jax.fr import mobilefacenet
 from erasablemask_jax.fr.preprocess import FACENET_STANDARDISATION
 from erasablemask_jax.fr.preprocess import IMAGENET_MEAN
@@ -84,6 +89,14 @@ def _register() -> None:
                  "Xiaoccer/MobileFaceNet_Pytorch core/model.py",
                  "SphereFace 112x96 = ArcFace 112x112 template with 8 px cut from each side"),
       description="MobileFaceNet, Xiaoccer layout (112x96 SphereFace crop, (p-127.5)/128)"))
+  # The graph's own `(p - 127.5) * 0.0078125` equals FACENET_STANDARDISATION's ((p/255) - 0.5) / (128/255).
+  convert.register_arch("mobileface_v2", convert.ArchSpec(
+      name="mobileface_v2", build=mobileface_v2.MobileFaceV2, input_shape=(112, 112, 3),
+      rename=functools.partial(convert.mxnet.mxnet_to_flax_flat, nchw_flatten={"fc5": mobileface_v2.FC_INPUT_CHW}),
+      card=_card(Preprocessing((112, 112), **FACENET_STANDARDISATION), mobileface_v2.EMBEDDING_SIZE,
+                 "becauseofAI/MobileFace MobileFace_Identification/MobileFace_Identification_V2", ARCFACE_ALIGNMENT),
+      description="MobileFace V2 (becauseofAI/MobileFace, MXNet .params; MobileNetV2-style, ReLU6, 256-d)",
+      checkpoint_format="mxnet", symbol_layers=mobileface_v2.mxnet_layers))
 
 
 _register()

@@ -1,7 +1,9 @@
-"""`python -m tools.convert_torch_weights --arch ARCH --checkpoint FILE --out DIR [--force]`.
+"""`python -m tools.convert_torch_weights --arch ARCH --checkpoint FILE --out DIR [--symbol FILE] [--force]`.
 
-Converts a PyTorch face-recognition (or any registered) checkpoint into an orbax + `card.json` model directory that
-`erasablemask_jax.fr.load(DIR)` reads. The logic lives in `erasablemask_jax.convert.convert_checkpoint`.
+Converts a PyTorch face-recognition (or any registered) checkpoint, or an MXNet `PREFIX-EPOCH.params` one (e.g.
+`--arch mobileface_v2`, checked against `PREFIX-symbol.json` beside it or `--symbol`), into an orbax + `card.json`
+model directory that `erasablemask_jax.fr.load(DIR)` reads. The logic lives in
+`erasablemask_jax.convert.convert_checkpoint`.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m tools.convert_torch_weights",
       description="Convert a PyTorch checkpoint (.pth/.pt/.ckpt via torch.load(weights_only=True), or .safetensors) "
-                  "into an orbax checkpoint + card.json directory.")
+                  "or an MXNet PREFIX-EPOCH.params file (read with numpy) into an orbax checkpoint + card.json "
+                  "directory.")
   parser.add_argument("--arch", required=True, choices=archs, metavar="ARCH",
                       help="architecture of the checkpoint: " + ", ".join(archs))
-  parser.add_argument("--checkpoint", required=True, help="PyTorch or safetensors weights file")
+  parser.add_argument("--checkpoint", required=True, help="PyTorch, safetensors or MXNet .params weights file")
+  parser.add_argument("--symbol", default=None,
+                      help="MXNet only: the -symbol.json graph to check the .params against (default: "
+                           "PREFIX-symbol.json beside PREFIX-EPOCH.params, when present)")
   parser.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
   parser.add_argument("--force", action="store_true", help="replace an existing output directory")
   return parser
@@ -29,13 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
-    out = convert.convert_checkpoint(args.arch, args.checkpoint, args.out, force=args.force)
+    out = convert.convert_checkpoint(args.arch, args.checkpoint, args.out, force=args.force, symbol=args.symbol)
   except (FileNotFoundError, convert.CheckpointError, convert.ModelDirError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   card = convert.read_card(out)
+  symbol = card["source"].get("symbol")
   print(f"wrote {out} (arch {card['arch']}, input {card.get('input_size')}, embedding {card.get('embedding_size')}, "
-        f"source sha256 {card['source']['sha256'][:12]}...)")
+        f"source sha256 {card['source']['sha256'][:12]}...{', checked against ' + symbol['file'] if symbol else ''})")
   return 0
 
 
