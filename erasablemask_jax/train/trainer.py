@@ -32,6 +32,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from erasablemask_jax.attack import end_epoch, make_attack
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
 from erasablemask_jax.models import ErasableMask
+from erasablemask_jax.train import lock as lock_lib
+from erasablemask_jax.train import resume as resume_lib
 from erasablemask_jax.train import steps as steps_lib
 from erasablemask_jax.train.input_pipeline import InMemorySource, load_face_splits, read_faces
 from erasablemask_jax.train.state import TrainState, begin_stage2, create_train_state, make_optimizer
@@ -158,7 +160,10 @@ def _with_prepared(step_fn, cfg, state, batch, *args):
 
 
 class Trainer:
-  """Holds the jitted steps, the checkpoint manager and the writers of one run."""
+  """Holds the jitted steps, the checkpoint manager and the writers of one run.
+
+  It neither locks the workdir nor compares its saved config: the entry points do (`train_and_evaluate`).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
                source: Iterator | None = None, surrogates: list[Surrogate] | None = None,
@@ -339,9 +344,19 @@ def _progress(total: int, initial: int, enabled: bool):
   return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], **kwargs) -> TrainState:
-  """Runs (or resumes) the whole curriculum in `workdir`; returns the final state."""
-  return Trainer(config, workdir, **kwargs).run()
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *, check_config: bool = True,
+                       allow_config_change: bool = False, **kwargs) -> TrainState:
+  """Runs (or resumes) the whole curriculum in `workdir`; returns the final state.
+
+  As `erasablemask train` does, it holds the workdir's lock (`lock.workdir_lock`: a second run raises
+  `WorkdirBusyError`) and, on a resume, refuses a config that differs from the saved one (`resume.check_resume_config`;
+  `allow_config_change=True` accepts the safe changes). A script that deliberately continues a copied workdir under
+  another config passes `check_config=False`; an architecture change then fails in the checkpoint restore.
+  """
+  with lock_lib.workdir_lock(workdir, enabled=jax.process_index() == 0):
+    if check_config:
+      resume_lib.check_resume_config(workdir, config, allow_config_change)
+    return Trainer(config, workdir, **kwargs).run()
 
 
 def params_of(state: TrainState) -> dict[str, Any]:
