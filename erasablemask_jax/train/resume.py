@@ -79,7 +79,12 @@ def check_resume_config(workdir: str | os.PathLike[str], config: ml_collections.
   step = latest_checkpoint_step(workdir)
   if step is None or not (workdir / CONFIG_FILE).is_file():
     return {}
-  saved, current = json.loads((workdir / CONFIG_FILE).read_text()), json.loads(config.to_json_best_effort())
+  try:
+    saved = json.loads((workdir / CONFIG_FILE).read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigChangeError(f"{workdir / CONFIG_FILE} is not valid JSON ({e}), so the config this run was trained "
+                            "with is unknown; restore the file or train in a new --workdir") from None
+  current = json.loads(config.to_json_best_effort())
   changes = config_changes(saved, current)
   problems = {k: _problem(k, saved, current, step, workdir) for k in changes}
   refused = {k: why for k, why in problems.items() if why is not None or not allow_changes}

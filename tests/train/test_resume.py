@@ -44,6 +44,13 @@ def test_unchanged_or_fresh_workdirs_pass(tmp_path):
   assert resume.check_resume_config(tmp_path / "started", _changed(**{"model.gamma": 0.5})) == {}
 
 
+def test_a_damaged_config_json_is_a_clear_error(tmp_path):
+  workdir = _workdir(tmp_path, load_config("smoke"))
+  (workdir / "config.json").write_text('{"model": {"gamma": 0.0')
+  with pytest.raises(resume.ConfigChangeError, match="config.json is not valid JSON"):
+    resume.check_resume_config(workdir, load_config("smoke"))
+
+
 @pytest.mark.parametrize("overrides, allowed", [
     ({"train.log_every_steps": 5, "train.checkpoint_every_steps": 4}, True),
     ({"mesh.data": 1}, True),
