@@ -420,7 +420,7 @@ class TorchStage2:
     real_logit, real_att = self.d(x)
     fake_logit, _ = self.d(x_adv.detach())
     l_d = torch.mean(_bce(real_logit, torch.ones_like(real_logit)) + _bce(fake_logit, torch.zeros_like(fake_logit)))
-    l_att_d = torch.mean(torch.sum(_bce(real_att, att_a), dim=-1))
+    l_att_d = torch.mean(_bce(real_att, att_a))
     d_total = l_d + w.l_att_d * l_att_d
     self.opt["d"].zero_grad(set_to_none=True)
     d_total.backward()
@@ -433,7 +433,7 @@ class TorchStage2:
     logit, att_logits = self.d(x_adv)
     x_rec = self.r(x_adv, code_a)
     terms = {
-        "att": torch.mean(torch.sum(_bce(att_logits, att_b), dim=-1)),
+        "att": torch.mean(_bce(att_logits, att_b)),
         "g": torch.mean(_bce(logit, torch.ones_like(logit))),
         "perb": torch.mean(torch.clamp(_l2_per_image(x_adv, x_edit), min=w.sigma1)),
         "era": torch.mean(_l2_per_image(x_rec, x)),

@@ -26,6 +26,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.max_dim = 1024
   config.model.shortcut_layers = 1
   config.model.inject_layers = 1
+  # The restorer R's own counts; -1 means "same as G". R never edits attributes, so more shortcuts (finer encoder
+  # features reaching its decoder) may help identity recovery; an R that differs from G is initialised from G at the
+  # start of stage 2 wherever the shapes agree, and its other weights are trained from scratch.
+  config.model.r_shortcut_layers = -1
+  config.model.r_inject_layers = -1
   config.model.dis_dim = 64
   config.model.dis_layers = 5
   config.model.dis_fc_dim = 1024

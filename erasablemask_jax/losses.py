@@ -32,8 +32,10 @@ def generator_adversarial_loss(fake_logits: Array) -> Array:
 
 
 def attribute_loss(att_logits: Array, labels: Array) -> Array:
-  """Eq. 4: `BCE(D_att(x), att)` summed over the attributes, batch mean.
+  """Eq. 4: `BCE(D_att(x), att)`, the mean over the attributes and the batch.
 
+  The mean is AttGAN's code convention, the scale its weights `lambda = 10` (G) and `1` (D) were tuned for; the paper
+  writes a sum over the attributes, which would make both terms `A` (13) times AttGAN's strength (SPEC.md, Eq. 4).
   `L_att^D` uses real images with their source labels `att_a`; `L_att^G` uses generated images with the target labels
   `att_b`.
 
@@ -41,7 +43,7 @@ def attribute_loss(att_logits: Array, labels: Array) -> Array:
     att_logits: `(B, A)` D_att logits.
     labels: `(B, A)` 0/1 attribute labels.
   """
-  return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(att_logits, labels), axis=-1))
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(att_logits, labels))
 
 
 def reconstruction_loss(x_reconstructed: Array, x: Array) -> Array:

@@ -22,14 +22,23 @@ def test_eq3_discriminator_and_generator():
   np.testing.assert_allclose(losses.generator_adversarial_loss(fake), expected_g, rtol=1e-6)
 
 
-def test_eq4_attribute_bce_sums_attributes_and_averages_batch():
+def test_eq4_attribute_bce_is_mean_over_attributes_and_batch():
   logits = jnp.array([[1.0, -2.0, 0.0], [3.0, 0.5, -1.0]])
   labels = jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
-  per_image = [
-      -_log_sigmoid(1.0) - _log_sigmoid(2.0) - _log_sigmoid(0.0),
-      -_log_sigmoid(-3.0) - _log_sigmoid(0.5) - _log_sigmoid(-1.0),
+  terms = [
+      -_log_sigmoid(1.0), -_log_sigmoid(2.0), -_log_sigmoid(0.0),
+      -_log_sigmoid(-3.0), -_log_sigmoid(0.5), -_log_sigmoid(-1.0),
   ]
-  np.testing.assert_allclose(losses.attribute_loss(logits, labels), np.mean(per_image), rtol=1e-6)
+  np.testing.assert_allclose(losses.attribute_loss(logits, labels), sum(terms) / 6, rtol=1e-6)
+
+
+def test_eq4_attribute_bce_does_not_grow_with_the_number_of_attributes():
+  # AttGAN's convention: 13 copies of one attribute's logits and labels give that attribute's loss, not 13 times it.
+  logits = jnp.array([[0.7], [-1.5]])
+  labels = jnp.array([[1.0], [1.0]])
+  one = losses.attribute_loss(logits, labels)
+  np.testing.assert_allclose(losses.attribute_loss(jnp.tile(logits, (1, 13)), jnp.tile(labels, (1, 13))), one,
+                             rtol=1e-6)
 
 
 def test_eq5_reconstruction_is_mean_absolute_error():

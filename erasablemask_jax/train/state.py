@@ -72,7 +72,12 @@ def create_train_state(models: ErasableMask, tx: optax.GradientTransformation, r
 
 
 def begin_stage2(state: TrainState, tx: optax.GradientTransformation) -> TrainState:
-  """Stage 1 -> 2: E_adv becomes a copy of the trained G_enc and R a copy of G, each with a fresh Adam state."""
+  """Stage 1 -> 2: E_adv becomes a copy of the trained G_enc and R a copy of G, each with a fresh Adam state.
+
+  R was not trained in stage 1, so `state.r` still holds its initialisation; where R's structure differs from G's
+  (`model.r_shortcut_layers`, `model.r_inject_layers`) the leaves whose shapes do not agree with G's keep that fresh
+  value and are trained from scratch.
+  """
   g_vars = state.g.variables
   return state.replace(e_adv=_net(perturbation_encoder_from_generator(g_vars), tx),
-                       r=_net(restorer_from_generator(g_vars), tx))
+                       r=_net(restorer_from_generator(g_vars, state.r.variables), tx))

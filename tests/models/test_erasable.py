@@ -134,3 +134,41 @@ def test_parameter_counts_at_256():
   assert counts["G_enc"] == sum(16 * a * b + 2 * b for a, b in zip(chans, chans[1:]))
   # D's heads dominate: FC(1024*8*8 -> 1024) twice.
   assert counts["D (D_G + D_att)"] > 2 * 1024 * 8 * 8 * 1024
+
+
+def _leaves_by_path(tree) -> dict[str, jax.Array]:
+  return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_restorer_with_its_own_shortcuts_initialises_from_g_where_shapes_agree(tiny):
+  config, _, _, x, att_a, _ = tiny
+  models = _models(config, r_shortcut_layers=2)  # G keeps the default 1
+  assert models.restorer.shortcut_layers == 2 and models.generator.shortcut_layers == 1
+  fresh = models.init(jax.random.key(0), 32, NUM_ATTRS)
+  g, r = _leaves_by_path(fresh["g"]), _leaves_by_path(fresh["r"])
+  assert g.keys() == r.keys()  # same layer names; only the decoder layer after the extra shortcut widens
+  differ = sorted(k for k in g if g[k].shape != r[k].shape)
+  assert differ == ["['params']['dec']['dec_layers_2_conv']['kernel']"]
+  for k in g:
+    if k not in differ:
+      np.testing.assert_array_equal(np.asarray(r[k]), np.asarray(g[k]), err_msg=k)
+  # G's and D's initial values do not depend on R's structure.
+  same_as_g = _models(config).init(jax.random.key(0), 32, NUM_ATTRS)
+  chex.assert_trees_all_equal((fresh["g"], fresh["d"]), (same_as_g["g"], same_as_g["d"]))
+  x_rec, _ = jax.jit(lambda v: models.restore(v, x, att_a))(fresh["r"])
+  assert x_rec.shape == x.shape
+  chex.assert_tree_all_finite(x_rec)
+
+
+def test_restorer_counts_default_to_g_and_old_configs_without_them_load():
+  config = smoke.get_config()
+  assert (config.model.r_shortcut_layers, config.model.r_inject_layers) == (-1, -1)
+  models = ErasableMask.from_config(config.model, NUM_ATTRS)
+  assert models.restorer is models.generator
+  explicit = _models(smoke.get_config(), r_shortcut_layers=1, r_inject_layers=1)
+  assert explicit.restorer is explicit.generator
+  old = smoke.get_config()
+  del old.model["r_shortcut_layers"], old.model["r_inject_layers"]  # a run's config.json from before the fields
+  assert ErasableMask.from_config(old.model, NUM_ATTRS).restorer.shortcut_layers == 1
+  injected = _models(smoke.get_config(), r_inject_layers=0)
+  assert (injected.restorer.shortcut_layers, injected.restorer.inject_layers) == (1, 0)
