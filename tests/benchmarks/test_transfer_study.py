@@ -1,0 +1,80 @@
+"""benchmarks/transfer_study.py end to end on tiny settings: the JSON it writes, its rates, and that a rerun resumes.
+
+The tiny study aligns 32 real CelebA photos (8 identities), converts the real FR models, calibrates their views,
+trains stage 1 once and stages 2-3 for two attack kinds on the MobileFace V2 black-box fold, two steps a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import transfer_study  # noqa: E402
+
+pytestmark = [pytest.mark.assets, pytest.mark.slow]
+RATES = ("asr", "esr", "irr", "smr")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, assets_dir):
+  del assets_dir  # skips without ../shared/assets
+  work = tmp_path_factory.mktemp("study")
+  args = ["--tiny", "--folds", "mobileface_v2", "--kinds", "meta_auxiliary,ensemble", "--workdir", str(work),
+          "--out", str(work / "study.json")]
+  assert transfer_study.main(args) == 0
+  return work, args, json.loads((work / "study.json").read_text())
+
+
+def test_json_layout_and_rates(study):
+  work, _, result = study
+  runs = {r["attack"]: r for r in result["runs"]}
+  assert set(runs) == {"clean", "edit", "fgsm", "pgd", "meta_auxiliary", "ensemble"}
+  assert set(result["calibration"]) == {"mobileface_v2", "xiaoccer", "foamliu"}
+  for name, cal in result["calibration"].items():
+    assert 0.5 < cal["auc"] <= 1.0, name
+    assert cal["thresholds"]["far_0.1"] < cal["thresholds"]["far_0.01"]
+  for kind in ("meta_auxiliary", "ensemble"):
+    r = runs[kind]
+    assert r["surrogates"] == ["xiaoccer", "foamliu"] and r["blackbox"] == ["mobileface_v2"]
+    for model, m in r["metrics"].items():
+      assert m["whitebox"] == (model != "mobileface_v2")
+      for k in RATES:
+        assert 0.0 <= m[k] <= 1.0 and 0.0 <= m["jpeg50"][k] <= 1.0
+      lo, hi = m["cos_adv_ci95"]
+      assert lo <= m["cos_adv_mean"] <= hi
+      # The rates are what the saved per-face cosines and the view's thresholds say.
+      assert m["asr"] == pytest.approx(np.mean(np.asarray(m["cos_adv"]) > m["tau1"]), abs=1e-9)
+      assert m["irr"] == pytest.approx(np.mean(np.asarray(m["cos_rec_source"]) > m["tau1"]), abs=1e-9)
+      assert m["esr"] == pytest.approx(np.mean(np.asarray(m["cos_rec"]) < m["tau2"]), abs=1e-9)
+      assert m["smr"] == pytest.approx(np.mean(np.asarray(m["cos_adv_source"]) > m["tau1"]), abs=1e-9)
+    assert set(r["quality"]) == {"adv_vs_edit", "rec_vs_cov"}
+    assert r["curve"], "the run's loss curve is kept"
+  # The clean face is its own source: SMR 1 at any threshold below 1; FGSM/PGD have no restorer.
+  assert all(m["smr"] == 1.0 and m["irr"] is None for m in runs["clean"]["metrics"].values())
+  assert all(m["irr"] is None for m in runs["pgd"]["metrics"].values())
+  assert (work / "study.png").is_file() and (work / "study_faces.png").is_file()
+
+
+def test_rerun_skips_finished_runs(study, monkeypatch):
+  work, args, before = study
+
+  def no_training(*a, **k):
+    raise AssertionError("a finished run was trained again")
+
+  monkeypatch.setattr(transfer_study, "train_run", no_training)
+  monkeypatch.setattr(transfer_study, "train_stage1", no_training)
+  assert transfer_study.main(args) == 0
+  after = json.loads((work / "study.json").read_text())
+  assert [r["attack"] for r in after["runs"]] == [r["attack"] for r in before["runs"]]
+
+
+def test_other_settings_refused(study, capsys):
+  _, args, _ = study
+  assert transfer_study.main(args + ["--eval-identities", "2"]) == 2
+  assert "other settings" in capsys.readouterr().err
