@@ -14,7 +14,8 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  del arg
+  if arg:
+    raise ValueError(f"the celebahq_paper config has no variants (got {arg!r}); write --config celebahq_paper")
   config = default.get_config()
   config.data.name = "celeba_hq"
   config.data.data_dir = "data/celeba_hq"

@@ -4,7 +4,8 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  del arg
+  if arg:
+    raise ValueError(f"the smoke config has no variants (got {arg!r}); write --config smoke")
   config = default.get_config()
   config.image_size = 32
   config.model.enc_dim = 8

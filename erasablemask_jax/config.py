@@ -3,7 +3,13 @@ overrides.
 
 A config file defines `get_config(arg=None) -> ml_collections.ConfigDict` (big_vision's convention). The loaded config
 is locked: an override of an unknown key, or with a value that does not convert to the field's type, raises
-`ConfigError` naming the key (and the closest known keys).
+`ConfigError` naming the key (and the closest known keys); so does a size or batch that is not positive
+(`check_values`), and a config file that does not import or whose `get_config` fails (naming the file and line).
+
+Config files import the packaged base with `from configs import default`: `configs` is the installed package. No
+folder near a config file is put on `sys.path` (a `tqdm.py` beside a user's config directory must never shadow the
+installed library); a user's own folder named `configs` is added to the package's `__path__`, after the packaged
+configs, so that `from configs import my_base` finds a sibling file there.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import ast
 import difflib
 import importlib.util
 import pathlib
-import sys
+import traceback
 from collections.abc import Sequence
 
 import ml_collections
@@ -52,22 +58,102 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   """Loads `file.py` or `file.py:arg`, calls its `get_config(arg)`, locks it and applies `key=value` overrides."""
   path_str, _, arg = spec.partition(":")
   path = resolve_config_path(path_str)
-  root = str(path.resolve().parent.parent)
-  if root not in sys.path:  # so that `from configs import default` works from a checkout
-    sys.path.insert(0, root)
-  module_spec = importlib.util.spec_from_file_location(f"_erasablemask_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
+  module = _import_config_file(path)
+  if not callable(getattr(module, "get_config", None)):
     raise ConfigError(f"{path} defines no get_config(arg=None) function")
-  config = module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except ConfigError:
+    raise
+  except Exception as e:  # the user's code: say where it failed, not a traceback
+    raise ConfigError(f"get_config({arg or None!r}) of {path} failed{_line_in(e, path)}: {type(e).__name__}: {e}"
+                      ) from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"get_config() of {path} returned a {type(config).__name__}, not an ml_collections.ConfigDict")
   config.lock()
   for override in overrides:
     key, sep, value = override.removeprefix(OVERRIDE_PREFIX).partition("=")
     if not sep:
       raise ConfigError(f"override {override!r} has no '=': write --config.{key}=VALUE")
     apply_override(config, key, value)
+  check_values(config)
   return config
+
+
+def _import_config_file(path: pathlib.Path):
+  """Executes a config file as a module of its own; a syntax error or a failing import is a `ConfigError`."""
+  _add_user_configs_folder(path)
+  module_spec = importlib.util.spec_from_file_location(f"_erasablemask_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"{e.filename or path}, line {e.lineno}: syntax error ({e.msg}); fix the config file") from None
+  except ConfigError:
+    raise
+  except Exception as e:
+    raise ConfigError(f"{path} failed to load{_line_in(e, path)}: {type(e).__name__}: {e}") from None
+  return module
+
+
+def _add_user_configs_folder(path: pathlib.Path) -> None:
+  """Lets `from configs import X` in a user's `.../configs/file.py` find `.../configs/X.py` (after the packaged X)."""
+  folder = path.resolve().parent
+  if folder.name != "configs" or folder == _PACKAGED_CONFIGS:
+    return
+  try:
+    import configs  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  if str(folder) not in list(configs.__path__):
+    configs.__path__.append(str(folder))
+
+
+def _line_in(error: BaseException, path: pathlib.Path) -> str:
+  """`" at line N"` of the innermost traceback frame in `path`, or ""."""
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if pathlib.Path(f.filename) == path.resolve()
+           or f.filename == str(path)]
+  return f" at line {lines[-1]}" if lines else ""
+
+
+# Keys that are counts or sizes (when the config has them): zero or less is refused before anything is built.
+POSITIVE_KEYS = ("image_size", "model.enc_dim", "model.enc_layers", "model.dec_dim", "model.dec_layers",
+                 "model.max_dim", "model.dis_dim", "model.dis_layers", "model.dis_fc_dim", "data.batch_size",
+                 "train.checkpoint_every_steps", "train.max_checkpoints_to_keep", "train.log_every_steps",
+                 "train.sample_every_steps", "train.num_sample_images")
+NON_NEGATIVE_KEYS = ("model.shortcut_layers", "model.inject_layers", "schedule.stage1_epochs",
+                     "schedule.stage2_epochs", "schedule.stage3_epochs", "data.worker_count")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` naming every size or count of `POSITIVE_KEYS` (`NON_NEGATIVE_KEYS`) that is <= 0 (< 0).
+
+  Also `mesh.data` (-1 or 0: every device, else a device count) below -1, and an `image_size` that the encoder's
+  `model.enc_layers` stride-2 layers cannot halve down to whole pixels (the decoder would not come back to it).
+  """
+  flat = dict(_leaves(config))
+  bad = [f"{k}={flat[k]!r} (must be >= 1)" for k in POSITIVE_KEYS if k in flat and not _at_least(flat[k], 1)]
+  bad += [f"{k}={flat[k]!r} (must be >= 0)" for k in NON_NEGATIVE_KEYS if k in flat and not _at_least(flat[k], 0)]
+  if "mesh.data" in flat and not _at_least(flat["mesh.data"], -1):
+    bad.append(f"mesh.data={flat['mesh.data']!r} (-1 for every device, or a device count)")
+  size, layers = flat.get("image_size"), flat.get("model.enc_layers")
+  if not bad and isinstance(size, int) and isinstance(layers, int) and size % 2**layers:
+    bad.append(f"image_size={size} (must be a multiple of 2**model.enc_layers = {2**layers})")
+  if bad:
+    raise ConfigError(f"invalid config value{'s' if len(bad) > 1 else ''}: {', '.join(bad)}; set "
+                      f"--config.{bad[0].split('=')[0]}=... to a valid value")
+
+
+def _at_least(value, low: int) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      yield from _leaves(v, f"{prefix}{k}.")
+    else:
+      yield prefix + k, v
 
 
 def _known_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

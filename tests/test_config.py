@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -83,7 +84,6 @@ def test_a_missing_path_is_an_error_never_a_packaged_config(spec, message):
 
 
 def test_packaged_names_are_bare_and_paths_must_be_python_files(tmp_path, capsys):
-  assert load_config("smoke:ignored").image_size == 32
   (tmp_path / "notes.txt").write_text("get_config = None\n")
   with pytest.raises(ConfigError, match="is not a .py file"):
     load_config(str(tmp_path / "notes.txt"))
@@ -94,3 +94,98 @@ def test_packaged_names_are_bare_and_paths_must_be_python_files(tmp_path, capsys
   assert cli.main(["config", "--config", str(tmp_path / "missing" / "demo.py")]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "config error: config file" in err and "not found" in err
+
+
+def _write(path, text):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(textwrap.dedent(text))
+  return path
+
+
+@pytest.mark.parametrize("body, message", [
+    ("def get_config(arg=None)\n  return None\n", r"bad\.py, line 1: syntax error \(.*\); fix the config file"),
+    ("import no_such_module_here\n", r"bad\.py failed to load at line 1: ModuleNotFoundError: No module named"),
+    ("import ml_collections\n\ndef get_config(arg=None):\n  return {}['x']\n",
+     r"get_config\(None\) of .*bad\.py failed at line 4: KeyError: 'x'"),
+    ("def get_config(arg=None):\n  return {'image_size': 32}\n", r"returned a dict, not an ml_collections.ConfigDict"),
+    ("get_config = 3\n", r"defines no get_config\(arg=None\) function"),
+])
+def test_a_broken_config_file_is_one_config_error_naming_file_and_line(tmp_path, body, message, capsys):
+  path = _write(tmp_path / "bad.py", body)
+  with pytest.raises(ConfigError, match=message):
+    load_config(str(path))
+  assert cli.main(["config", "--config", str(path)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err and str(path.name) in err
+
+
+def test_packaged_configs_refuse_an_argument_they_do_not_take():
+  with pytest.raises(ConfigError, match=r"get_config\('badarg'\).*the smoke config has no variants \(got 'badarg'\)"):
+    load_config("smoke:badarg")
+  with pytest.raises(ConfigError, match="the celebahq_paper config has no variants"):
+    load_config("celebahq_paper:x")
+  assert load_config("smoke").image_size == 32
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=0", "data.batch_size=0 (must be >= 1)"),
+    ("data.batch_size=-4", "data.batch_size=-4 (must be >= 1)"),
+    ("image_size=0", "image_size=0 (must be >= 1)"),
+    ("image_size=-32", "image_size=-32 (must be >= 1)"),
+    ("model.enc_dim=0", "model.enc_dim=0 (must be >= 1)"),
+    ("model.dis_layers=-1", "model.dis_layers=-1 (must be >= 1)"),
+    ("train.log_every_steps=0", "train.log_every_steps=0 (must be >= 1)"),
+    ("train.checkpoint_every_steps=-5", "train.checkpoint_every_steps=-5 (must be >= 1)"),
+    ("schedule.stage2_epochs=-1", "schedule.stage2_epochs=-1 (must be >= 0)"),
+    ("mesh.data=-2", "mesh.data=-2 (-1 for every device"),
+    ("image_size=48", "image_size=48 (must be a multiple of 2**model.enc_layers = 32)"),
+])
+def test_sizes_and_batch_that_are_not_positive_are_refused_by_key(override, message, capsys):
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")):
+    load_config("smoke", [f"--config.{override}"])
+  assert cli.main(["describe", "--config", "smoke", f"--config.{override}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "config error: invalid config value" in err
+
+
+def test_no_folder_near_a_config_shadows_an_installed_library(tmp_path):
+  """A `tqdm.py` beside a user's config directory used to be imported instead of tqdm (its grandparent went first on
+  sys.path); the config's own `from configs import ...` still finds the packaged base and the user's sibling file."""
+  planted = tmp_path / "exp"
+  _write(planted / "tqdm.py", "raise SystemExit('planted tqdm.py was imported')\n")
+  _write(planted / "configs" / "my_base.py", """\
+      from configs import smoke
+
+      def get_config(arg=None):
+        config = smoke.get_config()
+        config.image_size = 64
+        return config
+      """)
+  mine = _write(planted / "configs" / "mine.py", """\
+      from configs import my_base
+
+      def get_config(arg=None):
+        return my_base.get_config()
+      """)
+  code = textwrap.dedent(f"""\
+      import sys
+      from erasablemask_jax.config import load_config
+      config = load_config({str(mine)!r})
+      assert config.image_size == 64, config.image_size
+      assert not any(p.startswith({str(tmp_path)!r}) for p in sys.path), sys.path
+      import tqdm
+      print(tqdm.__file__)
+      """)
+  out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr + out.stdout
+  assert str(tmp_path) not in out.stdout and "tqdm" in out.stdout
+
+
+def test_the_smoke_config_without_data_is_an_error_not_a_scan_of_the_current_folder(tmp_path, monkeypatch):
+  from erasablemask_jax.train.input_pipeline import load_face_splits  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "holiday.png").write_bytes(b"not read")
+  config = load_config("smoke")
+  with pytest.raises(FileNotFoundError, match="no training data: data.manual_dir is empty.*bundled:sample_faces"):
+    load_face_splits(config.data, config.fr, config.image_size)

@@ -51,8 +51,15 @@ ATTRIBUTES_CSV = "attributes.csv"
 
 
 def resolve_manual_dir(spec: str | pathlib.Path) -> pathlib.Path:
-  """`bundled:NAME` -> the package's `assets/NAME`; anything else is a path. Raises if the directory is missing."""
+  """`bundled:NAME` -> the package's `assets/NAME`; anything else is a path. Raises if the directory is missing.
+
+  An empty spec is refused rather than read as the current folder (which a config without data would then scan).
+  """
   spec = str(spec)
+  if not spec.strip():
+    raise FileNotFoundError("no training data: data.manual_dir is empty (and data.data_dir too); set "
+                            "--config.data.manual_dir=FOLDER (a folder of faces, or bundled:sample_faces) or "
+                            "--config.data.data_dir=DIR (a prepared builder)")
   path = PACKAGE_ASSETS / spec.split(":", 1)[1] if spec.startswith("bundled:") else pathlib.Path(spec).expanduser()
   if not path.is_dir():
     raise FileNotFoundError(f"manual directory {path} does not exist (from {spec!r}); point data.manual_dir at the "
