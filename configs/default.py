@@ -11,7 +11,8 @@ ATTRIBUTES = ("Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg  # No variants of the base config.
+  if arg:
+    raise ValueError(f"the default config has no variants (got {arg!r}); write --config default")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.image_size = 256

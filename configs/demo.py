@@ -5,7 +5,8 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  del arg
+  if arg:
+    raise ValueError(f"the demo config has no variants (got {arg!r}); write --config demo")
   config = default.get_config()
   config.image_size = 64
   config.model.enc_dim = 16

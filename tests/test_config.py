@@ -122,8 +122,9 @@ def test_a_broken_config_file_is_one_config_error_naming_file_and_line(tmp_path,
 def test_packaged_configs_refuse_an_argument_they_do_not_take():
   with pytest.raises(ConfigError, match=r"get_config\('badarg'\).*the smoke config has no variants \(got 'badarg'\)"):
     load_config("smoke:badarg")
-  with pytest.raises(ConfigError, match="the celebahq_paper config has no variants"):
-    load_config("celebahq_paper:x")
+  for name in ("celebahq_paper", "default", "demo"):
+    with pytest.raises(ConfigError, match=f"the {name} config has no variants"):
+      load_config(f"{name}:x")
   assert load_config("smoke").image_size == 32
 
 
