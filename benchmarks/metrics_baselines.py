@@ -3,12 +3,20 @@
 Sources: one bundled sample face (MIT; 256x256) per identity, target: another identity (facenet_paul_rudd); the surrogate is the bundled foamliu
 MobileFaceNet with its calibrated FAR 0.01 threshold (tau1). Throughput uses random weights (speed does not depend on
 them). Prints a table and writes JSON. Usage: `python benchmarks/metrics_baselines.py [--n 8] [--steps 20]`.
+
+`--lpips-only` measures just the `lpips_pretrained` section and merges it into the JSON, keeping the other sections as
+they were measured: LPIPS v0.1 with the `metrics` extra's real weights (`metrics.lpips.default_lpips`) on a batch of 64
+faces at 256x256 (the 28 bundled faces, their mirror images and 8 repeats) against the same faces plus Gaussian noise
+(sigma 8/255, seed 0), timed after one compiled chunk, with the load average before and after (the figure is only as
+quiet as the machine was); and FD-VGG16 between two disjoint halves of the 28 faces (14 vs 14), the floor that the
+small-sample bias alone gives.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import time
@@ -19,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from erasablemask_jax import fr
+from erasablemask_jax.data.images import read_image
 from erasablemask_jax.metrics import fid
 from erasablemask_jax.metrics import lpips
 from erasablemask_jax.metrics import recognition
@@ -38,12 +47,64 @@ def _random_variables(abstract, seed=0):
   return jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.05, s.shape), jnp.float32), abstract)
 
 
+def lpips_pretrained(batch: int = 64, size: int = 256) -> dict:
+  """The `lpips_pretrained` section (module docstring)."""
+  files = sorted(SAMPLE.glob("*.png"))
+  faces = np.stack([read_image(p) for p in files]).astype(np.float32) / 127.5 - 1.0
+  if faces.shape[1:3] != (size, size):
+    raise SystemExit(f"the bundled faces are {faces.shape[2]}x{faces.shape[1]}, not {size}x{size}")
+  a = np.concatenate([faces, faces[:, :, ::-1], faces])[:batch]
+  b = np.clip(a + np.random.default_rng(0).normal(0, 8 / 127.5, a.shape), -1, 1).astype(np.float32)
+  out = {"load_average_before": list(os.getloadavg()), "cpu_count": os.cpu_count(), "batch": batch, "size": size,
+         "pairs": "bundled faces (+ mirrors) vs the same + N(0, 8/255) noise, seed 0", "nets": {}}
+  for net in ("alex", "vgg"):
+    t = time.perf_counter()
+    lpips.pretrained_variables(net)
+    load_s = time.perf_counter() - t
+    metric = lpips.pretrained_metric(net)
+    chunk = metric.batch_size
+    t = time.perf_counter()
+    lpips.default_lpips(a[:chunk], b[:chunk], net)  # compiles the chunk shape
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    d = lpips.default_lpips(a, b, net)
+    secs = time.perf_counter() - t
+    out["nets"][net] = {"weights_load_s": load_s, "first_chunk_s_incl_compile": compile_s, "chunk": chunk,
+                        "seconds_for_batch": secs, "ms_per_pair": 1000 * secs / batch,
+                        "pairs_per_s": batch / secs, "mean_lpips": float(d.mean())}
+  extractor = fid.load_vgg16_features()
+  t = time.perf_counter()
+  out["fd_vgg16_split_half"] = {"label": fid.FD_VGG16_LABEL, "n_per_set": len(faces) // 2,
+                                "value": fid.fd_vgg16(faces[0::2], faces[1::2], extractor),
+                                "seconds": time.perf_counter() - t}
+  out["load_average_after"] = list(os.getloadavg())
+  return out
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--n", type=int, default=8, help="source faces")
   ap.add_argument("--steps", type=int, default=20, help="PGD steps")
   ap.add_argument("--out", default="benchmarks/metrics_baselines.json")
+  ap.add_argument("--lpips-only", action="store_true", help="measure only `lpips_pretrained`; merge it into --out")
+  ap.add_argument("--note", default="", help="recorded with `lpips_pretrained` (e.g. what else loads the machine)")
   args = ap.parse_args()
+  section = lpips_pretrained()
+  section["note"] = args.note
+  for net, r in section["nets"].items():
+    print(f"LPIPS {net} (real weights), {section['batch']} pairs at {section['size']}: {r['seconds_for_batch']:.1f} s "
+          f"({r['ms_per_pair']:.1f} ms/pair), mean LPIPS {r['mean_lpips']:.4f}")
+  fd = section["fd_vgg16_split_half"]
+  print(f"{fd['label']}, two disjoint halves of the bundled faces ({fd['n_per_set']} vs {fd['n_per_set']}): "
+        f"{fd['value']:.2f}")
+  print(f"load average before {section['load_average_before']}, after {section['load_average_after']}, "
+        f"{section['cpu_count']} CPUs")
+  if args.lpips_only:
+    out = pathlib.Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result["lpips_pretrained"] = section
+    out.write_text(json.dumps(result, indent=2))
+    return
 
   with open(SAMPLE / "attributes.csv") as f:
     identity = {row.split(",")[0]: row.strip().split(",")[-1] for row in f.readlines()[1:]}
@@ -97,7 +158,7 @@ def main() -> None:
             "settings": {"n_sources": len(sources), "pgd_steps": args.steps, "epsilon_0_1": 4 / 255,
                          "surrogate": rec.name, "tau1": tau1, "target": target_file.name, "throughput_batch": 8,
                          "throughput_size": size},
-            "attacks": rows, "throughput": speed}
+            "attacks": rows, "throughput": speed, "lpips_pretrained": section}
   pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
 
 

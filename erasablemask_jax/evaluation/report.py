@@ -276,14 +276,15 @@ def _quality(images: dict[str, np.ndarray], lpips_weights, lpips_net: str, fid_w
   from erasablemask_jax.metrics import fid as fid_lib  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.metrics import lpips as lpips_lib  # pylint: disable=import-outside-toplevel
 
-  lpips_metric = lpips_lib.load_lpips(lpips_net, lpips_weights)
+  lpips_metric = lpips_lib.load_lpips(lpips_net, lpips_weights)  # no weights given: the `metrics` extra's
   inception = fid_lib.load_inception(fid_weights)
+  vgg16 = fid_lib.load_vgg16_features()
   table = {}
   for row, (a, b) in {"protected_vs_edit": ("adv", "edit"), "restored_vs_source": ("rec", "clean")}.items():
     xa, xb = images[a], images[b]
-    lp = lpips_metric if isinstance(lpips_metric, availability.Unavailable) else float(np.mean(lpips_metric(xa, xb)))
-    table[row] = {"l1": quality.l1(xa, xb), "mse": quality.mse(xa, xb), "lpips": lp,
-                  "fid": fid_lib.fid(xa, xb, inception)}
+    table[row] = {"l1": quality.l1(xa, xb), "mse": quality.mse(xa, xb),
+                  "lpips": lpips_lib.mean_lpips(lpips_metric, xa, xb), "fid": fid_lib.fid(xa, xb, inception),
+                  "fd_vgg16": fid_lib.fd_vgg16(xa, xb, vgg16)}  # FD-VGG16, not comparable to FID (metrics.fid)
   return table
 
 

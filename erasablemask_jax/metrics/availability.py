@@ -34,3 +34,10 @@ def to_json(value: MetricValue) -> float | dict[str, str]:
   if isinstance(value, Unavailable):
     return {"unavailable": value.reason}
   return float(value)
+
+
+def from_json(value: float | dict[str, str]) -> MetricValue:
+  """The reverse of `to_json`."""
+  if isinstance(value, dict):
+    return Unavailable(value["unavailable"])
+  return float(value)

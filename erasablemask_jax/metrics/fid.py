@@ -17,6 +17,14 @@ Frechet distance between Gaussians N(mu1, S1), N(mu2, S2):
 and `tr((S1 S2)^{1/2}) = sum_i sqrt(lambda_i(A S2 A))` with `A = S1^{1/2}`: S1 S2 is similar to the symmetric PSD
 matrix A S2 A, so only symmetric eigendecompositions are needed (no complex sqrtm, no ad hoc diagonal offset); float64,
 round-off negative eigenvalues are clipped to 0.
+
+FD-VGG16 ("FD-VGG16, not comparable to FID"): the same Frechet distance on other features, for when the Inception
+weights are not at hand. The features are torchvision VGG16's relu5_3 (the LPIPS VGG trunk with the `metrics` extra's
+weights, ImageNet-normalised input, images at their own size), averaged over space: 512-d. It is not FID (another
+network, layer, dimension and resolution; no published value is comparable) and serves relative comparisons between
+runs only, at equal image size and equal numbers of images: the estimate is biased upwards, more so for few images
+(the covariance has rank < N, so below 513 images it is rank-deficient; two disjoint sets of the same faces already
+score well above 0), so compare only values computed on the same number of images, and report that number.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import numpy as np
 from erasablemask_jax import convert
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import batching
+from erasablemask_jax.metrics import lpips
 from erasablemask_jax.metrics import torch_layout
 
 FEATURE_DIM = 2048
@@ -315,4 +324,53 @@ def fid(images1: jax.Array, images2: jax.Array,
   """
   if isinstance(extractor, availability.Unavailable):
     return extractor
+  return fid_from_features(extractor(images1), extractor(images2))
+
+
+FD_VGG16_LABEL = "FD-VGG16, not comparable to FID"
+VGG16_FEATURE_DIM = 512
+
+
+class VGG16Features:
+  """relu5_3 of torchvision VGG16 averaged over space (module docstring): `extractor(x)` -> numpy float64 [N, 512]."""
+
+  def __init__(self, variables: Mapping[str, Any], batch_size: int = 8):
+    self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    self.batch_size = batch_size
+    module = lpips.LPIPS("vgg")
+    self._apply = jax.jit(batching.full_precision(
+        lambda v, x: jnp.mean(module.apply(v, x, method=lpips.LPIPS.stages)[-1], axis=(1, 2))))
+
+  def __call__(self, x: jax.Array) -> np.ndarray:
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"{FD_VGG16_LABEL} features need an NHWC RGB batch, got shape {x.shape}")
+    problem = lpips.size_problem("vgg", x.shape)
+    if problem:
+      raise ValueError(problem)
+    return batching.map_in_batches(lambda a: self._apply(self.variables, a), self.batch_size, x).astype(np.float64)
+
+
+def load_vgg16_features() -> VGG16Features | availability.Unavailable:
+  """The FD-VGG16 feature extractor with the `metrics` extra's VGG16 weights, or `Unavailable` saying what to install."""
+  try:
+    return VGG16Features(lpips.pretrained_variables("vgg"))
+  except lpips.PretrainedWeightsUnavailable as e:
+    return availability.Unavailable(f"no VGG16 weights for {FD_VGG16_LABEL}: {e}")
+
+
+def fd_vgg16(images1: jax.Array, images2: jax.Array,
+             extractor: VGG16Features | availability.Unavailable) -> availability.MetricValue:
+  """FD-VGG16 between two image sets (float NHWC in [-1, 1], the same size): NOT FID, see the module docstring.
+
+  Only for relative comparisons between runs scored on the same number of images at the same size (the value is biased
+  upwards and depends on both). `Unavailable` passes through, and is returned for fewer than 2 images per set or
+  images smaller than 16 px.
+  """
+  if isinstance(extractor, availability.Unavailable):
+    return extractor
+  if min(len(images1), len(images2)) < 2:
+    return availability.Unavailable(f"{FD_VGG16_LABEL} needs at least 2 images per set")
+  problem = lpips.size_problem("vgg", images1.shape) or lpips.size_problem("vgg", images2.shape)
+  if problem:
+    return availability.Unavailable(problem)
   return fid_from_features(extractor(images1), extractor(images2))

@@ -10,7 +10,9 @@ For each surrogate and each face `x_cov` of the held-out split (or, without one,
   tau2 (at `fr.tau2_far`), with the same rates for the clean and edited baselines; SMR = fraction of protected (and
   edited) faces whose cosine to their own source is above tau1 (lower: more private), IRR = the same fraction of
   restored faces (identity recovered). Thresholds come from the FR model's card (`erasablemask calibrate --store`); an
-  uncalibrated model reports cosines only.
+  uncalibrated model reports cosines only;
+- LPIPS v0.1 (AlexNet) of x_adv against x_cov^{att_b} and of x_rec against x_cov, with the `metrics` extra's weights
+  (without them, or below 31 px, the report says why it is missing).
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.metrics import availability
+from erasablemask_jax.metrics import lpips
 from erasablemask_jax.metrics import recognition
 from erasablemask_jax.train.writer import save_image_grid
 from erasablemask_jax.train.writer import to_uint8
 
 IMAGES = ("clean", "edit", "adv", "rec")
 SOURCE_IMAGES = IMAGES[1:]  # compared with their source x_cov (the clean face is the source)
+LPIPS_PAIRS = {"adv_vs_edit": ("adv", "edit"), "rec_vs_clean": ("rec", "clean")}  # as evaluate's Table VI
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -90,6 +95,9 @@ def whitebox_report(trainer, state) -> dict:
     entry["cos"] = {k: c.tolist() for k, c in cos.items()}
     entry["cos_source"] = {k: c.tolist() for k, c in src.items()}
     report["surrogates"][surrogate.spec] = entry
+  metric = lpips.load_lpips("alex", None)  # the `metrics` extra's weights, or the reason they are missing
+  report["lpips_alex"] = {pair: availability.to_json(lpips.mean_lpips(metric, outputs[a], outputs[b]))
+                          for pair, (a, b) in LPIPS_PAIRS.items()}
   workdir = pathlib.Path(trainer.workdir)
   (workdir / "report.json").write_text(json.dumps(report, indent=2))
   save_image_grid(workdir / "report.png", [np.asarray(outputs[k]) for k in IMAGES])
@@ -118,4 +126,6 @@ def format_report(report: dict) -> str:
                                                            ("irr", "rec"))) + " |")
   taus = {spec: (e["tau1"], e["tau2"]) for spec, e in report["surrogates"].items()}
   lines += ["", f"thresholds (tau1, tau2) from each model's calibrated card: {taus}"]
+  lines.append("LPIPS v0.1 (AlexNet): " + ", ".join(
+      f"{pair} {availability.format_metric(availability.from_json(v))}" for pair, v in report["lpips_alex"].items()))
   return "\n".join(lines)

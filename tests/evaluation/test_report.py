@@ -12,7 +12,9 @@ from erasablemask_jax import cli
 from erasablemask_jax import fr
 from erasablemask_jax.evaluation import report as report_lib
 from erasablemask_jax.evaluation import sweep as sweep_lib
+from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import compare_server
+from erasablemask_jax.metrics import lpips
 
 TRANSFORMS = "jpeg50,gauss0.003,rotate30,crop224"
 COMMON = ["--data", "bundled:sample_faces", "--identities", "2,3,4", "--max-faces", "5", "--transforms", TRANSFORMS,
@@ -67,11 +69,14 @@ def test_report_files_and_layout(first):
   for row in ("Attribute edit SMR", "FGSM SMR", "PGD SMR", "ErasableMask SMR", "ErasableMask IRR"):
     assert f"| {row} |" in md, row
   assert "ASR / ESR / SMR / IRR" in md
-  # No LPIPS / FID weights given: those columns say so, never a number.
+  # No LPIPS / FID weights given: LPIPS is the `metrics` extra's when installed, and says what to install otherwise;
+  # FID says it has no weights, never a number.
+  installed = not isinstance(lpips.load_lpips("alex", None), availability.Unavailable)
   for row in report["table6"].values():
-    assert "unavailable" in row["lpips"] and "unavailable" in row["fid"]
+    assert isinstance(row["lpips"], float) if installed else "erasablemask-jax[metrics]" in row["lpips"]["unavailable"]
+    assert "unavailable" in row["fid"]
     assert isinstance(row["l1"], float) and isinstance(row["mse"], float)
-  assert md.count("not available (no LPIPS") == 2 and md.count("not available (no FID") == 2
+  assert md.count("not available (no LPIPS") == (0 if installed else 2) and md.count("not available (no FID") == 2
   # crop224 does not fit 32x32 faces: reported unavailable with the reason.
   assert "does not fit" in report["table5"]["mobilefacenet_foamliu"]["crop224"]["asr"]["unavailable"]
   # An uncalibrated model gets cosines, not rates.

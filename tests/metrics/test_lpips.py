@@ -134,8 +134,8 @@ def test_conversion_names_unknown_and_missing_keys():
     lpips.variables_from_torch("vgg", trunk, heads)
 
 
-def test_no_weights_is_unavailable_not_a_number():
-  got = lpips.load_lpips("alex", None)
+def test_no_weights_is_unavailable_not_a_number(without_metrics_extra):
+  got = lpips.load_lpips("alex", None)  # no files given and the `metrics` extra absent
   assert isinstance(got, availability.Unavailable)
   assert "alexnet" in got.reason
   assert availability.format_metric(got).startswith("n/a")
