@@ -8,17 +8,25 @@ and renames it when complete, so a run killed mid-save leaves the previous check
 
 Devices: one `Mesh` with a `data` axis over `mesh.data` devices (-1: all, over all hosts); the global batch is sharded
 along it, the state replicated; multi-host runs call `jax.distributed.initialize` first (see `initialize_distributed`).
+
+A first Ctrl-C (SIGINT) on a single-host run stops after the current step, saves it and raises `TrainingInterrupted`
+(a second one interrupts at once). A resume drops the rows of `metrics.jsonl` after the restored step, which the
+resumed run logs again, so the file keeps one row per logged step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
 import pathlib
+import signal
+import threading
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +38,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from erasablemask_jax.attack import end_epoch, make_attack
+from erasablemask_jax.config import ConfigError
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import lock as lock_lib
@@ -45,6 +54,15 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
   """A loss became NaN or infinite; the message names the step and the term."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """Ctrl-C stopped the run after a step that was then saved; the message says where and how to resume."""
+
+  def __init__(self, step: int, checkpoints: pathlib.Path):
+    self.step = step
+    super().__init__(f"interrupted: saved a checkpoint at step {step} in {checkpoints}; rerun the same command to "
+                     "resume from it")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -69,14 +87,16 @@ def make_mesh(mesh_config) -> Mesh:
   devices = jax.devices()
   n = len(devices) if mesh_config.data in (-1, 0) else mesh_config.data
   if n > len(devices):
-    raise ValueError(f"mesh.data={n} but only {len(devices)} devices are visible")
+    raise ConfigError(f"mesh.data={n} but only {len(devices)} devices are visible; set --config.mesh.data=-1 "
+                      "(every device) or a smaller count")
   return Mesh(np.asarray(devices[:n]), ("data",))
 
 
 def check_batch_divides(global_batch: int, mesh: Mesh) -> None:
   if global_batch % mesh.size or global_batch % jax.process_count():
-    raise ValueError(f"data.batch_size={global_batch} does not divide over {mesh.size} devices and "
-                     f"{jax.process_count()} hosts; use a multiple of {math.lcm(mesh.size, jax.process_count())}")
+    raise ConfigError(f"data.batch_size={global_batch} does not divide over {mesh.size} devices and "
+                      f"{jax.process_count()} hosts; use a multiple of {math.lcm(mesh.size, jax.process_count())} "
+                      "(--config.data.batch_size=N) or fewer devices (--config.mesh.data=N)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -194,7 +214,7 @@ class Trainer:
       if target_images is None:
         target_images = self.splits.target if self.splits else read_faces(config.fr.target, config.image_size)
       if len(target_images) == 0:
-        raise ValueError("the attack needs a target face: set fr.target to an image, a folder or 'identity:K'")
+        raise ConfigError("the attack needs a target face: set fr.target to an image, a folder or 'identity:K'")
       x_t = uint8_to_minus1_1(target_images)
       self.targets = jax.device_put(target_embeddings(self.surrogates, x_t), self.replicated)
       self.fr_vars = jax.device_put([s.variables for s in self.surrogates], self.replicated)
@@ -205,8 +225,8 @@ class Trainer:
     if kind == "meta_auxiliary" and config.attack.first_order:
       kind = "first_order"
     if kind != "ensemble" and len(self.surrogates) == 1:
-      raise ValueError("the meta-auxiliary attack needs at least 2 surrogates (fr.surrogates); add one, a '@flip' "
-                       "view of one, or set attack.kind='ensemble'")
+      raise ConfigError("the meta-auxiliary attack needs at least 2 surrogates (fr.surrogates); add one, a '@flip' "
+                        "view of one, or set attack.kind='ensemble'")
     attack = (make_attack(kind, lr_inner=lr_inner, epsilon=config.loss.epsilon, primaries=config.attack.primaries)
               if self.surrogates else None)
     noise = _make_noise(config.noise.train_pool, config.noise.jpeg_rounding)
@@ -265,17 +285,34 @@ class Trainer:
     Args:
       on_step: optional `callback(step)` after each completed (and, when due, saved) step.
     """
-    config, schedule = self.config, self.schedule
+    schedule = self.schedule
     state = self.restore_or_init()
     step = int(state.step)
+    self.writer.drop_after(step)  # rows a killed run logged after its last checkpoint are logged again
     if self.is_chief:
       self.workdir.mkdir(parents=True, exist_ok=True)
-      (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+      (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
+    with _progress(schedule.total, step, self.is_chief) as progress, _stop_on_sigint(jax.process_count() == 1) as stop:
+      state = self._loop(state, step, progress, on_step, stop)
+    self.checkpoints.wait_until_finished()
+    self.writer.close()
+    return state
+
+  def _loop(self, state: TrainState, step: int, progress, on_step, stop) -> TrainState:
+    """Steps from `step` to the end; when `stop.requested`, saves the last step and raises `TrainingInterrupted`."""
+    config, schedule = self.config, self.schedule
     sample_batch = None
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    progress = _progress(schedule.total, step, self.is_chief)
     started = time.perf_counter()
+    saved = save = True  # the state at entry is a checkpoint's (or the initial one)
     while step < schedule.total:
+      if stop.requested:
+        if pending:
+          self._flush(pending, schedule.stage_of(step - 1), started)
+        if not saved:
+          self.save(state, step)
+        self.writer.close()
+        raise TrainingInterrupted(step, self.workdir / "checkpoints")
       stage = schedule.stage_of(step)
       if step == schedule.ends[0] and stage >= 2:
         state = jax.jit(functools.partial(begin_stage2, tx=self.tx), out_shardings=self.replicated,
@@ -300,11 +337,9 @@ class Trainer:
       if self.is_chief and (boundary or step % config.train.sample_every_steps == 0):
         self._write_samples(state, sample_batch, step)
       progress.update(1)
+      saved = save
       if on_step is not None:
         on_step(step)
-    progress.close()
-    self.checkpoints.wait_until_finished()
-    self.writer.close()
     return state
 
   def _flush(self, pending, stage: int, started: float) -> None:
@@ -328,6 +363,33 @@ class Trainer:
     columns = jax.jit(functools.partial(steps_lib.sample_images, self.models))(state, batch)
     save_image_grid(self.workdir / "samples" / f"step_{step:07d}.png",
                     [np.asarray(columns[k]) for k in ("x_cov", "x_edit", "x_adv", "x_rec")])
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(enabled: bool):
+  """While the body runs, a first SIGINT sets `.requested` (the loop saves and stops); a second raises at once.
+
+  Only in the main thread of a single-host run: the hosts of a multi-host run would stop at different steps, and
+  their collective save would hang.
+  """
+  stop = types.SimpleNamespace(requested=False)
+  if not enabled or threading.current_thread() is not threading.main_thread():
+    yield stop
+    return
+
+  def request(signum, frame):
+    del signum, frame
+    if stop.requested:
+      raise KeyboardInterrupt
+    stop.requested = True
+    log.warning("Ctrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once, "
+                "without saving)")
+
+  previous = signal.signal(signal.SIGINT, request)
+  try:
+    yield stop
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def _make_noise(members, jpeg_rounding: str):

@@ -17,9 +17,10 @@ class MetricWriter:
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
+    self._jsonl_path = workdir / "metrics.jsonl"
     if enabled:
       workdir.mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+      self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
       from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(str(workdir / "tensorboard"))
@@ -33,10 +34,38 @@ class MetricWriter:
       self._tb.add_scalar(name, float(value), int(step))
     self._tb.flush()
 
+  def drop_after(self, step: int) -> int:
+    """Removes the rows of `metrics.jsonl` past `step`, and any line cut short; returns how many were removed.
+
+    A run resumed from the checkpoint at `step` logs the later steps again, so without this a resume would leave two
+    rows for each step that a killed run logged after its last checkpoint. The file is rewritten atomically.
+    """
+    if not self.enabled or not self._jsonl_path.is_file():
+      return 0
+    lines = self._jsonl_path.read_text(encoding="utf-8").splitlines()
+    keep = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    if len(keep) == len(lines):
+      return 0
+    self._jsonl.close()
+    tmp = self._jsonl_path.with_name(f".{self._jsonl_path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, self._jsonl_path)
+    self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
+    return len(lines) - len(keep)
+
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _row_step(line: str) -> int | None:
+  """The step of one metrics.jsonl line, or None for a line that is not a complete row (a killed run's last)."""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  return row.get("step") if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

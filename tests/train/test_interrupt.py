@@ -1,0 +1,64 @@
+"""Ctrl-C during training saves the step and says how to resume; metrics.jsonl keeps one row per step across resumes.
+
+A tiny stage-1-only run (16x16, 3-layer networks, no surrogates) on random faces.
+"""
+
+import json
+import os
+import signal
+
+import pytest
+
+import tiny
+from erasablemask_jax.train import trainer as trainer_lib
+from erasablemask_jax.train.writer import MetricWriter
+
+
+def _config():
+  return tiny.tiny_config(**{"image_size": 16, "model.enc_layers": 3, "model.dec_layers": 3, "model.dis_layers": 3,
+                             "data.batch_size": 4, "schedule.stage1_steps": 4, "schedule.stage2_steps": 0,
+                             "schedule.stage3_steps": 0, "train.checkpoint_every_steps": 100,
+                             "train.log_every_steps": 1, "train.sample_every_steps": 1000})
+
+
+def _trainer(workdir):
+  config = _config()
+  return trainer_lib.Trainer(config, workdir, source=tiny.tiny_source(config, n=8))
+
+
+def _steps(workdir):
+  return [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ctrl_c_saves_the_step_and_a_rerun_resumes_with_one_metrics_row_per_step(tmp_path):
+  workdir = tmp_path / "run"
+
+  def ctrl_c_at_2(step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  before = signal.getsignal(signal.SIGINT)
+  with pytest.raises(trainer_lib.TrainingInterrupted) as e:
+    _trainer(workdir).run(on_step=ctrl_c_at_2)
+  assert signal.getsignal(signal.SIGINT) is before  # the handler is only installed while training
+  assert str(e.value) == (f"interrupted: saved a checkpoint at step 2 in {workdir / 'checkpoints'}; rerun the same "
+                          "command to resume from it")
+  assert isinstance(e.value, KeyboardInterrupt) and e.value.step == 2
+  assert trainer_lib.restore_run(workdir)[3] == 2
+  assert _steps(workdir) == [1, 2]
+  # A killed run's rows after its last checkpoint (and a line cut short) are dropped on resume, then logged again.
+  with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 4, "lo')
+  state = _trainer(workdir).run()
+  assert int(state.step) == 4
+  assert _steps(workdir) == [1, 2, 3, 4]
+
+
+def test_drop_after_keeps_rows_up_to_the_step(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "x": s}) + "\n" for s in (1, 2, 3, 5)))
+  writer = MetricWriter(tmp_path)
+  assert writer.drop_after(3) == 1
+  assert writer.drop_after(3) == 0
+  writer.write(4, {"x": 4.0})
+  writer.close()
+  assert _steps(tmp_path) == [1, 2, 3, 4]
