@@ -3,7 +3,8 @@
 Handled: truncated or corrupt files (skipped), EXIF orientation (applied), grayscale / palette / 1-bit (expanded to
 RGB), RGBA / LA / PA (composited on white), CMYK and YCbCr (converted), 16-bit modes (scaled from 0..65535 to 8 bit),
 32-bit integer or float modes (rescaled to 8 bit from the range their values suggest), images smaller than a minimum
-side (skipped). Every command reads photos through `read_image`, so they all see the same pixels.
+side (skipped), images over PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`; skipped from their header, before
+any pixel is decoded). Every command reads photos through `read_image`, so they all see the same pixels.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import json
 import logging
 import pathlib
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -95,7 +97,7 @@ def read_image(source: str | pathlib.Path | bytes, name: str = "", report: Impor
     min_side: images whose shorter side is below this raise `SkipImage`.
 
   Raises:
-    SkipImage: unreadable, truncated or too small; the message is the reason.
+    SkipImage: unreadable, truncated, too small or too large; the message is the reason.
   """
   name = name or str(source)[:80]
 
@@ -105,7 +107,16 @@ def read_image(source: str | pathlib.Path | bytes, name: str = "", report: Impor
 
   try:
     data = source if isinstance(source, bytes) else pathlib.Path(source).read_bytes()
-    with Image.open(io.BytesIO(data)) as img:
+    with warnings.catch_warnings():  # PIL only warns up to twice its limit; a face photo never comes near it
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      img = Image.open(io.BytesIO(data))
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise SkipImage(f"too large: {e.args[0].split(',')[0]} (PIL's decompression-bomb limit); a face photo needs far "
+                    "fewer pixels: shrink it first") from e
+  except (OSError, SyntaxError, ValueError) as e:
+    raise SkipImage(f"unreadable: {type(e).__name__}: {e}") from e
+  try:
+    with img:
       img.load()
       orientation = img.getexif().get(0x0112, 1)
       if orientation not in (1, None):
@@ -115,7 +126,9 @@ def read_image(source: str | pathlib.Path | bytes, name: str = "", report: Impor
       arr = np.asarray(img, np.uint8)
   except SkipImage:
     raise
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's ways of saying "corrupt"
+  except Image.DecompressionBombError as e:  # some formats learn their size only while decoding
+    raise SkipImage(f"too large: {e.args[0].split(',')[0]} (PIL's decompression-bomb limit)") from e
+  except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "corrupt"
     raise SkipImage(f"unreadable: {type(e).__name__}: {e}") from e
   if min(arr.shape[:2]) < min_side:
     raise SkipImage(f"too small: {arr.shape[1]}x{arr.shape[0]} < {min_side} px")

@@ -138,23 +138,22 @@ def protect_folder(run: Run, in_dir: str | os.PathLike[str], out_dir: str | os.P
   att_a, att_a_sources = source_attributes(in_dir, items, run)
   att_b = spec.apply(att_a)
   config = run.config
-  bar = _progress(len(items), "protect", progress)
-  for start in range(0, len(items), run.batch_size):
-    chunk = slice(start, start + run.batch_size)
-    x = to_model_input(np.stack([it["image"] for it in items[chunk]]))
-    x_adv, _ = run.protect(x, att_b[chunk])
-    for j, image in enumerate(to_uint8(x_adv)):
-      i = start + j
-      png, js = outputs[i]
-      sidecar_lib.write_png_atomic(png, image)
-      sidecar_lib.write_json_atomic(js, sidecar_lib.make_sidecar(
-          source=items[i]["rel"], source_size=items[i]["source_size"], image_size=run.image_size, att_a=att_a[i],
-          att_a_source=att_a_sources[i], att_b=att_b[i], attrs_spec=spec.to_json(),
-          flipped=attributes_lib.flipped_names(att_a[i], att_b[i]), checkpoint=run.checkpoint_info(),
-          target=str(config.fr.target), surrogates=list(config.fr.surrogates)))
-      result.written.append(str(png.relative_to(out_dir)))
-      bar.update(1)
-  bar.close()
+  with _progress(len(items), "protect", progress) as bar:  # closed before any error is printed
+    for start in range(0, len(items), run.batch_size):
+      chunk = slice(start, start + run.batch_size)
+      x = to_model_input(np.stack([it["image"] for it in items[chunk]]))
+      x_adv, _ = run.protect(x, att_b[chunk])
+      for j, image in enumerate(to_uint8(x_adv)):
+        i = start + j
+        png, js = outputs[i]
+        sidecar_lib.write_png_atomic(png, image)
+        sidecar_lib.write_json_atomic(js, sidecar_lib.make_sidecar(
+            source=items[i]["rel"], source_size=items[i]["source_size"], image_size=run.image_size, att_a=att_a[i],
+            att_a_source=att_a_sources[i], att_b=att_b[i], attrs_spec=spec.to_json(),
+            flipped=attributes_lib.flipped_names(att_a[i], att_b[i]), checkpoint=run.checkpoint_info(),
+            target=str(config.fr.target), surrogates=list(config.fr.surrogates)))
+        result.written.append(str(png.relative_to(out_dir)))
+        bar.update(1)
   return result
 
 
@@ -245,13 +244,12 @@ def erase_folder(run: Run, in_dir: str | os.PathLike[str], out_dir: str | os.Pat
         att_a[i] = override[1]
       else:
         att_a[i] = override[1][it["rel"]][0]
-  bar = _progress(len(items), "erase", progress)
-  for start in range(0, len(items), run.batch_size):
-    chunk = slice(start, start + run.batch_size)
-    x_rec = to_uint8(run.restore(x_adv[chunk], att_a[chunk]))
-    for j, image in enumerate(x_rec):
-      sidecar_lib.write_png_atomic(outputs[start + j], image)
-      result.written.append(items[start + j]["rel"])
-      bar.update(1)
-  bar.close()
+  with _progress(len(items), "erase", progress) as bar:
+    for start in range(0, len(items), run.batch_size):
+      chunk = slice(start, start + run.batch_size)
+      x_rec = to_uint8(run.restore(x_adv[chunk], att_a[chunk]))
+      for j, image in enumerate(x_rec):
+        sidecar_lib.write_png_atomic(outputs[start + j], image)
+        result.written.append(items[start + j]["rel"])
+        bar.update(1)
   return result

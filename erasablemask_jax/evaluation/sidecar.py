@@ -83,7 +83,8 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
   """Reads and checks a sidecar; `att_a` / `att_b` come back as float32 (13,) arrays.
 
   Raises:
-    SidecarError: missing, not JSON, another format, or attribute vectors of the wrong length.
+    SidecarError: missing, not JSON, another format, no `checkpoint` entry, or attribute vectors of the wrong
+      length.
   """
   path = pathlib.Path(path)
   if not path.is_file():
@@ -97,6 +98,9 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
     raise SidecarError(f"sidecar {path} is not an {FORMAT} file; pass --source-attrs instead")
   if list(payload.get("attributes", ATTRIBUTES)) != list(ATTRIBUTES):
     raise SidecarError(f"sidecar {path} lists attributes {payload.get('attributes')}, this version uses {ATTRIBUTES}")
+  if not isinstance(payload.get("checkpoint"), dict):
+    raise SidecarError(f"sidecar {path} has no \"checkpoint\" entry (the run that protected the image), so it was not "
+                       "written by `erasablemask protect`; protect the original again, or pass --source-attrs")
   for key in ("att_a", "att_b"):
     value = payload.get(key)
     if not isinstance(value, list) or len(value) != NUM_ATTRIBUTES or any(v not in (0, 1) for v in value):

@@ -40,3 +40,29 @@ def test_exif_orientation_is_applied(orientation, undo):
   buf = io.BytesIO()
   Image.fromarray(np.ascontiguousarray(stored)).save(buf, format="PNG", exif=exif)
   np.testing.assert_array_equal(images.read_image(buf.getvalue(), min_side=1), upright)
+
+
+def _png_header_claiming(side: int) -> bytes:
+  """A PNG whose header claims side x side 1-bit pixels, with almost no data: a decompression bomb's shape."""
+  import struct
+  import zlib
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+          + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_skipped_from_its_header():
+  with pytest.raises(images.SkipImage, match=r"too large: Image size \(3600000000 pixels\) exceeds limit of \d+ "
+                                             r"pixels \(PIL's decompression-bomb limit\)"):
+    images.read_image(_png_header_claiming(60000), "bomb.png")
+
+
+def test_an_image_over_the_limit_but_under_twice_it_is_skipped_too(monkeypatch):
+  """PIL only warns between its limit and twice it; decoding such a file would still take gigabytes."""
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+  buf = io.BytesIO()
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf, format="PNG")  # 1600 pixels: between 1000 and 2000
+  with pytest.raises(images.SkipImage, match="too large: Image size \\(1600 pixels\\) exceeds limit of 1000 pixels"):
+    images.read_image(buf.getvalue(), "big.png")
