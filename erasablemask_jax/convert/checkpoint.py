@@ -8,6 +8,8 @@ import os
 import pathlib
 from typing import Any
 
+import numpy as np
+
 from erasablemask_jax.convert import merge
 from erasablemask_jax.convert import model_dir as model_dir_lib
 from erasablemask_jax.convert import mxnet
@@ -27,8 +29,10 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 FORMAT_NAMES = {"torch": "PyTorch", "mxnet": "MXNet"}
-# A wrong MXNet architecture mismatches most of its ~200 auto-named tensors (batchnorm12, ...): list the first few.
-MXNET_LISTED_KEYS = 10
+# A wrong architecture mismatches most of its hundreds of tensors: the error gives the counts, the first few keys of
+# each kind, and the registered architecture the checkpoint matches best.
+LISTED_KEYS = 10
+LIKELY_MIN_MATCH = 0.5
 
 
 def convert_state_dict(arch: str, state: dict[str, Any], context: str = "",
@@ -36,12 +40,42 @@ def convert_state_dict(arch: str, state: dict[str, Any], context: str = "",
   """Torch state dict (or MXNet `arg:`/`aux:` arrays) -> Flax variables of `arch`.
 
   Renames and re-lays with the architecture's `rename`, then `strict_merge`s against `eval_shape`; `limit` caps the
-  keys listed per kind of mismatch in the error.
+  keys listed per kind of mismatch in the error, which also names the registered architecture (of the same checkpoint
+  format) that the checkpoint matches best, when one matches at least half of its tensors.
   """
   spec = registry.get_arch(arch)
   flat = spec.rename(state)
   abstract = merge.abstract_init(spec.build(), spec.input_shape)
-  return merge.strict_merge(flat, abstract, context=context or f"arch {arch}", limit=limit)
+  try:
+    return merge.strict_merge(flat, abstract, context=context or f"arch {arch}", limit=limit)
+  except merge.StrictMergeError as e:
+    raise merge.StrictMergeError(e.missing, e.unexpected, e.mismatched, e.context, limit,
+                                 hint=_likely_arch_hint(state, spec)) from None
+
+
+def match_fraction(arch: str, state: dict[str, Any]) -> float:
+  """The share of `arch`'s variables and the renamed checkpoint's tensors that pair up by name and shape (0 to 1)."""
+  spec = registry.get_arch(arch)
+  flat = spec.rename(state)
+  want = merge.flatten_variables(merge.abstract_init(spec.build(), spec.input_shape))
+  hits = sum(1 for k, v in want.items() if k in flat and tuple(np.shape(flat[k])) == tuple(v.shape))
+  return hits / max(len(want) + sum(1 for k in flat if k not in want), 1)
+
+
+def _likely_arch_hint(state: dict[str, Any], spec: registry.ArchSpec) -> str | None:
+  scores = []
+  for name in registry.list_archs():
+    if name == spec.name or registry.get_arch(name).checkpoint_format != spec.checkpoint_format:
+      continue
+    try:
+      scores.append((match_fraction(name, state), name))
+    except Exception:  # pylint: disable=broad-except  # another architecture's rename may reject these names outright
+      continue
+  if not scores or max(scores)[0] < LIKELY_MIN_MATCH:
+    return None
+  score, name = max(scores)
+  how = "every tensor matches" if score == 1.0 else f"{100 * score:.0f}% of the tensors match"
+  return f"The checkpoint is for a different --arch: it looks like --arch {name} ({how})."
 
 
 def _read_mxnet(spec: registry.ArchSpec, checkpoint: pathlib.Path,
@@ -59,7 +93,7 @@ def _read_mxnet(spec: registry.ArchSpec, checkpoint: pathlib.Path,
     h, w, c = spec.input_shape
     mxnet.check_params_match_symbol(params, graph, (1, c, h, w), context=str(checkpoint))
     source["symbol"] = {"file": symbol.name, "sha256": sha256_file(symbol)}
-  mxnet.check_finite(params, context=str(checkpoint))
+  state_dict_lib.check_finite(params, context=str(checkpoint))
   return params, source
 
 
@@ -71,8 +105,8 @@ def convert_checkpoint(arch: str, checkpoint: str | os.PathLike[str], out_dir: s
                        force: bool = False, symbol: str | os.PathLike[str] | None = None) -> pathlib.Path:
   """Converts `checkpoint` as architecture `arch` into `out_dir` (orbax variables + `card.json`).
 
-  Every check (architecture known, output free, file readable and safe, graph consistent, values finite for MXNet,
-  strict match) happens before anything is written, so a failure leaves the file system as it was.
+  Every check (architecture known, output free, file readable and safe, graph consistent, values finite, strict
+  match) happens before anything is written, so a failure leaves the file system as it was.
 
   Args:
     arch: a registered architecture name (`registry.list_archs()`).
@@ -88,9 +122,7 @@ def convert_checkpoint(arch: str, checkpoint: str | os.PathLike[str], out_dir: s
   """
   spec = registry.get_arch(arch)
   model_dir_lib.check_writable(out_dir, force)
-  checkpoint = pathlib.Path(checkpoint)
-  if not checkpoint.is_file():
-    raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+  checkpoint = state_dict_lib.require_checkpoint_file(checkpoint)
   fmt = _format_of(checkpoint)
   if fmt != spec.checkpoint_format:
     raise state_dict_lib.CheckpointError(
@@ -104,10 +136,10 @@ def convert_checkpoint(arch: str, checkpoint: str | os.PathLike[str], out_dir: s
   if fmt == "mxnet":
     state, extra = _read_mxnet(spec, checkpoint, pathlib.Path(symbol) if symbol is not None else None)
     source.update(extra, format="mxnet")
-    variables = convert_state_dict(arch, state, context=context, limit=MXNET_LISTED_KEYS)
   else:
     state = state_dict_lib.read_state_dict(checkpoint)
-    variables = convert_state_dict(arch, state, context=context)
+    state_dict_lib.check_finite(state, context=str(checkpoint))
+  variables = convert_state_dict(arch, state, context=context, limit=LISTED_KEYS)
   card = dict(spec.card)
   card.update({
       "arch": arch,

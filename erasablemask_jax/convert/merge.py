@@ -19,8 +19,9 @@ class StrictMergeError(CheckpointError):
   """Converted tensors do not match the model's variables: names every missing, unexpected and mis-shaped key."""
 
   def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str], context: str = "",
-               limit: int | None = None):
+               limit: int | None = None, hint: str | None = None):
     self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+    self.context = context
     lines = [f"checkpoint does not match the model{(' (' + context + ')') if context else ''}: "
              f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped"]
     for title, keys in (("missing (in the model, not in the checkpoint)", missing),
@@ -31,8 +32,8 @@ class StrictMergeError(CheckpointError):
         lines.extend(f"    {k}" for k in keys[:limit])
         if limit is not None and len(keys) > limit:
           lines.append(f"    ... and {len(keys) - limit} more")
-    lines.append("  Is the checkpoint for a different --arch (or depth)? Check the architecture the checkpoint "
-                 "was trained with.")
+    lines.append("  " + (hint or "Is the checkpoint for a different --arch (or depth)? Check the architecture the "
+                                 "checkpoint was trained with."))
     super().__init__("\n".join(lines))
 
 

@@ -84,12 +84,19 @@ def _to_numpy(tree: Any) -> Any:
 
 
 def read_card(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
-  """The parsed `card.json` of a model directory."""
+  """The parsed `card.json` of a model directory; a missing, unparsable or non-object card is a `ModelDirError`."""
   path = pathlib.Path(model_dir) / CARD_FILE
   if not path.is_file():
     raise ModelDirError(f"{model_dir} is not a converted model directory (no {CARD_FILE}); create one with "
                         "`python -m tools.convert_torch_weights --arch ARCH --checkpoint FILE --out DIR`")
-  return json.loads(path.read_text())
+  try:
+    card = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ModelDirError(f"{path} is not valid JSON ({e}); restore it, or convert the model again") from None
+  if not isinstance(card, dict):
+    raise ModelDirError(f"{path} holds a JSON {type(card).__name__}, not the model card's object; restore it, or "
+                        "convert the model again")
+  return card
 
 
 def write_card(model_dir: str | os.PathLike[str], card: Mapping[str, Any]) -> None:

@@ -478,12 +478,3 @@ def mxnet_to_flax_flat(params: Mapping[str, np.ndarray],
     else:
       flat[renamed[0]] = renamed[1]
   return flat
-
-
-def check_finite(variables: Mapping[str, np.ndarray], context: str, limit: int = 5) -> None:
-  """Raises `CheckpointError` naming the flat variables that hold NaN or Inf."""
-  bad = [f"{k} ({int(np.size(v) - np.isfinite(v).sum())} of {np.size(v)})" for k, v in variables.items()
-         if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
-  if bad:
-    raise CheckpointError(f"{context}: refused: {_summary('tensors hold NaN/Inf', bad, limit)}; the checkpoint is "
-                          "damaged or diverged")

@@ -16,10 +16,46 @@ import numpy as np
 
 WRAPPER_KEYS = ("state_dict", "net_state_dict", "model_state_dict", "model", "net", "backbone")
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar")
+WEIGHT_SUFFIXES = TORCH_SUFFIXES + (".safetensors", ".params")
 
 
 class CheckpointError(ValueError):
   """A checkpoint file cannot be read, or is not a state dict of the expected architecture."""
+
+
+def require_checkpoint_file(path: str | os.PathLike[str]) -> pathlib.Path:
+  """`path` as a Path when it is a file; a folder or a missing path raises with what to pass instead.
+
+  Raises:
+    FileNotFoundError: nothing at `path`.
+    CheckpointError: `path` is a folder (the message lists the weight files in it, or says it is a converted model).
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    if (path / "card.json").is_file():
+      raise CheckpointError(f"checkpoint {path} is a converted model directory (it has card.json), not a checkpoint "
+                            "to convert; use it as it is (e.g. --fr or fr.surrogates)")
+    found = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    inside = (f"pass one of the weight files in it: {', '.join(found[:5])}{', ...' if len(found) > 5 else ''}"
+              if found else f"it holds no weight file ({', '.join(WEIGHT_SUFFIXES)})")
+    raise CheckpointError(f"checkpoint {path} is a folder, not a weights file; {inside}")
+  if not path.is_file():
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+  return path
+
+
+def check_finite(arrays: Mapping[str, np.ndarray], context: str, limit: int = 5) -> None:
+  """Raises `CheckpointError` naming the floating-point arrays that hold NaN or Inf (the first `limit` of them).
+
+  A checkpoint saved after training diverged converts without complaint, then embeds every face as NaN; refusing it
+  here names the damage instead.
+  """
+  bad = [f"{k} ({int(np.size(v) - np.isfinite(v).sum())} of {np.size(v)})" for k, v in arrays.items()
+         if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
+  if bad:
+    shown = ", ".join(bad[:limit]) + (", ..." if len(bad) > limit else "")
+    raise CheckpointError(f"{context}: refused: {len(bad)} tensors hold NaN/Inf ({shown}); the checkpoint is damaged "
+                          "or diverged: download it again or take an earlier one")
 
 
 def _unwrap(obj: Any, path: pathlib.Path) -> Mapping[str, Any]:
@@ -84,11 +120,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
   Raises:
     FileNotFoundError: the file does not exist.
-    CheckpointError: the file is truncated or corrupt, carries pickled code (refused), or holds no state dict.
+    CheckpointError: the path is a folder, or the file is truncated or corrupt, carries pickled code (refused), or
+      holds no state dict.
   """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
+  path = require_checkpoint_file(path)
   if path.suffix == ".safetensors":
     try:
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top

@@ -129,3 +129,45 @@ def test_bad_inputs_write_nothing(foam_like_checkpoint, tmp_path, capsys):
   assert "already exists" in capsys.readouterr().err
   assert _listing(tmp_path / "d") == ["keep.txt"]
   assert _listing(tmp_path) == sorted(before + ["trunc.pth", "unsafe.pth", "d"])
+
+
+def test_a_wrong_architecture_is_summarised_with_the_likely_one(foam_like_checkpoint, tmp_path, capsys):
+  _, path = foam_like_checkpoint
+  assert convert_main(["--arch", "iresnet50", "--checkpoint", str(path), "--out", str(tmp_path / "a")]) == 1
+  err = capsys.readouterr().err
+  assert len(err.splitlines()) <= 3 * (convert.checkpoint.LISTED_KEYS + 2) + 2, err
+  first = err.splitlines()[0]
+  assert "checkpoint does not match the model (--arch iresnet50, checkpoint mfn.pth)" in first
+  assert "missing" in first and "unexpected" in first and "more" in err
+  assert err.splitlines()[-1].strip() == ("The checkpoint is for a different --arch: it looks like --arch mobilefacenet "
+                                          "(every tensor matches).")
+  assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_torch_weights_are_refused(foam_like_checkpoint, tmp_path, bad, capsys):
+  model, _ = foam_like_checkpoint
+  state = model.state_dict()
+  name = next(k for k, v in state.items() if v.dtype == torch.float32 and v.ndim == 4)
+  state[name] = state[name].clone()
+  state[name].view(-1)[:3] = bad
+  torch.save(state, tmp_path / "diverged.pth")
+  assert convert_main(["--arch", "mobilefacenet", "--checkpoint", str(tmp_path / "diverged.pth"), "--out",
+                       str(tmp_path / "out")]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1
+  assert f"refused: 1 tensors hold NaN/Inf ({name} (3 of {state[name].numel()})); the checkpoint is damaged" in err
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_given_as_the_checkpoint_says_what_is_in_it(foam_like_checkpoint, tmp_path, capsys):
+  _, path = foam_like_checkpoint
+  argv = ["--arch", "mobilefacenet", "--out", str(tmp_path / "out"), "--checkpoint"]
+  assert convert_main(argv + [str(path.parent)]) == 1
+  assert ("is a folder, not a weights file; pass one of the weight files in it: mfn.pth"
+          in capsys.readouterr().err)
+  (tmp_path / "empty").mkdir()
+  assert convert_main(argv + [str(tmp_path / "empty")]) == 1
+  assert "is a folder, not a weights file; it holds no weight file (.pth" in capsys.readouterr().err
+  assert convert_main(argv + [str(tmp_path / "nothing.pth")]) == 1
+  assert "does not exist" in capsys.readouterr().err

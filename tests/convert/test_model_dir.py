@@ -69,3 +69,23 @@ def test_force_refuses_a_folder_that_is_not_a_model(tmp_path, monkeypatch, capsy
   err = capsys.readouterr().err
   assert rc == 1 and "has no card.json" in err and err.count("\n") == 1
   assert sorted(os.listdir(folder)) == ["keep.jpg"] and sorted(os.listdir(tmp_path)) == ["photos"]
+
+
+@pytest.mark.parametrize("text, message", [("{\"arch\": \"mobilefacenet\",", "is not valid JSON"),
+                                           ("[1, 2]", "holds a JSON list, not the model card's object")])
+def test_a_corrupt_card_is_named(tmp_path, text, message, capsys):
+  import shutil
+
+  from erasablemask_jax import cli
+  from erasablemask_jax import fr
+  model = tmp_path / "model"
+  shutil.copytree(fr.bundled_dir(), model)
+  (model / "card.json").write_text(text)
+  with pytest.raises(model_dir_lib.ModelDirError, match=f"{model / 'card.json'} {message}"):
+    model_dir_lib.read_card(model)
+  (tmp_path / "faces").mkdir()
+  (tmp_path / "ids.txt").write_text("")
+  assert cli.main(["calibrate", "--fr", str(model), "--faces", str(tmp_path / "faces"), "--identities",
+                   str(tmp_path / "ids.txt"), "--out", str(tmp_path / "cal.json")]) == 1
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"{model / 'card.json'} {message}" in err
