@@ -288,15 +288,22 @@ def _quality(images: dict[str, np.ndarray], lpips_weights, lpips_net: str, fid_w
   return table
 
 
-def _remote(url: str, images: dict[str, np.ndarray], x_t: np.ndarray, rate: float | None) -> dict[str, Any]:
-  from erasablemask_jax.metrics import remote  # pylint: disable=import-outside-toplevel
-
-  client = remote.RemoteFaceCompare(url, max_requests_per_s=rate)
+def _remote(client, images: dict[str, np.ndarray], x_t: np.ndarray) -> dict[str, Any]:
+  """Each clean, protected and restored face against the first target image, through `client` (a
+  `metrics.remote.RemoteFaceCompare`). A face the service finds no face in scores NaN and is counted in `no_face`;
+  when the service reports its own thresholds (Face++), the share of faces at or above each is recorded too."""
   target = to_uint8(x_t[0])
-  out = {"url": url, "target": "the first target image"}
+  out = {"url": client.url, "target": "the first target image"}
   for kind in ("clean", "adv", "rec"):
     conf = client.compare_many((to_uint8(im), target) for im in images[kind])
-    out[kind] = {"mean_confidence": float(conf.mean()), "confidence": conf.tolist()}
+    found = conf[~np.isnan(conf)]
+    out[kind] = {"mean_confidence": float(found.mean()) if found.size else None, "no_face": int(conf.size - found.size),
+                 "confidence": [None if np.isnan(c) else float(c) for c in conf]}  # None, not NaN: strict JSON
+  if client.thresholds:
+    out["thresholds"] = dict(client.thresholds)
+    for kind in ("clean", "adv", "rec"):
+      conf = np.asarray([np.nan if c is None else c for c in out[kind]["confidence"]], np.float64)
+      out[kind]["at_or_above"] = {k: float(np.mean(conf >= v)) for k, v in client.thresholds.items()}
   out["requests"] = client.requests_made
   return out
 
@@ -306,7 +313,7 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
              identities: Sequence[int] | None = None, max_faces: int | None = None,
              surrogates: Sequence[str] | None = None, pgd_steps: int = 20, epsilon: float = recognition.EPSILON,
              lpips_weights=None, lpips_net: str = "alex", fid_weights=None, remote_url: str | None = None,
-             remote_rate: float | None = 2.0) -> dict[str, Any]:
+             remote_rate: float | None = 2.0, remote_client=None) -> dict[str, Any]:
   """Computes the report (module docstring) and writes it to `out_dir`; returns the JSON-ready dict.
 
   Args:
@@ -327,6 +334,7 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
       None makes those columns "not available".
     remote_url: score clean, protected and restored faces through this face-compare endpoint too.
     remote_rate: the remote client's request rate limit (None: unlimited).
+    remote_client: a ready `metrics.remote.RemoteFaceCompare` (a preset such as Face++) instead of `remote_url`.
   """
   config = run.config
   out_dir = pathlib.Path(out_dir)
@@ -376,8 +384,11 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
       "table2": table2, "table5": table5,
       "table6": _quality(images, lpips_weights, lpips_net, fid_weights),
   }
-  if remote_url:
-    report["remote"] = _remote(remote_url, images, x_t, remote_rate)
+  if remote_client is None and remote_url:
+    from erasablemask_jax.metrics import remote  # pylint: disable=import-outside-toplevel
+    remote_client = remote.RemoteFaceCompare(remote_url, max_requests_per_s=remote_rate)
+  if remote_client is not None:
+    report["remote"] = _remote(remote_client, images, x_t)
   report = _jsonable(report)
   sidecar_lib.write_json_atomic(out_dir / "report.json", report)
   sidecar_lib.write_bytes_atomic(out_dir / "report.md", format_markdown(report).encode("utf-8"))
@@ -456,10 +467,16 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines.append(f"| {label} | {_num(q['l1'])} | {_num(q['mse'])} | {_num(q['lpips'])} | {_num(q['fid'], '.2f')} |")
   if "remote" in report:
     r = report["remote"]
+    kinds = ("clean", "adv", "rec")
+    mean = lambda k: "no face" if r[k]["mean_confidence"] is None else f"{r[k]['mean_confidence']:.4f}"
     lines += ["", f"## Remote face-compare service ({r['url']}): mean confidence against the target", "",
-              "| clean | protected | restored |", "|---|---|---|",
-              f"| {r['clean']['mean_confidence']:.4f} | {r['adv']['mean_confidence']:.4f} | "
-              f"{r['rec']['mean_confidence']:.4f} |"]
+              "| | clean | protected | restored |", "|---|---|---|---|",
+              "| mean confidence | " + " | ".join(mean(k) for k in kinds) + " |"]
+    if any(r[k].get("no_face") for k in kinds):
+      lines.append("| no face found | " + " | ".join(str(r[k].get("no_face", 0)) for k in kinds) + " |")
+    for far, value in r.get("thresholds", {}).items():
+      lines.append(f"| share >= its FAR {far} threshold ({value:g}) | "
+                   + " | ".join(_pct(r[k]["at_or_above"][far]) + "%" for k in kinds) + " |")
   reasons = sorted(_unavailable_reasons({"table2": report["table2"], "table5": report["table5"]}))
   if reasons:
     lines += ["", "n/a: " + "; ".join(reasons)]

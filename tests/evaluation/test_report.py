@@ -36,7 +36,7 @@ def uncalibrated_copy(tmp_path_factory):
 @pytest.fixture(scope="module")
 def remote_url():
   recogniser = fr.load_bundled()
-  server = compare_server.make_server(recogniser.embed)
+  server = compare_server.make_server(recogniser.embed, input_size=(32, 32))  # the tiny run's faces, unresized
   thread = compare_server.start_in_thread(server)
   host, port = server.server_address[:2]
   yield f"http://{host}:{port}/compare"
