@@ -50,17 +50,31 @@ def align_image(image: np.ndarray, size: int, template_name: str = "arcface",
 
 def align_folder(in_dir: str | pathlib.Path, out_dir: str | pathlib.Path, size: int = 256,
                  templates: tuple[str, ...] = ("loose", "arcface"), config: detect.DetectorConfig =
-                 detect.DetectorConfig(), arcface_size: int = 112) -> images_lib.ImportReport:
+                 detect.DetectorConfig(), arcface_size: int = 112, force: bool = False) -> images_lib.ImportReport:
   """Aligns every photo under `in_dir` and writes PNG crops plus `alignment_meta.json` into `out_dir`.
 
   Layout: `out_dir/<template>_<side>/<relative path>.png` for each template (the `loose` crop at `size`, the
   `arcface` crop at `arcface_size`), and `out_dir/alignment_meta.json` mapping each relative input path to its
   box, score, 5 landmarks and number of faces. Unreadable photos and photos without a face are skipped and counted.
+
+  Raises:
+    FileNotFoundError: no images under `in_dir`.
+    FileExistsError: an output of this run exists and `force` is False; checked before anything is written.
   """
   in_dir, out_dir = pathlib.Path(in_dir), pathlib.Path(out_dir)
+  if not in_dir.is_dir():
+    raise FileNotFoundError(f"{in_dir} is not a folder of photos")
   files = images_lib.list_images(in_dir)
   if not files:
-    raise FileNotFoundError(f"no images under {in_dir}")
+    raise FileNotFoundError(f"no images under {in_dir} (looked for {', '.join(images_lib.IMAGE_EXTENSIONS)})")
+  sides = {name: arcface_size if name == "arcface" else size for name in templates}
+  outputs = [out_dir / "alignment_meta.json", out_dir / "align_report.json"] + [
+      out_dir / f"{name}_{side}" / path.relative_to(in_dir).with_suffix(".png")
+      for name, side in sides.items() for path in files]
+  existing = [p for p in outputs if p.exists()]
+  if existing and not force:
+    raise FileExistsError(f"{len(existing)} output file(s) exist in {out_dir} (first {existing[0]}); pass --force to "
+                          "overwrite them or choose another output folder")
   report = images_lib.ImportReport()
   meta = {}
   try:
@@ -81,8 +95,7 @@ def align_folder(in_dir: str | pathlib.Path, out_dir: str | pathlib.Path, size: 
     if i is None:
       report.skip(rel, "no face: MTCNN found no face")
       continue
-    for name in templates:
-      side = arcface_size if name == "arcface" else size
+    for name, side in sides.items():
       crop, _ = warp.align_face(image, det.landmarks[i], side, name)
       dst = out_dir / f"{name}_{side}" / pathlib.Path(rel).with_suffix(".png")
       dst.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from erasablemask_jax.commands import _args
+from erasablemask_jax.commands import _outputs
+
 
 def add_run_and_folder_args(p: argparse.ArgumentParser, *, workdir_help: str, in_help: str, out_help: str) -> None:
   """`--workdir`, `--in`, `--out`, `--force`, `--batch-size` and `--step`."""
@@ -15,18 +18,21 @@ def add_run_and_folder_args(p: argparse.ArgumentParser, *, workdir_help: str, in
   p.add_argument("--in", dest="in_dir", required=True, help=in_help)
   p.add_argument("--out", required=True, help=out_help)
   p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-  p.add_argument("--batch-size", type=int, default=16, help="images per jitted call")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--batch-size", type=_args.positive_int, default=16, help="images per jitted call")
+  p.add_argument("--step", type=_args.non_negative_int, default=None, help="checkpoint step (default: the latest)")
 
 
-def run_on_folder(command: str, args, work: Callable[[Any], Any], check: Callable[[], None] = lambda: None) -> int:
-  """Checks the arguments (`check`), loads the run, calls `work(loaded_run)` and prints its summary.
+def run_on_folder(command: str, args, work: Callable[[Any], Any], check: Callable[[], None] = lambda: None,
+                  outputs: str = "") -> int:
+  """Checks the arguments (`check`), loads the run, calls `work(loaded_run)` and prints its summary, then a line
+  naming --out and what is in it (`outputs`).
 
   An --out that is --in, or inside it, is refused first, as a usage error (exit status 2): with --force the outputs
   would overwrite the originals, and without it they would mix with them (and be read as inputs next time).
 
-  Bad input (a missing run or folder, an existing output without --force, a malformed label file or attribute spec)
-  is one line on stderr naming the command, and exit status 1; so is a folder where nothing could be written.
+  Bad input (a missing run or folder, an existing output without --force, a malformed label file or attribute spec,
+  an --out that is a file or cannot be written) is one line on stderr naming the command, and exit status 1; so is a
+  folder where nothing could be written. The last line of a run names the output folder.
   """
   from erasablemask_jax.data.labels import LabelFileError  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.evaluation import attributes  # pylint: disable=import-outside-toplevel
@@ -38,12 +44,15 @@ def run_on_folder(command: str, args, work: Callable[[Any], Any], check: Callabl
           "originals would be overwritten or mixed with the outputs; choose an --out outside --in", file=sys.stderr)
     return 2
   try:
+    _outputs.check_writable(args.out, "--out")
     check()
     result = work(inference.load_run(args.workdir, args.step, args.batch_size))
-  except (FileNotFoundError, FileExistsError, LabelFileError, attributes.AttributeSpecError) as e:
+  except (FileNotFoundError, FileExistsError, _outputs.OutputLocationError, LabelFileError,
+          attributes.AttributeSpecError) as e:
     print(f"erasablemask {command}: {e}", file=sys.stderr)
     return 1
   print(f"{command}: {result.summary()}")
+  print(_outputs.outputs_line(command, args.out, outputs))
   return 0 if result.written else 1
 
 

@@ -14,6 +14,9 @@ import json
 import pathlib
 import sys
 
+from erasablemask_jax.commands import _args
+from erasablemask_jax.commands import _outputs
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
   p = subparsers.add_parser("calibrate", help="ROC / AUC / thresholds at FAR 0.1, 0.01, 0.001 of an FR model",
@@ -28,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   p.add_argument("--plot", help="ROC PNG path (default: the --out path with .png)")
   p.add_argument("--flip", action="store_true", help="embed as the sum of the image's and its mirror's embeddings")
   p.add_argument("--store", action="store_true", help="write the thresholds into the model directory's card.json")
-  p.add_argument("--batch-size", type=int, default=64, help="images per embedding call")
+  p.add_argument("--batch-size", type=_args.positive_int, default=64, help="images per embedding call")
   p.set_defaults(func=run)
 
 
@@ -36,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
   from erasablemask_jax import fr  # pylint: disable=g-import-not-at-top
   from erasablemask_jax.fr import calibration  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(args.out)
+  plot = pathlib.Path(args.plot) if args.plot else out.with_suffix(".png")
   try:
+    _outputs.check_writable(out, "--out", is_file=True)  # before the embeddings, not after
+    _outputs.check_writable(plot, "--plot", is_file=True)
     if args.fr.startswith("bundled:"):
       if args.store:
         raise calibration.CalibrationError("--store cannot modify the bundled model; copy its directory "
@@ -47,17 +53,18 @@ def run(args: argparse.Namespace) -> int:
     result = calibration.calibrate(recogniser, args.faces, identities=args.identities, pairs=args.pairs,
                                    flip=args.flip, batch_size=args.batch_size)
   except (OSError, KeyError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"erasablemask calibrate: {e}", file=sys.stderr)
     return 1
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2) + "\n")
-  plot = pathlib.Path(args.plot) if args.plot else out.with_suffix(".png")
   calibration.plot_roc(result, plot)
   summary = ", ".join(f"TAR@FAR{k[4:]} {v:.3f} (thr {result['thresholds'][k]:.3f})"
                       for k, v in result["tar_at_far"].items())
   print(f"{result['n_images']} images, {result['n_genuine']} genuine / {result['n_impostor']} impostor pairs: "
-        f"AUC {result['auc']:.4f}; {summary}; wrote {out} and {plot}")
+        f"AUC {result['auc']:.4f}; {summary}")
+  extra = f"ROC plot {plot}"
   if args.store:
     calibration.store_thresholds(args.fr, result)
-    print(f"stored thresholds in {pathlib.Path(args.fr) / 'card.json'}")
+    extra += f"; thresholds stored in {pathlib.Path(args.fr) / 'card.json'}"
+  print(_outputs.outputs_line("calibrate", out, extra))
   return 0

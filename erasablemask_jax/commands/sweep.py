@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from erasablemask_jax.commands import _outputs
+
 
 def register(subparsers) -> None:
   p = subparsers.add_parser("sweep", help="the Fig. 5 ablation plots from several evaluated runs",
@@ -26,10 +28,12 @@ def run(args) -> int:
   runs = [r for r in args.runs.split(",") if r]
   reports = [r for r in args.reports.split(",") if r] if args.reports else None
   try:
+    _outputs.check_writable(args.out, "--out")
     result = sweep.sweep(args.param, runs, args.out, reports)
-  except (FileNotFoundError, ValueError, KeyError) as e:
+  except (FileNotFoundError, ValueError, KeyError, _outputs.OutputLocationError) as e:
     print(f"erasablemask sweep: {e}", file=sys.stderr)
     return 1
   models = sorted(result["runs"][0]["asr"])
   print(sweep.format_markdown(result, models))
+  print(_outputs.outputs_line("sweep", args.out, "sweep.json, sweep.md, sweep_*.png"))
   return 0

@@ -2,13 +2,16 @@
 
 One run per workdir: a second one on a workdir in use exits with status 1 (`train.lock`). Resuming under a config that
 differs from the workdir's config.json is refused (status 2) with the changed keys; `--allow-config-change` accepts the
-safe ones (train.*, mesh.*, lengthening a stage that has not finished), see `train.resume`.
+safe ones (train.*, mesh.*, lengthening a stage that has not finished), see `train.resume`. Ctrl-C saves a checkpoint
+after the current step and exits with status 130; rerunning the same command resumes from it.
 """
 
-import logging
 import sys
 
+from erasablemask_jax.commands import _outputs
 from erasablemask_jax.config import add_config_argument, config_from_args
+
+OUTPUTS = "config.json, checkpoints/, metrics.jsonl, samples/, tensorboard/"
 
 
 def register(subparsers) -> None:
@@ -27,12 +30,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'" on CPU
   config = config_from_args(args)
+  _outputs.check_writable(args.workdir, "--workdir")
   import jax
 
+  from erasablemask_jax.convert import CheckpointError, ModelDirError
+  from erasablemask_jax.data.labels import LabelFileError
   from erasablemask_jax.train import lock as lock_lib
   from erasablemask_jax.train import report as report_lib
   from erasablemask_jax.train import resume as resume_lib
@@ -44,9 +47,14 @@ def run(args) -> int:
       resume_lib.check_resume_config(args.workdir, config, args.allow_config_change)
       trainer = trainer_lib.Trainer(config, args.workdir)
       state = trainer.run()
-  except lock_lib.WorkdirBusyError as e:
+  except trainer_lib.TrainingInterrupted as e:
+    print(f"erasablemask train: {e}", file=sys.stderr)
+    return 130
+  except (lock_lib.WorkdirBusyError, trainer_lib.NonFiniteLossError, ModelDirError, CheckpointError,
+          LabelFileError) as e:
     print(f"erasablemask train: {e}", file=sys.stderr)
     return 1
   if not args.no_report and jax.process_index() == 0 and trainer.surrogates:
     print(report_lib.format_report(report_lib.whitebox_report(trainer, state)))
+  print(_outputs.outputs_line("train", args.workdir, OUTPUTS))
   return 0

@@ -190,3 +190,56 @@ def test_erase_missing_sidecar_is_skipped_or_given_source_attrs(protected, loade
   guess = attributes.invert((np.asarray(logits[0]) > 0).astype(np.float32), ["Eyeglasses", "Male"])
   x_rec, _ = loaded_run.models.restore(loaded_run.state.r.variables, jax.numpy.asarray(x_adv), guess[None])
   assert np.abs(_png(tmp_path / "c" / FACES[2]).astype(int) - to_uint8(np.asarray(x_rec))[0]).max() <= 1
+
+
+def test_erase_skips_a_sidecar_without_checkpoint_and_keeps_going(protected, loaded_run, tmp_path, capsys):
+  import shutil
+  inp = tmp_path / "prot"
+  shutil.copytree(protected["out"], inp)
+  path = inp / FACES[0].replace(".png", ".json")
+  side = json.loads(path.read_text())
+  del side["checkpoint"]
+  path.write_text(json.dumps(side))
+  rc = cli.main(["erase", "--workdir", str(loaded_run.workdir), "--in", str(inp), "--out", str(tmp_path / "e")])
+  out = capsys.readouterr().out
+  assert rc == 0 and f"{len(FACES) - 1} written, 1 skipped" in out
+  assert f'{FACES[0]}: sidecar {path} has no "checkpoint" entry' in out
+  assert out.splitlines()[-1] == f"erasablemask erase: outputs in {tmp_path / 'e'} (a restored PNG per image)"
+
+
+def _bomb_png(side=60000) -> bytes:
+  """A PNG whose header claims side x side pixels (3.6 gigapixels) in a few hundred bytes."""
+  import struct
+  import zlib
+
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+          + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+def test_protect_skips_a_decompression_bomb_and_names_its_outputs(tmp_path, tiny_run, capsys):
+  inp = copy_faces(tmp_path / "in", FACES[:1])
+  (inp / "bomb.png").write_bytes(_bomb_png())
+  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(tmp_path / "out")])
+  lines = capsys.readouterr().out.splitlines()
+  assert rc == 0 and "1 written, 1 skipped" in lines[0]
+  assert any(l.strip().startswith("bomb.png: too large: Image size (3600000000 pixels) exceeds limit") for l in lines)
+  assert lines[-1] == f"erasablemask protect: outputs in {tmp_path / 'out'} (a PNG and a JSON sidecar per image)"
+
+
+def test_protect_on_a_full_disk_is_one_line(tmp_path, tiny_run, monkeypatch, capsys):
+  import errno
+  import os
+
+  def full(path, data):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+  monkeypatch.setattr(sidecar, "write_bytes_atomic", full)
+  inp = copy_faces(tmp_path / "in", FACES[:1])
+  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(tmp_path / "out")])
+  err = capsys.readouterr().err  # the progress bar's line (closed first), then the error's
+  assert rc == 1 and "Traceback" not in err
+  assert err.splitlines()[-1] == (f"erasablemask protect: {tmp_path / 'out' / FACES[0]}: No space left on device; "
+                                  "free some space or write to another disk")
+  assert sum("erasablemask" in line for line in err.splitlines()) == 1
