@@ -3,18 +3,21 @@
 Batches are dicts of numpy arrays, exactly what the trainer consumes:
   image     uint8 (B, S, S, 3) RGB
   att_a     float32 (B, 13) 0/1 labels in `labels.ATTRIBUTES` order
-  att_b     float32 (B, 13) the rows of att_a permuted within the batch (AttGAN's target attributes)
+  att_b     float32 (B, 13) the rows of att_a permuted within the GLOBAL batch (AttGAN's target attributes)
   identity  int32 (B,), -1 when unknown
 
-Determinism: every random choice (shuffle order, flips, the att_b permutation) derives from `seed` and the record /
-batch position, so the same seed gives the same batches and a restored iterator state (`iterator.get_state()`, JSON
-bytes; `iterator.set_state(state)`) continues the exact sequence. Each host reads only its own contiguous shard of
-the record indices (`process_index` of `process_count`), so across hosts every example is read once per epoch.
+The sequence is `data.global_batches`: every host computes the same global batches (order, flips, att_b permutation,
+all from `seed`, the epoch and the batch index) and reads only the records of its own slice of each, so the hosts'
+batches, concatenated, are the one-host batch (and `train.input_pipeline.InMemorySource`'s, on the same arrays): the
+data does not depend on the number of hosts. att_b rows that come from other hosts' records are read from a label-only
+view of the dataset (images not decoded). A restored iterator state (`iterator.get_state()`, JSON bytes;
+`iterator.set_state(state)`) continues the exact sequence.
 """
 
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Any, Mapping
 
 import grain.python as grain
@@ -22,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from erasablemask_jax.data import builders
+from erasablemask_jax.data import global_batches
 from erasablemask_jax.data import images as images_lib
 from erasablemask_jax.data import labels as labels_lib
 
@@ -46,37 +50,12 @@ class ArraySource(grain.RandomAccessDataSource):
     return f"ArraySource(n={self._n})"
 
 
-class ShardSource(grain.RandomAccessDataSource):
-  """Host `index` of `count`'s contiguous slice of `source`: records [floor(i N / c), floor((i + 1) N / c)).
+def open_source(source_or_builder_dir: Any, split: str = "train", labels_only: bool = False
+                ) -> grain.RandomAccessDataSource:
+  """A builder directory (from `builders.build`), arrays dict, or an existing random-access source -> a source.
 
-  The slices partition the records (every record on exactly one host). With `equal=True` each slice is cut to
-  N // c records so every host runs the same number of steps (at most c - 1 records are then unused).
+  `labels_only`: a builder directory's records come with the PNG bytes undecoded (for reading `att` cheaply).
   """
-
-  def __init__(self, source, index: int, count: int, equal: bool):
-    if not 0 <= index < count:
-      raise ValueError(f"process_index {index} is not in [0, process_count={count})")
-    n = len(source)
-    self._source = source
-    self._lo = index * n // count
-    hi = (index + 1) * n // count
-    self._n = min(hi - self._lo, n // count) if equal else hi - self._lo
-    self._desc = f"ShardSource({source!r}, {index}/{count}, equal={equal})"
-
-  def __len__(self) -> int:
-    return self._n
-
-  def __getitem__(self, index: int):
-    if not 0 <= index < self._n:
-      raise IndexError(index)
-    return self._source[self._lo + index]
-
-  def __repr__(self) -> str:
-    return self._desc
-
-
-def open_source(source_or_builder_dir: Any, split: str = "train") -> grain.RandomAccessDataSource:
-  """A builder directory (from `builders.build`), arrays dict, or an existing random-access source -> a source."""
   if isinstance(source_or_builder_dir, (str, pathlib.Path)):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     path = pathlib.Path(source_or_builder_dir)
@@ -86,6 +65,8 @@ def open_source(source_or_builder_dir: Any, split: str = "train") -> grain.Rando
     builder = tfds.builder_from_directory(str(path))
     if split not in builder.info.splits:
       raise ValueError(f"{path} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    if labels_only:
+      return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
     return builder.as_data_source(split=split)
   if isinstance(source_or_builder_dir, Mapping):
     return ArraySource(source_or_builder_dir)
@@ -108,42 +89,85 @@ class _Parse(grain.MapTransform):
             "identity": np.int32(record["identity"])}
 
 
-class _RandomFlip(grain.RandomMapTransform):
-  """Horizontal flip with probability 1/2 (attributes are mirror-invariant)."""
+class HostBatches(grain.RandomAccessDataSource):
+  """Element `s`: this host's slice of global batch `s` of the `data.global_batches` sequence (epochs in a row),
+  parsed, flipped, with att_b from the whole global batch.
 
-  def random_map(self, element, rng: np.random.Generator):
-    if rng.random() < 0.5:
-      element = dict(element, image=np.ascontiguousarray(element["image"][:, ::-1]))
-    return element
+  Args:
+    source: the records (`{"image", "att", "identity"}`).
+    labels: a source of the same records whose `att` is cheap to read (`open_source(..., labels_only=True)`); att_b
+      rows of records on other hosts' slices come from it.
+    global_batch_size: B, over all hosts.
+    seed, shuffle, flip, drop_remainder: as `global_batches`.
+    image_size: side of the delivered images.
+    process_index, process_count: this host.
+    num_epochs: None: endless.
+  """
+
+  def __init__(self, source, labels, *, global_batch_size: int, seed: int, shuffle: bool, flip: bool, image_size: int,
+               process_index: int, process_count: int, num_epochs: int | None, drop_remainder: bool):
+    global_batches.host_slice(global_batch_size, process_index, process_count)  # checks the index
+    self._source, self._labels = source, labels
+    self._n, self._batch = len(source), global_batch_size
+    self._seed, self._shuffle, self._flip = seed, shuffle, flip
+    self._host = (process_index, process_count)
+    self._parse = _Parse(image_size)
+    self.steps_per_epoch = global_batches.steps_per_epoch(self._n, global_batch_size, drop_remainder)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"{self._n} examples cannot fill one global batch of {global_batch_size}; lower the batch size")
+    self._len = sys.maxsize if num_epochs is None else self.steps_per_epoch * num_epochs
+    self._desc = (f"HostBatches({source!r}, batch={global_batch_size}, seed={seed}, shuffle={shuffle}, flip={flip}, "
+                  f"size={image_size}, host={process_index}/{process_count}, epochs={num_epochs}, "
+                  f"drop_remainder={drop_remainder})")
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __repr__(self) -> str:  # grain records this in the iterator state; keep it stable
+    return self._desc
+
+  def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+    epoch, position = divmod(int(step), self.steps_per_epoch)
+    plan = global_batches.global_batch(self._n, self._batch, self._seed, epoch, position, shuffle=self._shuffle,
+                                       flip=self._flip)
+    local = global_batches.host_slice(len(plan.records), *self._host)
+    rows = [self._parse.map(self._source[int(k)]) for k in plan.records[local]]
+    if not rows:  # a short last batch with fewer rows than hosts
+      return {}
+    images = np.stack([r["image"] for r in rows])
+    images = np.where(plan.flips[local, None, None, None], images[:, :, ::-1], images)
+    att_b = np.stack([np.asarray(self._labels[int(k)]["att"], np.float32) for k in plan.records[plan.perm[local]]])
+    return {"image": np.ascontiguousarray(images), "att_a": np.stack([r["att_a"] for r in rows]), "att_b": att_b,
+            "identity": np.asarray([r["identity"] for r in rows], np.int32)}
 
 
-class _PermuteAttributes(grain.RandomMapTransform):
-  """att_b = att_a[perm] for a random permutation of the batch (AttGAN's `att_b = att_a[randperm]`)."""
+class _NonEmpty(grain.FilterTransform):
 
-  def random_map(self, batch, rng: np.random.Generator):
-    return dict(batch, att_b=batch["att_a"][rng.permutation(len(batch["att_a"]))])
+  def filter(self, element) -> bool:
+    return bool(element)
 
 
 def make_train_iterator(source_or_builder_dir: Any, *, batch_size: int, seed: int, image_size: int,
                         shuffle: bool = True, flip: bool = True, process_index: int = 0, process_count: int = 1,
                         num_epochs: int | None = None, split: str = "train", drop_remainder: bool = True,
                         worker_count: int = 0, prefetch: int = 64):
-  """A resumable iterator of training batches for this host.
+  """A resumable iterator of this host's slices of the global training batches (module docstring).
 
   Args:
     source_or_builder_dir: a prepared builder directory, an arrays dict (`load_face_folder_arrays`), or a source.
-    batch_size: examples per batch on this host (the global batch divided by `process_count`).
+    batch_size: examples per batch on this host; the global batch is `batch_size * process_count`.
     seed: seeds the shuffle, flips and att_b permutations.
     image_size: side S of the delivered images (resized if the stored size differs).
-    shuffle: reshuffle every epoch (within this host's shard).
+    shuffle: reshuffle every epoch (all records, the same order on every host).
     flip: random horizontal flips.
-    process_index, process_count: this host's shard of the record indices (`jax.process_index()/process_count()`).
+    process_index, process_count: this host (`jax.process_index()/process_count()`).
     num_epochs: None repeats forever.
     split: which split of a builder directory.
-    drop_remainder: drop the last incomplete batch, and make shards equal by dropping up to `process_count - 1`
-      records (every host then runs the same number of steps). Set False to see every example exactly once.
-    worker_count: grain worker processes (0 reads in this process with `prefetch` threads).
-    prefetch: records read ahead by the reader threads.
+    drop_remainder: drop each epoch's trailing partial global batch (every host then runs the same number of full
+      steps). Set False to see every example exactly once (the last batches are then shorter, or absent on a host
+      whose slice of the last global batch is empty).
+    worker_count: grain worker processes (0 reads in this process with reader threads).
+    prefetch: records read ahead (in whole host batches) by the reader threads.
 
   Returns:
     A grain `DataLoader` iterator: `next(it)` gives a batch dict; `it.get_state()` / `it.set_state(state)` save and
@@ -152,24 +176,23 @@ def make_train_iterator(source_or_builder_dir: Any, *, batch_size: int, seed: in
   source = open_source(source_or_builder_dir, split)
   if len(source) == 0:
     raise ValueError(f"{source_or_builder_dir} ({split}) holds no examples")
-  # Sharding is done on the source (exact contiguous partition) rather than by grain's ShardOptions, whose
-  # drop_remainder=False split leaves records out in this grain version.
-  source = ShardSource(source, process_index, process_count, equal=drop_remainder)
-  sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(), shuffle=shuffle,
-                               num_epochs=num_epochs, seed=seed)
-  ops: list = [_Parse(image_size)]
-  if flip:
-    ops.append(_RandomFlip())
-  ops += [grain.Batch(batch_size, drop_remainder=drop_remainder), _PermuteAttributes()]
+  labels = open_source(source_or_builder_dir, split, labels_only=True) if isinstance(
+      source_or_builder_dir, (str, pathlib.Path)) else source
+  batches = HostBatches(source, labels, global_batch_size=batch_size * process_count, seed=seed, shuffle=shuffle,
+                        flip=flip, image_size=image_size, process_index=process_index, process_count=process_count,
+                        num_epochs=num_epochs, drop_remainder=drop_remainder)
+  ahead = max(2, -(-prefetch // batch_size))
   loader = grain.DataLoader(
-      data_source=source, sampler=sampler, operations=ops, worker_count=worker_count,
-      read_options=grain.ReadOptions(num_threads=max(1, min(16, prefetch // 4)), prefetch_buffer_size=prefetch))
+      data_source=batches, sampler=grain.SequentialSampler(len(batches), shard_options=grain.NoSharding()),
+      operations=[] if drop_remainder else [_NonEmpty()], worker_count=worker_count,
+      read_options=grain.ReadOptions(num_threads=min(16, ahead), prefetch_buffer_size=ahead))
   return iter(loader)
 
 
 def make_eval_iterator(source_or_builder_dir: Any, *, batch_size: int, image_size: int, split: str = "test",
                        process_index: int = 0, process_count: int = 1):
-  """Every example of this host's shard once, in order, no flips; the last batch may be smaller."""
+  """Every example once over the hosts (each host its slice of every global batch), in record order, no flips; the
+  last batches may be smaller."""
   return make_train_iterator(source_or_builder_dir, batch_size=batch_size, seed=0, image_size=image_size,
                              shuffle=False, flip=False, process_index=process_index, process_count=process_count,
                              num_epochs=1, split=split, drop_remainder=False)

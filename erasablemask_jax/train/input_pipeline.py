@@ -1,13 +1,13 @@
 """Batches for the trainer: host-local slices of one seeded global batch sequence, with a resumable position.
 
 `InMemorySource` serves small sets that fit in host memory (the bundled sample, the shared test faces, a user's
-folder). Every host computes the same global order, `permutation(seed, epoch)`, and takes its own contiguous slice of
-each global batch, so a run's global batches are the same on 1 host or many, and on 1 device or many. Random
-horizontal flips and `att_b` (a permutation of `att_a` within the global batch, AttGAN's scheme) are drawn from
-`(seed, epoch, batch index)`, so they too are independent of the host count. Its state is two integers; the trainer
-checkpoints it beside the train state so a resumed run sees the same data.
+folder). Every host computes the same global batch sequence (`data.global_batches`: the order `permutation(seed,
+epoch)`, flips and `att_b`, a permutation of `att_a` within the global batch, AttGAN's scheme, drawn from `(seed, epoch,
+batch index)`) and takes its own contiguous slice of each global batch, so a run's global batches are the same on 1 host
+or many, and on 1 device or many. Its state is two integers; the trainer checkpoints it beside the train state so a
+resumed run sees the same data.
 
-Large datasets go through the tfds/grain pipeline of `erasablemask_jax.data`.
+Large datasets go through the tfds/grain pipeline of `erasablemask_jax.data`, which serves the same sequence.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+from erasablemask_jax.data import global_batches
 
 
 @dataclasses.dataclass
@@ -74,18 +76,15 @@ class InMemorySource:
   def __next__(self) -> dict[str, np.ndarray]:
     if self.position >= self.steps_per_epoch:
       self.epoch, self.position = self.epoch + 1, 0
-    rng = np.random.default_rng([self.seed, self.epoch])
-    order = rng.permutation(len(self.images))
-    b = self.global_batch_size
-    index = order[self.position * b:(self.position + 1) * b]
-    batch_rng = np.random.default_rng([self.seed, self.epoch, self.position])
-    flips = batch_rng.random(b) < 0.5 if self.flip else np.zeros(b, bool)
+    plan = global_batches.global_batch(len(self.images), self.global_batch_size, self.seed, self.epoch,
+                                       self.position, flip=self.flip)
+    index = plan.records
     att_a = self.attributes[index].astype(np.float32)
-    att_b = att_a[batch_rng.permutation(b)]
+    att_b = att_a[plan.perm]
     self.position += 1
-    local = slice(self.process_index * b // self.process_count, (self.process_index + 1) * b // self.process_count)
+    local = global_batches.host_slice(self.global_batch_size, self.process_index, self.process_count)
     images = self.images[index[local]]
-    images = np.where(flips[local, None, None, None], images[:, :, ::-1], images)
+    images = np.where(plan.flips[local, None, None, None], images[:, :, ::-1], images)
     return {"image": images, "att_a": att_a[local], "att_b": att_b[local],
             "identity": self.identity[index[local]].astype(np.int32)}
 

@@ -130,7 +130,8 @@ class Schedule:
 # Setup pieces.
 
 class GrainSource:
-  """Adapts `erasablemask_jax.data.pipeline.make_train_iterator` (tfds builders, large data) to the trainer."""
+  """Adapts `erasablemask_jax.data.pipeline.make_train_iterator` (tfds builders, large data) to the trainer: this
+  host's slice of each global batch, att_b permuted over the global batch, the same batches on any number of hosts."""
 
   def __init__(self, data_config, image_size: int, process_index: int, process_count: int):
     from erasablemask_jax.data import pipeline
@@ -157,9 +158,9 @@ class GrainSource:
 def make_source(config, process_index: int, process_count: int, train_arrays=None):
   """The training data of `config.data` as a host-local batch iterator.
 
-  `data.data_dir` set: a prepared tfds builder read through grain (each host reads its own shard). Otherwise the
-  in-memory folder `data.manual_dir` (split by `load_face_splits`), whose global batches are independent of the
-  number of hosts and devices.
+  `data.data_dir` set: a prepared tfds builder read through grain (each host reads its slice of every global batch).
+  Otherwise the in-memory folder `data.manual_dir` (split by `load_face_splits`). Both serve the `data.global_batches`
+  sequence, so the global batches are independent of the number of hosts and devices.
   """
   if config.data.data_dir:
     return GrainSource(config.data, config.image_size, process_index, process_count)
