@@ -205,14 +205,17 @@ def train_stage1(config, workdir: pathlib.Path) -> float:
   return time.perf_counter() - start
 
 
-def curve(workdir: pathlib.Path, keys=("e_adv/adv", "r/era", "g/rec", "e_adv/perb")) -> list[dict]:
-  """The logged losses of a run (metrics.jsonl), reduced to the keys that explain a result."""
+CURVE_KEYS = ("stage", "e/adv", "e/era", "e/perb", "e/g", "e/att", "g/rec", "r/era", "d/total")
+
+
+def curve(workdir: pathlib.Path) -> list[dict]:
+  """The logged losses of a run (metrics.jsonl): the terms that explain a result and each surrogate's cosine."""
   path = workdir / "metrics.jsonl"
   if not path.is_file():
     return []
   rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  return [{"step": r["step"], **{k: r[k] for k in r if k in keys or k.endswith(("/adv", "/era", "/rec", "/perb"))}}
-          for r in rows]
+  return [{"step": r["step"], **{k: round(v, 5) for k, v in r.items()
+                                 if k in CURVE_KEYS or (k.startswith("fr/") and k.endswith("/cos"))}} for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -439,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--tiny", action="store_true", help="32x32, two steps per stage, 8 identities: the CI test")
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                  help="a study config override, e.g. schedule.stage2_steps=300 (recorded in the settings)")
+  p.add_argument("--ablation", metavar="NAME", help="instead of the study: a short stage 2 from the shared stage 1 "
+                 "with --ablation-override changes, its loss and cosine curves stored under 'ablations' in --out")
+  p.add_argument("--ablation-override", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--ablation-steps", type=int, default=60, help="stage-2 steps of an ablation")
+  p.add_argument("--ablation-kind", default="meta_auxiliary", choices=KINDS)
+  p.add_argument("--ablation-fold", default="mobileface_v2", choices=list(MODELS))
   args = p.parse_args(argv)
   if not CELEBA.is_dir():
     print(f"error: {CELEBA} not found; the study needs ../shared/assets beside the checkout", file=sys.stderr)
@@ -455,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   workdir, out = pathlib.Path(args.workdir), pathlib.Path(args.out)
   result = json.loads(out.read_text()) if out.is_file() else None
-  if result is not None and result["settings"]["study"] != settings.key():
+  if result is not None and result["settings"]["study"] != json.loads(json.dumps(settings.key())):
     print(f"error: {out} holds a study with other settings ({result['settings']['study']}); pass another --out or "
           "move it away to start a new one", file=sys.stderr)
     return 2
@@ -478,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
                            "machine": machine(), "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))},
               "calibration": calibrate_views(specs, faces, probe.fr.input_crop), "runs": [], "timing": {}}
     save(result, out)
+
+  if args.ablation:
+    return ablation(args, settings, result, out, workdir, faces_dir, specs, target_id, eval_ids)
 
   plan = [(bb, k) for bb in folds for k in list(BASELINES) + kinds]
   done = {(r["blackbox"][0], r["attack"]) for r in result["runs"]}
@@ -526,6 +538,32 @@ def main(argv: list[str] | None = None) -> int:
   figures(result, out, last_images)
   print(summary(result))
   print(f"wrote {out} and {out.with_suffix('.png')}")
+  return 0
+
+
+def ablation(args, settings: Settings, result: dict, out: pathlib.Path, workdir: pathlib.Path,
+             faces_dir: pathlib.Path, specs: dict[str, str], target_id: int, eval_ids: list[int]) -> int:
+  """A short stage 2 of one attack kind from the shared stage 1, with config changes; its curves go to the JSON."""
+  stage1_dir = workdir / f"stage1_{'tiny' if args.tiny else result['settings']['image_size']}"
+  if not (stage1_dir / "stage1.done").is_file():
+    print("error: the shared stage 1 is not trained yet; run the study first", file=sys.stderr)
+    return 2
+  overrides = tuple(args.ablation_override) + (f"schedule.stage2_steps={args.ablation_steps}",
+                                                "schedule.stage3_steps=0")
+  changed = dataclasses.replace(settings, overrides=settings.overrides + overrides)
+  whitebox = [m for m in MODELS if m != args.ablation_fold]
+  config = base_config(changed, faces_dir, target_id, eval_ids, [specs[m] for m in whitebox])
+  run_dir = workdir / f"ablation_{args.ablation}"
+  seconds = train_run(config, run_dir, stage1_dir, args.ablation_kind)
+  rows = [r for r in curve(run_dir) if r.get("stage") == 2]
+  last = rows[-3:]
+  result.setdefault("ablations", {})[args.ablation] = {
+      "kind": args.ablation_kind, "surrogates": whitebox, "overrides": list(args.ablation_override),
+      "stage2_steps": args.ablation_steps, "train_s": seconds, "loadavg": list(os.getloadavg()),
+      "final_fr_cos": {w: float(np.mean([r[f"fr/{i}/cos"] for r in last])) for i, w in enumerate(whitebox)},
+      "curve": rows}
+  save(result, out)
+  print(json.dumps({k: v for k, v in result["ablations"][args.ablation].items() if k != "curve"}, indent=1))
   return 0
 
 
