@@ -70,6 +70,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fr.input_crop = "none"
   config.fr.tau1_far = 0.01  # ASR threshold: the model's threshold at this FAR
   config.fr.tau2_far = 0.1  # ESR threshold
+  # Thresholds come from each model's card, calibrated on the view it scores (`erasablemask calibrate --run WORKDIR`),
+  # else its arcface112 calibration (labelled a fallback). "peer_default" adds, for a model calibrated on neither, the
+  # peers' published LFW thresholds of its architecture (ir_152, ir_se_50, inception_resnet_v1; valid for the peers'
+  # original weights), labelled "peer default, not calibrated here". `fr.thresholds` has the rule.
+  config.fr.threshold_source = "calibrated"
 
   # Noise pool: one member per batch (identity included) on x_adv before the FR models (stage 2) and before R (stage 3).
   config.noise = ml_collections.ConfigDict()

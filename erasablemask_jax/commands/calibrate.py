@@ -1,10 +1,17 @@
 """`erasablemask calibrate`: ROC, AUC and FAR thresholds of a face-recognition model on labelled faces.
 
     erasablemask calibrate --fr DIR --faces FOLDER --identities FILE --out FILE.json [--flip] [--store]
+        [--view arcface112 | --view CROP --image-size S | --run WORKDIR]
 
 `--identities` takes an identity file (`<image> <identity>` lines, matched to the images by file stem) or a CSV pair
 list (deepface `master.csv`); `--pairs` names a pair list explicitly. Writes the JSON result and a ROC PNG beside it
 (`--plot` to choose its path); `--store` writes the thresholds into DIR/card.json, which evaluation reads.
+
+Thresholds belong to a view (`erasablemask_jax.fr.views`). By default (`arcface112`) the faces are ArcFace-aligned
+crops embedded as they are. `--view loose_to_arcface --image-size 128` (or `--view none`) reads the faces as training
+does (the centre square resized to 128) and embeds them through that crop and resize, so the thresholds match what a run
+at 128 with that `fr.input_crop` scores; `--run WORKDIR` takes both from the run's config.json. `--store` files them
+under the view's name (e.g. `loose_to_arcface@128`) and the reports use them for that view.
 """
 
 from __future__ import annotations
@@ -31,6 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   p.add_argument("--plot", help="ROC PNG path (default: the --out path with .png)")
   p.add_argument("--flip", action="store_true", help="embed as the sum of the image's and its mirror's embeddings")
   p.add_argument("--store", action="store_true", help="write the thresholds into the model directory's card.json")
+  p.add_argument("--view", default=None,
+                 help="arcface112 (default: ArcFace-aligned crops as they are), or a run's fr.input_crop (none, "
+                      "loose_to_arcface) with --image-size")
+  p.add_argument("--image-size", type=int, default=None, help="with --view CROP: the run's image_size")
+  p.add_argument("--run", default=None,
+                 help="training run whose config.json gives the view (fr.input_crop, image_size)")
   p.add_argument("--batch-size", type=_args.positive_int, default=64, help="images per embedding call")
   p.set_defaults(func=run)
 
@@ -50,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
       recogniser = fr.load_bundled(args.fr.split(":", 1)[1])
     else:
       recogniser = fr.load(args.fr)
+    view = calibration.resolve_view(args.view, args.image_size, args.run)
     result = calibration.calibrate(recogniser, args.faces, identities=args.identities, pairs=args.pairs,
-                                   flip=args.flip, batch_size=args.batch_size)
+                                   flip=args.flip, batch_size=args.batch_size, view=view)
   except (OSError, KeyError, ValueError) as e:
     print(f"erasablemask calibrate: {e}", file=sys.stderr)
     return 1
@@ -60,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
   calibration.plot_roc(result, plot)
   summary = ", ".join(f"TAR@FAR{k[4:]} {v:.3f} (thr {result['thresholds'][k]:.3f})"
                       for k, v in result["tar_at_far"].items())
-  print(f"{result['n_images']} images, {result['n_genuine']} genuine / {result['n_impostor']} impostor pairs: "
+  print(f"view {result['view']}: {result['n_images']} images, {result['n_genuine']} genuine / "
+        f"{result['n_impostor']} impostor pairs: "
         f"AUC {result['auc']:.4f}; {summary}")
   extra = f"ROC plot {plot}"
   if args.store:

@@ -52,6 +52,10 @@ def register(subparsers) -> None:
                  help="remote requests per second (0: unlimited)")
   p.add_argument("--batch-size", type=_args.positive_int, default=16, help="images per jitted generator call")
   p.add_argument("--step", type=_args.non_negative_int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--threshold-source", default=None, choices=("calibrated", "peer_default"),
+                 help="calibrated: each model's threshold for the view it scores, else its arcface112 one (labelled); "
+                      "peer_default: also the peers' published ones for uncalibrated IR-152 / IR-SE-50 / FaceNet "
+                      "(default: the run's fr.threshold_source)")
   p.set_defaults(func=run)
 
 
@@ -72,7 +76,7 @@ def run(args) -> int:
     _outputs.check_writable(args.out, "--out")
     identities = [int(v) for v in _list(args.identities)]
     loaded = inference.load_run(args.workdir, args.step, args.batch_size)
-    models = report_lib.load_eval_models(_list(args.fr), _list(args.blackbox), loaded.config)
+    models = report_lib.load_eval_models(_list(args.fr), _list(args.blackbox), loaded.config, args.threshold_source)
     lpips_weights = _list(args.lpips_weights)
     if len(lpips_weights) == 1:
       lpips_weights = lpips_weights[0]

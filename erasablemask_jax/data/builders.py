@@ -12,7 +12,9 @@ celeba_hq (CelebAMask-HQ release)
   MANUAL/CelebA-HQ-img/<idx>.jpg               the 30,000 images (any extension; `images/` also accepted)
   MANUAL/CelebA-HQ-to-CelebA-mapping.txt       optional, with MANUAL/identity_CelebA.txt: identity labels
   Splits by image index, as AttGAN: train = first 28000, validation = next 500, test = last 1500 (`split_sizes`).
-  Images are already aligned; they are resized to S (Lanczos).
+  The release's images are roughly aligned (its own FFHQ-like crop); they are resized to S (Lanczos), or with
+  `align=True` re-aligned by MTCNN to our `loose` template at S, as the paper's MTCNN crop (configs/celebahq_paper.py;
+  a photo with no face found is skipped).
 
 ffhq
   MANUAL/images/**/<name>.png                  the aligned FFHQ images (any folder name under MANUAL works)
@@ -25,6 +27,9 @@ face_folder (your own photos, the bundled sample, the shared test assets)
                                                an optional `split` column (train/validation/test), default train
   With `align=True` faces are detected with MTCNN and warped to the `loose` template at S; photos with no face are
   skipped. Otherwise each photo is centre-cropped and resized.
+
+`align` is a builder setting for all three (`build(..., align=True)`, builder config `s<S>_aligned`): the FR models
+then see the ArcFace box of each crop with `fr.input_crop = "loose_to_arcface"`.
 
 Odd files (corrupt, truncated, grayscale, RGBA, CMYK, 16-bit, EXIF-rotated, tiny, no face) are converted or skipped
 (`images.read_image`); the counts are logged and written to `prepare_report.json` in the dataset directory.
@@ -69,7 +74,7 @@ def resolve_manual_dir(spec: str | pathlib.Path) -> pathlib.Path:
 
 @dataclasses.dataclass
 class FaceConfig(tfds.core.BuilderConfig):
-  """Builder settings: output side `image_size`, split sizes (celeba_hq, ffhq) and MTCNN alignment (face_folder)."""
+  """Builder settings: output side `image_size`, split sizes (celeba_hq, ffhq) and MTCNN alignment (any builder)."""
 
   image_size: int = 256
   split_sizes: tuple[int, ...] = ()

@@ -11,20 +11,23 @@ Every generated face is scored as published: x_edit, x_adv, x_fgsm, x_pgd and x_
 the rounded x_adv (its output rounded in turn).
 
 Per FR model f (white-box: one of the run's surrogates; black-box: any other), with L2-normalised embeddings and the
-target embedding `t = mean_j f(x_t_j)` (unnormalised mean of unit vectors, so `f(x) . t` is the mean cosine over the
-target images, as the trainer's report):
+M target images x_t_j, a face's cosine to the target is the mean of its per-target-image cosines
+(`metrics.recognition.target_cosine`; the same number as the trainer's `f(x) . t` with `t` the mean of the targets'
+unit embeddings):
 
-  cos_k = f(x_k) . t,   ASR_k = mean[cos_k > tau1],   ESR = mean[f(x_rec) . t < tau2]
+  cos_k = (1/M) sum_j f(x_k) . f(x_t_j),   ASR_k = mean[cos_k > tau1],   ESR = mean[cos_rec < tau2]
 
 and, against each face's own source (beyond the paper; `metrics.recognition`),
 
   src_k = f(x_k) . f(x),   SMR_k = mean[src_k > tau1] (k = edit, fgsm, pgd, adv),   IRR = mean[src_rec > tau1]
 
-with tau1, tau2 the model's calibrated thresholds at `fr.tau1_far` / `fr.tau2_far` (its card; missing thresholds make
-the rates "not available", never a made-up number). The clean face has no SMR / IRR (its source is itself: both
-trivially 1). Table V applies each evaluation transform T (seeded: `rng = fold_in(PRNGKey(seed), index of T)`) to
-x_adv: ASR and SMR of T(x_adv), ESR and IRR of R(T(x_adv), att_a) (rounded). Table VI: L1, MSE (on [0, 1]), LPIPS and
-FID of x_adv against x_edit and of x_rec against x.
+with tau1, tau2 the model's thresholds at `fr.tau1_far` / `fr.tau2_far` for the view it scores (`fr.input_crop` at the
+run's image size, e.g. `loose_to_arcface@128`): its card's calibration of that view, else its arcface112 calibration,
+else with `fr.threshold_source="peer_default"` the peers' published one, each labelled in the report
+(`fr.thresholds.lookup`); no threshold makes the rates "not available", never a made-up number. The clean face has
+no SMR / IRR (its source is itself: both trivially 1). Table V applies each evaluation transform T (seeded:
+`rng = fold_in(PRNGKey(seed), index of T)`) to x_adv: ASR and SMR of T(x_adv), ESR and IRR of R(T(x_adv), att_a)
+(rounded). Table VI: L1, MSE (on [0, 1]), LPIPS and FID of x_adv against x_edit and of x_rec against x.
 
 Written to the report folder: `report.json`, `report.md`, `embeddings/<model>.npz` (keys `clean`, `edit`, `adv`,
 `rec`, `fgsm`, `pgd`, `<T>.adv`, `<T>.rec`: [N, D] unit embeddings, `clean` being the sources; `target`: [M, D];
@@ -74,8 +77,10 @@ class EvalModel:
     spec: as given (`DIR` or `bundled:NAME`).
     surrogate: the embedding function of faces at the generator's resolution (`train.surrogates.Surrogate`).
     whitebox: one of the run's training surrogates.
-    tau1: ASR threshold, or None when the card has none at `fr.tau1_far`.
+    tau1: ASR threshold, or None when there is none at `fr.tau1_far` (`thresholds`).
     tau2: ESR threshold, or None.
+    thresholds: `{"tau1", "tau2"}` -> the `fr.thresholds.Threshold` (value, the view it was calibrated on, its label)
+      or None.
   """
 
   key: str
@@ -84,6 +89,11 @@ class EvalModel:
   whitebox: bool
   tau1: float | None
   tau2: float | None
+  thresholds: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def view(self) -> str | None:
+    return self.surrogate.view
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,9 +114,12 @@ def _source_id(spec: str) -> str:
   return str(pathlib.Path(source).resolve())
 
 
-def load_eval_models(fr_specs: Sequence[str], blackbox_specs: Sequence[str], config) -> list[EvalModel]:
+def load_eval_models(fr_specs: Sequence[str], blackbox_specs: Sequence[str], config,
+                     threshold_source: str | None = None) -> list[EvalModel]:
   """Loads the FR models to score; `fr_specs` are white-box when the run trained against them, `blackbox_specs`
-  are always marked black-box. Each sees faces through `config.fr.input_crop`, as the attack did."""
+  are always marked black-box. Each sees faces through `config.fr.input_crop`, as the attack did, and takes its
+  thresholds for that view (`threshold_source`, default the run's `fr.threshold_source`: `fr.thresholds.lookup`)."""
+  source = threshold_source or config.fr.get("threshold_source", "calibrated")
   trained = set()
   for s in config.fr.surrogates:
     try:
@@ -121,16 +134,19 @@ def load_eval_models(fr_specs: Sequence[str], blackbox_specs: Sequence[str], con
     while key in keys:
       key += "'"
     keys.add(key)
-    thresholds = recogniser.thresholds
-    tau1 = thresholds.get(f"far_{config.fr.tau1_far:g}")
-    tau2 = thresholds.get(f"far_{config.fr.tau2_far:g}")
-    if tau1 is None or tau2 is None:
-      log.warning("%s has no calibrated thresholds at FAR %g / %g (have %s): its ASR / ESR are reported as not "
-                  "available; run `erasablemask calibrate --store`", spec, config.fr.tau1_far, config.fr.tau2_far,
-                  sorted(thresholds))
+    found = {name: recogniser.find_threshold(config.fr[f"{name}_far"], surrogate.view, source)
+             for name in ("tau1", "tau2")}
+    for name, t in found.items():
+      if t is None:
+        log.warning("%s has no threshold at FAR %g for view %s (views calibrated: %s): its rates that need %s are "
+                    "not available; run `erasablemask calibrate --run WORKDIR --store`", spec,
+                    config.fr[f"{name}_far"], surrogate.view, sorted(recogniser.thresholds_by_view), name)
+      elif t.kind != "calibrated":
+        log.warning("%s, view %s: %s is %.4f (%s)", spec, surrogate.view, name, t.value, t.label)
     models.append(EvalModel(key=key, spec=spec, surrogate=surrogate,
                             whitebox=not forced_black and _source_id(spec) in trained,
-                            tau1=None if tau1 is None else float(tau1), tau2=None if tau2 is None else float(tau2)))
+                            tau1=None if found["tau1"] is None else found["tau1"].value,
+                            tau2=None if found["tau2"] is None else found["tau2"].value, thresholds=found))
   return models
 
 
@@ -154,7 +170,8 @@ def protect_and_restore(run: Run, x: np.ndarray, att_a: np.ndarray, att_b: np.nd
 
 def _rate(fn, cos: np.ndarray, tau: float | None, what: str):
   if tau is None:
-    return availability.Unavailable(f"no calibrated threshold for {what}; run `erasablemask calibrate --store`")
+    return availability.Unavailable(f"no threshold for {what} (view not calibrated); run `erasablemask calibrate "
+                                    "--run WORKDIR --store`, or set fr.threshold_source=peer_default")
   return fn(cos, tau)
 
 
@@ -358,8 +375,7 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
       if not isinstance(r, availability.Unavailable):
         emb[f"{name}.adv"], emb[f"{name}.rec"] = _embed(m, r["adv"]), _embed(m, r["rec"])
     target_emb = _embed(m, x_t)
-    t = target_emb.mean(axis=0)
-    cos = {k: e @ t for k, e in emb.items()}
+    cos = {k: recognition.target_cosine(e, target_emb) for k, e in emb.items()}  # mean over the target images
     src = {k: np.sum(e * emb["clean"], axis=1) for k, e in emb.items()}  # each face against its own source
     table2[m.key] = _table2_rows(cos, src, m, baselines)
     t5 = {"none": {k: table2[m.key]["erasablemask"][k] for k in ("asr", "esr", "smr", "irr")}}
@@ -371,6 +387,8 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
     table5[m.key] = t5
     model_info[m.key] = {"spec": m.spec, "whitebox": m.whitebox, "tau1": m.tau1, "tau2": m.tau2,
                          "tau1_far": float(config.fr.tau1_far), "tau2_far": float(config.fr.tau2_far),
+                         "view": m.view, "thresholds": {k: None if t is None else t.to_json()
+                                                        for k, t in m.thresholds.items()},
                          "embeddings": f"embeddings/{m.key}.npz"}
     np.savez(out_dir / "embeddings" / f"{m.key}.npz", target=target_emb,
              tau1=np.float64(np.nan if m.tau1 is None else m.tau1),
@@ -420,6 +438,13 @@ def _num(value, fmt=".4f") -> str:
   return format(value, fmt)
 
 
+def _threshold_cell(info: dict[str, Any], which: str) -> str:
+  t = info.get("thresholds", {}).get(which)
+  if t is None:
+    return "not calibrated" if info[which] is None else f"{info[which]:.4f}"
+  return f"{t['value']:.4f} (FAR {t['far']:g}; {t['label']})"
+
+
 def _model_header(report) -> list[str]:
   return [f"{k} ({'W' if v['whitebox'] else 'B'})" for k, v in report["models"].items()]
 
@@ -449,12 +474,12 @@ def format_markdown(report: dict[str, Any]) -> str:
                  + " | ".join(_pct(report["table2"][k][method]["smr"]) for k in keys) + " |")
   lines.append("| ErasableMask IRR | " + " | ".join(_pct(report["table2"][k]["erasablemask"]["irr"]) for k in keys)
                + " |")
-  def tau(k, which):
-    value = report["models"][k][which]
-    return "not calibrated" if value is None else f"{value:.4f}"
-
-  lines += ["", "| thresholds | " + " | ".join(f"tau1 {tau(k, 'tau1')}, tau2 {tau(k, 'tau2')}" for k in keys) + " |",
-            "|---" * (len(keys) + 1) + "|"]
+  lines += ["", f"Cosines to the target are the mean over the {report['target_images']} target image(s) of the "
+            "per-image cosines. Thresholds, per model, for the view it scores:", "",
+            "| thresholds | " + " | ".join(head) + " |", "|---" * (len(keys) + 1) + "|",
+            "| view scored | " + " | ".join(str(report["models"][k].get("view")) for k in keys) + " |"]
+  for which in ("tau1", "tau2"):
+    lines.append(f"| {which} | " + " | ".join(_threshold_cell(report["models"][k], which) for k in keys) + " |")
   lines += ["", "## Table V: robustness, ASR / ESR / SMR / IRR (%) after each transform of the protected face", "",
             "| transform | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
   for name in ["none", *report["transforms"]] if keys else []:

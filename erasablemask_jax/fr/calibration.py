@@ -11,19 +11,30 @@ and a pair is accepted when `cos > t` (the ASR criterion of the SPEC). AUC is th
 Pairs come either from an identity file (CelebA `identity_CelebA_subset.txt` style: `<image> <identity>` per line,
 entries match images by file stem) giving every same-identity pair as genuine and every other pair as impostor, or
 from a pair list CSV (deepface `master.csv`: `file_x,file_y,Decision` with Yes/No; or any CSV with two file columns and
-a `same_identity`/`label` column of 1/0).
+a `same_identity`/`label` column of 1/0), or from a face folder's `attributes.csv` (`file` and `identity` columns).
+
+Thresholds belong to a view (`fr.views`): `view="arcface112"` embeds the faces as they are (ArcFace-aligned crops);
+`view="loose_to_arcface@128"` or `"none@256"` reads them as training does (centre square resized to the size) and
+embeds them through the run's crop and resize, so the thresholds match the scores training and evaluation compute.
+`store_thresholds` files them under that view in the model card (`fr.thresholds`).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import pathlib
 from typing import Any, Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
 
+from erasablemask_jax import convert
 from erasablemask_jax.data import images as images_lib
+from erasablemask_jax.fr import thresholds as thresholds_lib
+from erasablemask_jax.fr import views
+from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
 
 FARS = (0.1, 0.01, 0.001)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -33,9 +44,7 @@ class CalibrationError(ValueError):
   """Calibration inputs are missing, malformed, or match no images."""
 
 
-def far_key(far: float) -> str:
-  """`0.01` -> `"far_0.01"` (the key of card thresholds and result entries)."""
-  return f"far_{far:g}"
+far_key = thresholds_lib.far_key
 
 
 def list_faces(folder: str | os.PathLike[str]) -> dict[str, pathlib.Path]:
@@ -49,15 +58,35 @@ def list_faces(folder: str | os.PathLike[str]) -> dict[str, pathlib.Path]:
   return faces
 
 
-def is_pair_list(path: str | os.PathLike[str]) -> bool:
-  """True when `path` looks like a CSV pair list (a comma-separated header with two file columns and a label)."""
+def _csv_header(path: str | os.PathLike[str]) -> list[str]:
   with open(path, newline="") as f:
     header = f.readline()
-  return "," in header and len(header.split(",")) >= 3
+  return [c.strip().lower() for c in header.split(",")] if "," in header else []
+
+
+def is_pair_list(path: str | os.PathLike[str]) -> bool:
+  """True when `path` looks like a CSV pair list (a comma-separated header with two file columns and a label)."""
+  header = _csv_header(path)
+  return len(header) >= 3 and not is_attribute_csv(path)
+
+
+def is_attribute_csv(path: str | os.PathLike[str]) -> bool:
+  """True when `path` is a CSV with `file` and `identity` columns (a face folder's `attributes.csv`)."""
+  header = _csv_header(path)
+  return "file" in header and "identity" in header
 
 
 def read_identities(path: str | os.PathLike[str]) -> dict[str, str]:
-  """`{image stem: identity}` from lines `<image> <identity>` (a non-numeric header line is skipped)."""
+  """`{image stem: identity}` from lines `<image> <identity>` (a non-numeric header line is skipped), or from the
+  `file` and `identity` columns of an `attributes.csv` (rows with identity -1, unknown, are left out)."""
+  if is_attribute_csv(path):
+    with open(path, newline="") as f:
+      rows = list(csv.DictReader(f))
+    out = {pathlib.Path(r["file"].strip()).stem: r["identity"].strip() for r in rows
+           if r["identity"].strip() not in ("", "-1")}
+    if not out:
+      raise CalibrationError(f"{path}: no row with a known identity (all -1 or empty)")
+    return out
   out: dict[str, str] = {}
   with open(path) as f:
     for lineno, line in enumerate(f, 1):
@@ -165,18 +194,49 @@ def roc_metrics(genuine: np.ndarray, impostor: np.ndarray, fars: Iterable[float]
   }
 
 
-def load_faces(paths: Sequence[pathlib.Path]) -> list[np.ndarray]:
+def load_faces(paths: Sequence[pathlib.Path], image_size: int | None = None) -> list[np.ndarray]:
   """uint8 RGB arrays of the images, read as every other command reads them.
 
-  That is `data.images.read_image`: EXIF orientation applied, 16-bit scaled to 8 bit, alpha composited on white.
+  That is `data.images.read_image`: EXIF orientation applied, 16-bit scaled to 8 bit, alpha composited on white; with
+  `image_size`, the centre square resized to it (`data.images.square_resize`), as training reads a face folder.
   """
   out = []
   for p in paths:
     try:
-      out.append(images_lib.read_image(p, str(p), min_side=1))
+      image = images_lib.read_image(p, str(p), min_side=1)
     except images_lib.SkipImage as e:
       raise CalibrationError(f"cannot read image {p}: {e}") from e
+    out.append(image if image_size is None else images_lib.square_resize(image, image_size))
   return out
+
+
+def embed_view(recogniser: Any, faces: Sequence[np.ndarray], view: str, flip: bool = False,
+               batch_size: int = 64) -> np.ndarray:
+  """Unit embeddings `(N, D)` of uint8 faces seen through `view` (`fr.views`).
+
+  `arcface112`: `recogniser.embed(faces, flip=flip)`. A run's view `CROP@SIZE` (faces already SIZE x SIZE): the
+  training surrogate's function, `views.view_apply(recogniser, CROP)`, jitted, on `x / 127.5 - 1`.
+  """
+  parsed = views.parse_view(view)
+  if parsed is None:
+    return recogniser.embed(faces, flip=flip, batch_size=batch_size)
+  if flip:
+    raise CalibrationError(f"--flip embeds normalise(f(x) + f(mirror(x))), which training and evaluation never "
+                           f"compute; calibrate view {view} without it")
+  crop, size = parsed
+  images = np.stack(faces)
+  if images.shape[1:3] != (size, size):
+    raise CalibrationError(f"view {view} scores {size}x{size} faces; these are {images.shape[1]}x{images.shape[2]}")
+  apply = jax.jit(views.view_apply(recogniser, crop))
+  batch_size = min(batch_size, len(images))
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:  # pad the last chunk: one compiled shape for every call
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+    out.append(np.asarray(apply(recogniser.variables, uint8_to_minus1_1(chunk)))[:n])
+  return np.concatenate(out)
 
 
 def prepare_pairs(faces: str | os.PathLike[str], identities: str | os.PathLike[str] | None = None,
@@ -224,32 +284,83 @@ def metrics_from_embeddings(emb: np.ndarray, genuine_idx: np.ndarray, impostor_i
   return roc_metrics(cos(genuine_idx), cos(impostor_idx), fars=fars)
 
 
+def view_of_run(workdir: str | os.PathLike[str]) -> str:
+  """The view a training run scores (`fr.input_crop@image_size`), from its `config.json`."""
+  path = pathlib.Path(workdir) / "config.json"
+  try:
+    config = json.loads(path.read_text())
+    return views.view_name(config["fr"]["input_crop"], config["image_size"])
+  except FileNotFoundError:
+    raise CalibrationError(f"{workdir} is not a training run (no config.json); pass the --workdir used for "
+                           "training") from None
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise CalibrationError(f"{path} does not give the run's view (fr.input_crop and image_size): "
+                           f"{type(e).__name__}: {e}") from None
+
+
+def resolve_view(view: str | None = None, image_size: int | None = None,
+                 run: str | os.PathLike[str] | None = None) -> str:
+  """The view `calibrate` was asked for: `arcface112` (default), `CROP` with `image_size` (or `CROP@SIZE`), or a run's.
+
+  Raises:
+    CalibrationError: contradictory or incomplete arguments (the message says which to give).
+  """
+  if run is not None:
+    if view is not None or image_size is not None:
+      raise CalibrationError("--run takes the view from the run's config; drop --view / --image-size")
+    return view_of_run(run)
+  view = view or views.ARCFACE112
+  if view == views.ARCFACE112:
+    if image_size is not None:
+      raise CalibrationError("--image-size applies to a run's view (--view none|loose_to_arcface), not arcface112, "
+                             "whose faces are embedded as they are")
+    return view
+  if "@" in view:
+    if image_size is not None:
+      raise CalibrationError(f"--view {view} names its size already; drop --image-size")
+  elif image_size is None:
+    raise CalibrationError(f"--view {view} needs --image-size (the run's image_size), or give --run WORKDIR")
+  else:
+    view = f"{view}@{image_size}"
+  try:
+    views.parse_view(view)
+  except ValueError as e:
+    raise CalibrationError(str(e)) from None
+  return view
+
+
 def calibrate(recogniser: Any, faces: str | os.PathLike[str], identities: str | os.PathLike[str] | None = None,
               pairs: str | os.PathLike[str] | None = None, flip: bool = False, batch_size: int = 64,
-              fars: Iterable[float] = FARS) -> dict[str, Any]:
-  """Embeds the faces, scores genuine and impostor pairs, and returns `roc_metrics` plus what was used.
+              fars: Iterable[float] = FARS, view: str = views.ARCFACE112) -> dict[str, Any]:
+  """Embeds the faces through `view`, scores genuine and impostor pairs, and returns `roc_metrics` plus what was used.
 
   Args:
-    recogniser: an `erasablemask_jax.fr.Recogniser` (anything with `embed(images, flip=...)` and `card`).
-    faces: folder of aligned face images.
-    identities: identity file (`<image> <identity>` lines, matched by stem); every pair of matched images is used.
-    pairs: CSV pair list instead of (or, when `identities` is a CSV, detected from) the identity file.
-    flip: embed as `normalise(f(x) + f(mirror(x)))`.
+    recogniser: an `erasablemask_jax.fr.Recogniser` (anything with `embed(images, flip=...)`, `card`, and for a run's
+      view `apply_fn`, `variables` and `input_size`).
+    faces: folder of face images: ArcFace-aligned crops for `arcface112`, the run's kind of crop (loose crops of our
+      aligner for `loose_to_arcface@S`) otherwise.
+    identities: identity file (`<image> <identity>` lines, or an `attributes.csv`, matched by stem); every pair of
+      matched images is used.
+    pairs: CSV pair list instead of (or, when `identities` is a CSV pair list, detected from) the identity file.
+    flip: embed as `normalise(f(x) + f(mirror(x)))` (arcface112 only).
     batch_size: images per embedding call.
     fars: FARs for thresholds.
+    view: `"arcface112"` or a run's `"CROP@SIZE"` (`fr.views`); the thresholds are that view's.
 
   Returns:
-    The `roc_metrics` dict with `fr`, `faces`, `flip`, `n_images`, `n_identities`, `pair_source` and
+    The `roc_metrics` dict with `fr`, `faces`, `view`, `flip`, `n_images`, `n_identities`, `pair_source` and
     `skipped_entries` (identity or pair entries without an image) added.
   """
+  parsed = views.parse_view(view)
   prepared = prepare_pairs(faces, identities, pairs)
-  emb = recogniser.embed(load_faces(prepared["paths"]), flip=flip, batch_size=batch_size)
+  images = load_faces(prepared["paths"], image_size=None if parsed is None else parsed[1])
+  emb = embed_view(recogniser, images, view, flip=flip, batch_size=batch_size)
   result = metrics_from_embeddings(emb, prepared["genuine"], prepared["impostor"], fars=fars)
   card = getattr(recogniser, "card", {})
   result.update({
       "fr": {"arch": card.get("arch"), "directory": str(getattr(recogniser, "directory", "") or ""),
              "source_sha256": card.get("source", {}).get("sha256")},
-      "faces": str(faces), "pair_source": prepared["pair_source"], "flip": bool(flip),
+      "faces": str(faces), "view": view, "pair_source": prepared["pair_source"], "flip": bool(flip),
       "n_images": len(prepared["paths"]), "n_identities": prepared["n_identities"],
       "skipped_entries": prepared["skipped_entries"],
   })
@@ -285,11 +396,11 @@ def plot_roc(result: Mapping[str, Any], path: str | os.PathLike[str], title: str
 
 
 def store_thresholds(model_dir: str | os.PathLike[str], result: Mapping[str, Any]) -> dict[str, Any]:
-  """Writes `result`'s thresholds into the model directory's `card.json` (what evaluation reads); returns the card."""
-  from erasablemask_jax import convert  # pylint: disable=g-import-not-at-top
-  card = convert.read_card(model_dir)
-  card["thresholds"] = dict(result["thresholds"])
-  card["calibration"] = {k: result[k] for k in ("auc", "tar_at_far", "n_genuine", "n_impostor", "faces",
-                                                "pair_source", "flip", "n_images") if k in result}
+  """Writes `result`'s thresholds into the model directory's `card.json` under `result["view"]` (default
+  arcface112), where training's and evaluation's reports look them up (`fr.thresholds`); returns the card."""
+  view = result.get("view", views.ARCFACE112)
+  info = {k: result[k] for k in ("auc", "tar_at_far", "n_genuine", "n_impostor", "faces", "pair_source", "flip",
+                                 "n_images") if k in result}
+  card = thresholds_lib.store(convert.read_card(model_dir), view, result["thresholds"], info)
   convert.write_card(model_dir, card)
   return card

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from erasablemask_jax import convert
+from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr.preprocess import Preprocessing
 from erasablemask_jax.fr.preprocess import preprocess
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
@@ -48,7 +49,8 @@ class Recogniser:
   Attributes:
     module: the Flax module (inference mode).
     variables: `{'params', 'batch_stats'}` as jax arrays.
-    card: the model card (`arch`, `input_size`, `preprocessing`, `embedding_size`, `thresholds`, ...).
+    card: the model card (`arch`, `input_size`, `preprocessing`, `embedding_size`, `thresholds`,
+      `thresholds_by_view`, ...).
     preprocessing: the parsed `Preprocessing`.
     apply_fn: `apply_fn(variables, images_minus1_1) -> L2-normalised embeddings`, pure and differentiable.
     raw_apply_fn: the same without the final normalisation.
@@ -79,16 +81,32 @@ class Recogniser:
 
   @property
   def thresholds(self) -> dict[str, float]:
-    """Calibrated cosine thresholds, e.g. `{"far_0.01": 0.27, ...}` (empty until `calibrate --store`)."""
-    return dict(self.card.get("thresholds", {}))
+    """The thresholds calibrated on ArcFace-aligned crops, e.g. `{"far_0.01": 0.27, ...}` (empty until
+    `calibrate --store`); `thresholds_by_view` has every view's."""
+    return self.thresholds_by_view.get(thresholds_lib.ARCFACE112, {})
 
-  def threshold(self, far: float = 0.01) -> float:
-    """The calibrated cosine threshold at false-accept rate `far` (accept a pair when `cos > threshold`)."""
-    key = f"far_{far:g}"
-    if key not in self.card.get("thresholds", {}):
-      raise KeyError(f"{self.name}: no calibrated threshold at FAR {far:g} (have {sorted(self.thresholds)}); run "
-                     "`erasablemask calibrate --fr DIR --faces FOLDER --identities FILE --out FILE.json --store`")
-    return float(self.card["thresholds"][key])
+  @property
+  def thresholds_by_view(self) -> dict[str, dict[str, float]]:
+    """`{view: {far_key: t}}` (`fr.thresholds`)."""
+    return thresholds_lib.thresholds_by_view(self.card)
+
+  def threshold(self, far: float = 0.01, view: str = thresholds_lib.ARCFACE112) -> float:
+    """The cosine threshold calibrated on `view` at false-accept rate `far` (accept a pair when `cos > threshold`).
+
+    Strict: no fallback to another view (`find_threshold` has the labelled fallbacks the reports use).
+    """
+    found = self.find_threshold(far, view)
+    if found is None or found.kind != thresholds_lib.CALIBRATED:
+      have = {v: sorted(t) for v, t in self.thresholds_by_view.items()}
+      raise KeyError(f"{self.name}: no threshold calibrated on view {view} at FAR {far:g} (have {have}); run "
+                     "`erasablemask calibrate --fr DIR --faces FOLDER --identities FILE --out FILE.json --store`"
+                     + ("" if view == thresholds_lib.ARCFACE112 else " with --view/--image-size or --run"))
+    return found.value
+
+  def find_threshold(self, far: float = 0.01, view: str | None = thresholds_lib.ARCFACE112,
+                     source: str = "calibrated") -> thresholds_lib.Threshold | None:
+    """`fr.thresholds.lookup` on this model's card: the view's threshold, else a labelled fallback, else None."""
+    return thresholds_lib.lookup(self.card, far, view, source)
 
   def embed(self, images: np.ndarray | jnp.ndarray | Sequence[np.ndarray], *, flip: bool = False,
             batch_size: int = 64) -> np.ndarray:

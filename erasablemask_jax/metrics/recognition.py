@@ -7,6 +7,10 @@ Per SPEC.md, with L2-normalised embeddings and `cos(a, b) = <a/|a|, b/|b|>`:
   IRR = mean_i [ cos(FR(x_rec_i), FR(x_cov_i)) > tau1 ]     identity recovery: R gives back the source's identity
   SMR = mean_i [ cos(FR(x_adv_i), FR(x_cov_i)) > tau1 ]     source match of the protected face (lower: more private)
 
+With several target images x_target_1..M, `cos(FR(x), FR(x_target))` is the mean of the per-target-image cosines,
+`(1/M) sum_j cos(FR(x), FR(x_target_j))` (`target_cosine`): each term is a single-pair score, the kind the thresholds
+are calibrated on, and the mean is what the attack maximises (`train.surrogates.target_embeddings`).
+
 ESR alone is met by any restored face that is not the target (a clean face scores high ESR); IRR asks that the FR
 model verify the restored face as the person in the original photo x_cov, at the strict threshold tau1.
 
@@ -42,6 +46,21 @@ def normalize(e: jax.Array, eps: float = 1e-12) -> jax.Array:
 def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
   """Row-wise cosine similarity: a [N, D] (or [D]) against b [N, D] or [D] (broadcast). Returns [N]."""
   return jnp.sum(normalize(a) * normalize(b), axis=-1)
+
+
+def target_cosine(emb: np.ndarray, target_emb: np.ndarray) -> np.ndarray:
+  """`(1/M) sum_j cos(emb_i, target_emb_j)`: each face's mean cosine over the M target images, `[N]`.
+
+  Args:
+    emb: [N, D] embeddings of the faces scored.
+    target_emb: [M, D] embeddings of the target images (or [D], one image).
+
+  For unit rows this equals `emb @ mean_j(target_emb_j)`, the trainer's un-normalised mean target; it is not the
+  cosine to the normalised mean embedding (which is larger when the target images disagree).
+  """
+  e = np.asarray(normalize(emb), np.float64)
+  t = np.asarray(normalize(np.atleast_2d(target_emb)), np.float64)
+  return (e @ t.T).mean(axis=1)
 
 
 def _fraction(cos: np.ndarray, tau: float, above: bool, name: str) -> float:

@@ -5,12 +5,16 @@ For each surrogate and each face `x_cov` of the held-out split (or, without one,
 - the generated faces are scored as published: x_cov^{att_b} (attribute edit only) and x_adv are rounded to uint8
   (`train.writer.to_uint8`, as `protect` writes the PNG), R restores the rounded x_adv, and x_rec is rounded too;
 - `cos(FR(x), FR(x_target))` for x in {x_cov (clean), x_cov^{att_b}, x_adv, x_rec}, and `cos(FR(x), FR(x_cov))` for
-  x in {x_cov^{att_b}, x_adv, x_rec};
+  x in {x_cov^{att_b}, x_adv, x_rec}; with several target images, `cos(FR(x), FR(x_target))` is the mean of the
+  per-target-image cosines (`e @ t` with the trainer's target `t`, the mean of their unit embeddings:
+  `train.surrogates.target_embeddings`);
 - ASR = fraction above tau1 (the model's calibrated threshold at `fr.tau1_far`), ESR = fraction of restored faces below
   tau2 (at `fr.tau2_far`), with the same rates for the clean and edited baselines; SMR = fraction of protected (and
   edited) faces whose cosine to their own source is above tau1 (lower: more private), IRR = the same fraction of
-  restored faces (identity recovered). Thresholds come from the FR model's card (`erasablemask calibrate --store`); an
-  uncalibrated model reports cosines only;
+  restored faces (identity recovered). Thresholds come from the FR model's card, calibrated on the view the surrogate
+  scores (`fr.input_crop@image_size`; `erasablemask calibrate --run WORKDIR --store`), else its arcface112
+  calibration or, with `fr.threshold_source="peer_default"`, the peers' published one, each labelled
+  (`fr.thresholds.lookup`); a model with none reports cosines only;
 - LPIPS v0.1 (AlexNet) of x_adv against x_cov^{att_b} and of x_rec against x_cov, with the `metrics` extra's weights
   (without them, or below 31 px, the report says why it is missing).
 """
@@ -48,9 +52,9 @@ def _restore(models, r_vars, x_adv, att_a):
   return models.restore(r_vars, x_adv, att_a)[0]
 
 
-def _threshold(recogniser, far: float) -> float | None:
-  value = recogniser.thresholds.get(f"far_{far:g}")
-  return None if value is None else float(value)
+def _threshold(surrogate, far: float, source: str):
+  """The surrogate's threshold at `far` for the view it scores, with its label (`fr.thresholds.lookup`), or None."""
+  return surrogate.recogniser.find_threshold(far, surrogate.view, source)
 
 
 def published_outputs(models, state, x: jax.Array, att_a: jax.Array, att_b: jax.Array) -> dict[str, jax.Array]:
@@ -82,10 +86,12 @@ def whitebox_report(trainer, state) -> dict:
     emb = {k: np.asarray(surrogate.embed(v)) for k, v in outputs.items()}
     cos = {k: e @ np.asarray(target) for k, e in emb.items()}
     src = {k: np.sum(emb[k] * emb["clean"], axis=1) for k in SOURCE_IMAGES}
-    tau1 = _threshold(surrogate.recogniser, config.fr.tau1_far)
-    tau2 = _threshold(surrogate.recogniser, config.fr.tau2_far)
+    source = config.fr.get("threshold_source", "calibrated")  # a run saved before the key existed: the default
+    found = {name: _threshold(surrogate, config.fr[f"{name}_far"], source) for name in ("tau1", "tau2")}
+    tau1, tau2 = (None if found[k] is None else found[k].value for k in ("tau1", "tau2"))
     entry = {"mean_cos": {k: float(c.mean()) for k, c in cos.items()},
-             "mean_cos_source": {k: float(c.mean()) for k, c in src.items()}, "tau1": tau1, "tau2": tau2}
+             "mean_cos_source": {k: float(c.mean()) for k, c in src.items()}, "tau1": tau1, "tau2": tau2,
+             "view": surrogate.view, "thresholds": {k: None if t is None else t.to_json() for k, t in found.items()}}
     if tau1 is not None:
       entry["asr"] = {k: recognition.attack_success_rate(cos[k], tau1) for k in ("clean", "edit", "adv")}
       entry["smr"] = {k: recognition.source_match_rate(src[k], tau1) for k in ("edit", "adv")}
@@ -104,12 +110,20 @@ def whitebox_report(trainer, state) -> dict:
   return report
 
 
+def _describe_threshold(name: str, entry: dict) -> str:
+  t = entry.get("thresholds", {}).get(name)
+  if t is None:
+    return f"{name} not calibrated (n/a)" if entry.get(name) is None else f"{name} {entry[name]:.4f}"
+  return f"{name} {t['value']:.4f} at FAR {t['far']:g} ({t['label']})"
+
+
 def format_report(report: dict) -> str:
   """A Markdown table of the report."""
   lines = [f"White-box report: {report['faces']} {report['split']} faces at {report['image_size']}x"
            f"{report['image_size']} after {report['steps']} steps (x_cov | x_cov^att_b | x_adv | x_rec in report.png)",
-           "", "cos: to the target; src: to the face's own source x_cov. SMR (lower = more private) and IRR count "
-           "faces verified as their source at tau1; all outputs rounded to uint8 as published.", "",
+           "", "cos: to the target (with several target images, the mean of the per-image cosines); src: to the "
+           "face's own source x_cov. SMR (lower = more private) and IRR count faces verified as their source at tau1; "
+           "all outputs rounded to uint8 as published.", "",
            "| surrogate | cos clean | cos edit | cos adv | cos rec | src edit | src adv | src rec | ASR clean | ASR edit "
            "| ASR adv | ESR rec | SMR edit | SMR adv | IRR rec |", "|---" * 15 + "|"]
   for spec, e in report["surrogates"].items():
@@ -124,8 +138,9 @@ def format_report(report: dict) -> str:
                  + " | ".join(pct(rate, k) for rate, k in (("asr", "clean"), ("asr", "edit"), ("asr", "adv"),
                                                            ("esr", "rec"), ("smr", "edit"), ("smr", "adv"),
                                                            ("irr", "rec"))) + " |")
-  taus = {spec: (e["tau1"], e["tau2"]) for spec, e in report["surrogates"].items()}
-  lines += ["", f"thresholds (tau1, tau2) from each model's calibrated card: {taus}"]
+  lines += ["", "thresholds (from each model's card, for the view it scores):"]
+  lines += [f"- {spec} (view {e.get('view')}): " + "; ".join(_describe_threshold(name, e) for name in ("tau1", "tau2"))
+            for spec, e in report["surrogates"].items()]
   lines.append("LPIPS v0.1 (AlexNet): " + ", ".join(
       f"{pair} {availability.format_metric(availability.from_json(v))}" for pair, v in report["lpips_alex"].items()))
   return "\n".join(lines)

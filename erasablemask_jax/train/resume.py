@@ -10,6 +10,8 @@ no longer describes the checkpoints. So a resume compares the saved config with 
   checkpoint cadence), `mesh.*` (the device layout; the state is replicated and the global batch unchanged), and
   schedule counts that lengthen a stage that has not finished at the checkpoint (a finished stage cannot grow: its
   steps would be rerun on a state that has moved on);
+- report-only (`fr.threshold_source`, `fr.tau1_far`, `fr.tau2_far`: which thresholds the closing report uses; a run
+  saved before such a key existed has none): accepted without asking;
 - everything else (losses, optimiser, attack, data, noise, seed, ...) changes what the remaining steps train, so the
   run would no longer be the one its config describes: refused; train it in a new (or copied) workdir.
 
@@ -34,6 +36,7 @@ from erasablemask_jax.config import ConfigError
 CONFIG_FILE = "config.json"
 ARCHITECTURE_KEYS = ("model", "image_size", "attributes", "fr.surrogates")
 SAFE_KEYS = ("train", "mesh")
+REPORT_KEYS = ("fr.threshold_source", "fr.tau1_far", "fr.tau2_far")
 _ABSENT = "(absent)"
 
 log = logging.getLogger(__name__)
@@ -87,7 +90,8 @@ def check_resume_config(workdir: str | os.PathLike[str], config: ml_collections.
   current = json.loads(config.to_json_best_effort())
   changes = config_changes(saved, current)
   problems = {k: _problem(k, saved, current, step, workdir) for k in changes}
-  refused = {k: why for k, why in problems.items() if why is not None or not allow_changes}
+  refused = {k: why for k, why in problems.items()
+             if why is not None or not (allow_changes or _under(k, REPORT_KEYS))}
   if refused:
     listed = ", ".join(f"{k} {_short(changes[k][0])} -> {_short(changes[k][1])}" + (f" ({why})" if why else "")
                        for k, why in refused.items())
@@ -121,7 +125,7 @@ def _problem(key: str, saved: dict[str, Any], current: dict[str, Any], step: int
   """Why changing `key` is unsafe, or None for a safe change."""
   if _under(key, ARCHITECTURE_KEYS):
     return "the architecture: the checkpoint cannot be restored into it"
-  if _under(key, SAFE_KEYS):
+  if _under(key, SAFE_KEYS + REPORT_KEYS):
     return None
   stage = re.fullmatch(r"schedule\.stage([123])_(steps|epochs)", key)
   if stage:

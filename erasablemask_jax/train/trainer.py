@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from erasablemask_jax.attack import end_epoch, make_attack
 from erasablemask_jax.config import ConfigError
+from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import lock as lock_lib
@@ -190,6 +191,9 @@ class Trainer:
                source: Iterator | None = None, surrogates: list[Surrogate] | None = None,
                target_images: np.ndarray | None = None):
     self.config = config
+    if config.fr.get("threshold_source", "calibrated") not in thresholds_lib.THRESHOLD_SOURCES:  # not at the report
+      raise ConfigError(f"fr.threshold_source={config.fr.threshold_source!r}; choose one of "
+                        f"{thresholds_lib.THRESHOLD_SOURCES}")
     self.workdir = pathlib.Path(workdir)
     self.mesh = make_mesh(config.mesh)
     check_batch_divides(config.data.batch_size, self.mesh)

@@ -27,7 +27,7 @@ def uncalibrated_copy(tmp_path_factory):
   dest = tmp_path_factory.mktemp("fr") / "mfn_uncalibrated"
   shutil.copytree(fr.bundled_dir(), dest)
   card = json.loads((dest / "card.json").read_text())
-  del card["thresholds"]
+  del card["thresholds"], card["thresholds_by_view"]  # every view's
   card["name"] = "mfn_uncalibrated"
   (dest / "card.json").write_text(json.dumps(card))
   return dest
