@@ -14,6 +14,9 @@ def get_config(arg: str | None = None):
   config.model.dis_dim = 16
   config.model.dis_fc_dim = 128
   config.model.max_dim = 256
+  # R never edits attributes: with a shortcut at every encoder scale but the bottleneck its decoder gets the detail
+  # that identity recovery needs; G's single shortcut alone restores faces too blurry to verify as the person.
+  config.model.r_shortcut_layers = 4
   config.data.name = "face_folder"
   config.data.manual_dir = "bundled:sample_faces"
   config.data.batch_size = 8
