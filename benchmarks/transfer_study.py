@@ -128,28 +128,27 @@ def prepare_models(workdir: pathlib.Path) -> dict[str, str]:
   return specs
 
 
-def calibrate_views(specs: dict[str, str], faces: dict[str, np.ndarray], input_crop: str) -> dict[str, dict]:
+def calibrate_views(specs: dict[str, str], faces: dict[str, np.ndarray], view: str) -> dict[str, dict]:
   """ROC of each FR model on every aligned face through the view it gets in training (thresholds per view)."""
   from erasablemask_jax.fr import calibration
-  from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
-  from erasablemask_jax.train.surrogates import load_surrogate
 
-  ident = faces["identity"]
-  n = len(ident)
-  i, j = np.triu_indices(n, 1)
-  same = ident[i] == ident[j]
-  genuine, impostor = np.stack([i[same], j[same]], 1), np.stack([i[~same], j[~same]], 1)
+  stems = [str(i) for i in range(len(faces["identity"]))]
+  genuine, impostor = calibration.pairs_from_identities(stems, dict(zip(stems, faces["identity"].tolist())))
   out = {}
   for name, spec in specs.items():
-    s = load_surrogate(spec, input_crop)
-    emb = np.concatenate([np.asarray(s.embed(uint8_to_minus1_1(faces["image"][k:k + 64])))
-                          for k in range(0, n, 64)])
+    recogniser = load_recogniser(spec)
+    emb = calibration.embed_view(recogniser, list(faces["image"]), view)
     m = calibration.metrics_from_embeddings(emb, genuine, impostor, fars=(0.1, 0.01, 0.001))
-    out[name] = {"view": f"{input_crop} crop of the {faces['image'].shape[1]}px loose face, resized to "
-                         f"{list(s.recogniser.input_size)}", "auc": m["auc"], "tar_at_far": m["tar_at_far"],
-                 "thresholds": m["thresholds"], "n_images": n, "n_genuine": int(len(genuine)),
-                 "n_impostor": int(len(impostor))}
+    out[name] = {"view": view, "input_size": list(recogniser.input_size), "auc": m["auc"],
+                 "tar_at_far": m["tar_at_far"], "thresholds": m["thresholds"], "n_images": len(stems),
+                 "n_genuine": int(len(genuine)), "n_impostor": int(len(impostor))}
   return out
+
+
+def load_recogniser(spec: str):
+  from erasablemask_jax import fr
+
+  return fr.load_bundled(spec.removeprefix("bundled:")) if spec.startswith("bundled:") else fr.load(spec)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,26 +222,20 @@ def curve(workdir: pathlib.Path) -> list[dict]:
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-  from erasablemask_jax.train.writer import to_uint8 as _to_uint8
-  return _to_uint8(x)
+  from erasablemask_jax.train.writer import to_uint8 as float_to_uint8
+  return float_to_uint8(x)
 
 
 def to_float(x: np.ndarray) -> np.ndarray:
-  return np.asarray(x, np.float32) / 127.5 - 1.0
+  from erasablemask_jax.evaluation.inference import to_model_input
+  return to_model_input(x)
 
 
 def jpeg50(images: np.ndarray) -> np.ndarray:
-  """Real libjpeg (through Pillow) at quality 50, uint8 in and out."""
-  import io
+  """Real libjpeg (Pillow, `noise.jpeg_libjpeg`) at quality 50, uint8 in and out."""
+  from erasablemask_jax import noise
 
-  from PIL import Image
-
-  out = []
-  for im in images:
-    buf = io.BytesIO()
-    Image.fromarray(im).save(buf, format="JPEG", quality=50)
-    out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
-  return np.stack(out)
+  return to_uint8(np.asarray(noise.jpeg_libjpeg(jnp.asarray(to_float(images)), 50)))
 
 
 def bootstrap_ci(values: np.ndarray, reps: int, seed: int) -> list[float]:
@@ -255,62 +248,61 @@ def bootstrap_ci(values: np.ndarray, reps: int, seed: int) -> list[float]:
 class Scorer:
   """Every FR model's embeddings of uint8 faces (through its training view) and the rates of SPEC.md."""
 
-  def __init__(self, specs: dict[str, str], input_crop: str, target: np.ndarray, calibration: dict, tau1_far: float,
-               tau2_far: float, bootstrap: int, seed: int):
+  def __init__(self, specs: dict[str, str], input_crop: str, image_size: int, target: np.ndarray, calibration: dict,
+               tau1_far: float, tau2_far: float, bootstrap: int, seed: int):
+    from erasablemask_jax.fr import views
     from erasablemask_jax.train.surrogates import load_surrogate
 
     self.surrogates = {name: load_surrogate(spec, input_crop) for name, spec in specs.items()}
+    self.view = views.view_name(input_crop, image_size)
     self.tau1 = {n: calibration[n]["thresholds"][f"far_{tau1_far:g}"] for n in specs}
     self.tau2 = {n: calibration[n]["thresholds"][f"far_{tau2_far:g}"] for n in specs}
     self.target = {n: self.embed(n, target) for n in specs}  # (T, D): one row per target image
     self.bootstrap, self.seed = bootstrap, seed
 
   def embed(self, name: str, images_uint8: np.ndarray) -> np.ndarray:
-    s = self.surrogates[name]
-    return np.concatenate([np.asarray(s.embed(jnp.asarray(to_float(images_uint8[k:k + 32]))))
-                           for k in range(0, len(images_uint8), 32)])
+    from erasablemask_jax.fr import calibration
 
-  def cos_target(self, name: str, emb: np.ndarray) -> np.ndarray:
-    return (emb @ self.target[name].T).mean(axis=1)  # the mean of the per-target-image cosines
+    return calibration.embed_view(self.surrogates[name].recogniser, list(images_uint8), self.view, batch_size=32)
 
   def rates(self, name: str, source: np.ndarray, adv: np.ndarray, rec: np.ndarray | None) -> dict[str, Any]:
     """ASR/SMR of the protected faces, ESR/IRR of the restored ones (None without a restorer)."""
+    from erasablemask_jax.metrics import recognition
+
     e_src, e_adv = self.embed(name, source), self.embed(name, adv)
-    cos_adv = self.cos_target(name, e_adv)
-    cos_adv_src = np.sum(e_adv * e_src, axis=1)
+    cos_adv = recognition.target_cosine(e_adv, self.target[name])
+    cos_adv_src = np.asarray(recognition.cosine(e_adv, e_src))
     tau1, tau2 = self.tau1[name], self.tau2[name]
-    out = {"asr": float(np.mean(cos_adv > tau1)), "smr": float(np.mean(cos_adv_src > tau1)),
+    out = {"asr": recognition.attack_success_rate(cos_adv, tau1), "smr": recognition.source_match_rate(cos_adv_src, tau1),
            "cos_adv_mean": float(cos_adv.mean()),
            "cos_adv_ci95": bootstrap_ci(cos_adv, self.bootstrap, self.seed),
            "cos_adv_source_mean": float(cos_adv_src.mean()), "esr": None, "irr": None,
            "cos_adv": cos_adv.round(5).tolist(), "cos_adv_source": cos_adv_src.round(5).tolist()}
     if rec is not None:
       e_rec = self.embed(name, rec)
-      cos_rec = self.cos_target(name, e_rec)
-      cos_rec_src = np.sum(e_rec * e_src, axis=1)
-      out.update({"esr": float(np.mean(cos_rec < tau2)), "irr": float(np.mean(cos_rec_src > tau1)),
+      cos_rec = recognition.target_cosine(e_rec, self.target[name])
+      cos_rec_src = np.asarray(recognition.cosine(e_rec, e_src))
+      out.update({"esr": recognition.erasure_success_rate(cos_rec, tau2),
+                  "irr": recognition.identity_recovery_rate(cos_rec_src, tau1),
                   "cos_rec_mean": float(cos_rec.mean()), "cos_rec_source_mean": float(cos_rec_src.mean()),
                   "cos_rec_source_ci95": bootstrap_ci(cos_rec_src, self.bootstrap, self.seed),
                   "cos_rec": cos_rec.round(5).tolist(), "cos_rec_source": cos_rec_src.round(5).tolist()})
     return out
 
 
-def quality(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-  """L1 and MSE on [0, 1] of two uint8 batches."""
-  d = a.astype(np.float64) / 255.0 - b.astype(np.float64) / 255.0
-  return {"l1": float(np.abs(d).mean()), "mse": float((d ** 2).mean())}
+def quality(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+  """L1 and MSE on [0, 1] (`metrics.quality`) and LPIPS (AlexNet) of two uint8 batches; LPIPS says why it is missing
+  when the `metrics` extra is not installed or the faces are too small for AlexNet."""
+  from erasablemask_jax.metrics import lpips
+  from erasablemask_jax.metrics import quality as quality_lib
 
-
-def lpips_or_reason(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
-  """LPIPS (AlexNet) when the metrics extra's weights are installed; otherwise the reason it is missing."""
+  x, y = to_float(a), to_float(b)
+  out = {"l1": quality_lib.l1(x, y), "mse": quality_lib.mse(x, y)}
   try:
-    from erasablemask_jax.metrics import lpips as lpips_lib
-    fn = getattr(lpips_lib, "default_lpips", None)
-    if fn is None:
-      return {"lpips": None, "lpips_reason": "no LPIPS weights installed (issue 16: the `metrics` extra)"}
-    return {"lpips": float(np.mean(fn(to_float(a), to_float(b))))}
-  except Exception as e:  # pylint: disable=broad-except
-    return {"lpips": None, "lpips_reason": f"LPIPS unavailable: {e}"}
+    out["lpips"] = float(np.mean(lpips.default_lpips(x, y)))
+  except (lpips.PretrainedWeightsUnavailable, ValueError) as e:
+    out.update({"lpips": None, "lpips_reason": str(e)})
+  return out
 
 
 def per_model(scorer: Scorer, whitebox: list[str], source, adv, rec, restore=None) -> dict[str, Any]:
@@ -330,20 +322,19 @@ def per_model(scorer: Scorer, whitebox: list[str], source, adv, rec, restore=Non
 def evaluate_run(workdir: pathlib.Path, scorer: Scorer, eval_faces: dict, whitebox: list[str]) -> tuple[dict, dict]:
   """Protect -> uint8 -> restore -> uint8 on the held-out faces; every FR model's rates. Returns (entry, images)."""
   from erasablemask_jax.evaluation.inference import load_run
+  from erasablemask_jax.evaluation.report import protect_and_restore
+  from erasablemask_jax.evaluation.report import published
 
   run = load_run(workdir)
-  x = to_float(eval_faces["image"])
+  source = eval_faces["image"]
   att_a = eval_faces["att"].astype(np.float32)
   att_b = np.roll(att_a, 1, axis=0)  # a permutation of the held-out labels, as in training
-  x_adv, x_edit = run.protect(x, att_b)
-  adv, edit = to_uint8(x_adv), to_uint8(x_edit)
-  restore = lambda a: to_uint8(run.restore(to_float(a), att_a))
-  rec = restore(adv)
-  entry = {"metrics": per_model(scorer, whitebox, eval_faces["image"], adv, rec, restore),
-           "quality": {"adv_vs_edit": {**quality(adv, edit), **lpips_or_reason(adv, edit)},
-                       "rec_vs_cov": {**quality(rec, eval_faces["image"]), **lpips_or_reason(rec, eval_faces["image"])}},
+  out = {k: to_uint8(v) for k, v in protect_and_restore(run, to_float(source), att_a, att_b).items()}
+  restore = lambda adv: to_uint8(published(run.restore(to_float(adv), att_a)))
+  entry = {"metrics": per_model(scorer, whitebox, source, out["adv"], out["rec"], restore),
+           "quality": {"adv_vs_edit": quality(out["adv"], out["edit"]), "rec_vs_cov": quality(out["rec"], source)},
            "step": run.step}
-  return entry, {"source": eval_faces["image"], "edit": edit, "adv": adv, "rec": rec}
+  return entry, {"source": source, **out}
 
 
 def baselines(stage1_dir: pathlib.Path, scorer: Scorer, eval_faces: dict, whitebox: list[str], pgd_steps: int,
@@ -471,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
   from tqdm import tqdm
   from erasablemask_jax.data.pipeline import load_face_folder_arrays
+  from erasablemask_jax.fr import views
   from erasablemask_jax.train.input_pipeline import load_face_splits
 
   started = time.time()
@@ -485,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                            "eval_identities": eval_ids, "n_faces": int(len(faces["identity"])),
                            "n_identities": int(len(np.unique(faces["identity"]))), "models": specs,
                            "machine": machine(), "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))},
-              "calibration": calibrate_views(specs, faces, probe.fr.input_crop), "runs": [], "timing": {}}
+              "calibration": calibrate_views(specs, faces, views.view_name(probe.fr.input_crop, size)), "runs": [], "timing": {}}
     save(result, out)
 
   if args.ablation:
@@ -504,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
       (stage1_dir / "stage1.done").write_text(f"{seconds:.1f}\n")
       result["timing"]["stage1_s"] = seconds
     splits = load_face_splits(config.data, config.fr, size)
-    scorer = Scorer(specs, config.fr.input_crop, splits.target, result["calibration"], config.fr.tau1_far,
+    scorer = Scorer(specs, config.fr.input_crop, size, splits.target, result["calibration"], config.fr.tau1_far,
                     config.fr.tau2_far, settings.bootstrap, settings.seed)
     eval_faces = splits.eval
     if any((bb, b) not in done for b in BASELINES):
