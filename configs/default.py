@@ -10,6 +10,16 @@ ATTRIBUTES = ("Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_
               "Mouth_Slightly_Open", "Mustache", "No_Beard", "Pale_Skin", "Young")
 
 
+def set_widths(config: ml_collections.ConfigDict, dim: int, dis_fc_dim: int, max_dim: int) -> None:
+  """Narrower (or wider) networks: G_enc, G_dec and D start at `dim` channels (the paper: 64), D's FC heads have
+  `dis_fc_dim` units (1024) and no layer exceeds `max_dim` channels (1024)."""
+  config.model.enc_dim = dim
+  config.model.dec_dim = dim
+  config.model.dis_dim = dim
+  config.model.dis_fc_dim = dis_fc_dim
+  config.model.max_dim = max_dim
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg:
     raise ValueError(f"the default config has no variants (got {arg!r}); write --config default")

@@ -9,11 +9,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"the demo config has no variants (got {arg!r}); write --config demo")
   config = default.get_config()
   config.image_size = 64
-  config.model.enc_dim = 16
-  config.model.dec_dim = 16
-  config.model.dis_dim = 16
-  config.model.dis_fc_dim = 128
-  config.model.max_dim = 256
+  default.set_widths(config, 16, dis_fc_dim=128, max_dim=256)
   # R never edits attributes: with a shortcut at every encoder scale but the bottleneck its decoder gets the detail
   # that identity recovery needs; G's single shortcut alone restores faces too blurry to verify as the person.
   config.model.r_shortcut_layers = 4

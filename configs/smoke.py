@@ -8,11 +8,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"the smoke config has no variants (got {arg!r}); write --config smoke")
   config = default.get_config()
   config.image_size = 32
-  config.model.enc_dim = 8
-  config.model.dec_dim = 8
-  config.model.dis_dim = 8
-  config.model.dis_fc_dim = 16
-  config.model.max_dim = 64
+  default.set_widths(config, 8, dis_fc_dim=16, max_dim=64)
   config.data.name = "face_folder"
   config.data.batch_size = 4
   config.schedule.stage1_steps = 2

@@ -15,11 +15,7 @@ def get_config(arg: str | None = None):
   config = default.get_config()
   config.image_size = 128  # the paper's 256 does not fit a 2-core CPU budget; FR models see their own 112 views
   # Quarter-width AttGAN (the paper: 64/64/64, max 1024): the widest that leaves ~16 min per attack kind (one fold ~55 min).
-  config.model.enc_dim = 16
-  config.model.dec_dim = 16
-  config.model.dis_dim = 16
-  config.model.dis_fc_dim = 128
-  config.model.max_dim = 256
+  default.set_widths(config, 16, dis_fc_dim=128, max_dim=256)
   # R never edits attributes: four shortcuts (every encoder scale but the bottleneck) give its decoder the detail that
   # identity recovery needs; the demo-scale G alone (one shortcut) restores faces too blurry to verify.
   config.model.r_shortcut_layers = 4
@@ -39,11 +35,7 @@ def get_config(arg: str | None = None):
   config.train.sample_every_steps = 150
   if arg == "tiny":
     config.image_size = 32
-    config.model.enc_dim = 4
-    config.model.dec_dim = 4
-    config.model.dis_dim = 4
-    config.model.dis_fc_dim = 8
-    config.model.max_dim = 16
+    default.set_widths(config, 4, dis_fc_dim=8, max_dim=16)
     config.model.r_shortcut_layers = 2
     config.data.batch_size = 4
     config.schedule.stage1_steps = 2

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import tiny
 from erasablemask_jax import cli
 from erasablemask_jax.config import ConfigError, load_config
 from erasablemask_jax.train import resume
@@ -25,14 +26,7 @@ def _workdir(tmp_path, config, step=3, stages=None):
 
 
 def _changed(**overrides):
-  config = load_config("smoke")  # stages of 2, 2 and 2 steps
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return tiny.set_fields(load_config("smoke"), **overrides)  # stages of 2, 2 and 2 steps
 
 
 def test_unchanged_or_fresh_workdirs_pass(tmp_path):

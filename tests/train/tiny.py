@@ -40,10 +40,8 @@ def tiny_surrogates(k: int = 2, size: int = 16, seed: int = 0) -> list[Surrogate
   return out
 
 
-def tiny_config(**overrides):
-  config = smoke.get_config()
-  config.noise.train_pool = ("identity",)
-  config.optim.lr = 1e-3
+def set_fields(config, **overrides):
+  """`config` with each dotted `key=value` set (values keep their Python type, unlike `--config.` overrides)."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
@@ -51,6 +49,13 @@ def tiny_config(**overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def tiny_config(**overrides):
+  config = smoke.get_config()
+  config.noise.train_pool = ("identity",)
+  config.optim.lr = 1e-3
+  return set_fields(config, **overrides)
 
 
 def tiny_source(config, n: int = 12, process_index: int = 0, process_count: int = 1, seed: int = 0) -> InMemorySource:
