@@ -62,3 +62,42 @@ def test_drop_after_keeps_rows_up_to_the_step(tmp_path):
   writer.write(4, {"x": 4.0})
   writer.close()
   assert _steps(tmp_path) == [1, 2, 3, 4]
+
+
+def _tensorboard_view(logdir):
+  """The scalars TensorBoard shows for `logdir`: its files in name order, each `SessionLog.START` at step s hiding the
+  events read before it at steps >= s (TensorBoard's purge rule). Reads the TFRecord framing directly."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  shown: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack_from("<Q", data, offset)
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        shown = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in shown.items()}
+      for value in event.summary.value:
+        shown.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return shown
+
+
+def test_tensorboard_hides_the_events_a_resume_logs_again(tmp_path):
+  writer = MetricWriter(tmp_path)
+  for step in range(1, 6):
+    writer.write(step, {"x": float(step)})
+  writer.close()
+  # Resumed from the checkpoint at step 3: steps 4 and 5 are logged again, with other values.
+  writer = MetricWriter(tmp_path)
+  writer.drop_after(3)
+  for step in (4, 5, 6):
+    writer.write(step, {"x": 10.0 * step})
+  writer.close()
+  assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the first file is kept as it was
+  assert _tensorboard_view(tmp_path / "tensorboard") == {"x": [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0),
+                                                               (6, 60.0)]}
+  assert _steps(tmp_path) == [1, 2, 3, 4, 5, 6]
