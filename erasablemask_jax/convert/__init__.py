@@ -27,6 +27,7 @@ from erasablemask_jax.convert.merge import StrictMergeError
 from erasablemask_jax.convert.merge import abstract_init
 from erasablemask_jax.convert.merge import flatten_variables
 from erasablemask_jax.convert.merge import strict_merge
+from erasablemask_jax.convert.model_dir import CARD_FILE
 from erasablemask_jax.convert.model_dir import ModelDirError
 from erasablemask_jax.convert.model_dir import read_card
 from erasablemask_jax.convert.model_dir import read_model_dir

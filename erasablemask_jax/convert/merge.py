@@ -44,7 +44,7 @@ def flatten_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def strict_merge(flat: Mapping[str, np.ndarray], abstract_variables: Mapping[str, Any],
-                 context: str = "", limit: int | None = None) -> dict[str, Any]:
+                 context: str = "", limit: int | None = None, hint: str | None = None) -> dict[str, Any]:
   """Builds the variable tree of `abstract_variables` from `flat`, requiring an exact one-to-one match.
 
   Args:
@@ -52,6 +52,7 @@ def strict_merge(flat: Mapping[str, np.ndarray], abstract_variables: Mapping[str
     abstract_variables: `jax.eval_shape(module.init, ...)` (leaves with `.shape` and `.dtype`).
     context: words for the error message (e.g. the architecture and checkpoint names).
     limit: list at most this many keys of each kind in the error (the counts are always complete); None lists all.
+    hint: the error's last line, what to do (default: a different --arch?).
 
   Returns:
     Nested `{'params': ..., 'batch_stats': ...}` of numpy arrays cast to the abstract dtypes.
@@ -66,7 +67,7 @@ def strict_merge(flat: Mapping[str, np.ndarray], abstract_variables: Mapping[str
       f"{k}: checkpoint {tuple(np.shape(flat[k]))} vs model {tuple(want[k].shape)}"
       for k in want if k in flat and tuple(np.shape(flat[k])) != tuple(want[k].shape))
   if missing or unexpected or mismatched:
-    raise StrictMergeError(missing, unexpected, mismatched, context, limit)
+    raise StrictMergeError(missing, unexpected, mismatched, context, limit, hint)
   out = {k: np.asarray(flat[k], dtype=want[k].dtype) for k in want}
   return flax.traverse_util.unflatten_dict(out, sep="/")
 

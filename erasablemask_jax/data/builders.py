@@ -67,8 +67,9 @@ def resolve_manual_dir(spec: str | pathlib.Path) -> pathlib.Path:
                             "--config.data.data_dir=DIR (a prepared builder)")
   path = PACKAGE_ASSETS / spec.split(":", 1)[1] if spec.startswith("bundled:") else pathlib.Path(spec).expanduser()
   if not path.is_dir():
-    raise FileNotFoundError(f"manual directory {path} does not exist (from {spec!r}); point data.manual_dir at the "
-                            "folder holding the raw images")
+    raise FileNotFoundError(f"face folder {path} does not exist (from {spec!r}); give a folder of face images "
+                            "(training: --config.data.manual_dir=FOLDER; evaluate and calibrate: --data FOLDER) or "
+                            "bundled:sample_faces")
   return path
 
 

@@ -151,22 +151,46 @@ def from_variables(arch: str, variables: Mapping[str, Any], card: Mapping[str, A
   return Recogniser(spec.build(), variables, full_card)
 
 
+# What `Recogniser` reads from a card: a card without one of these was not written by the converter.
+CARD_KEYS = ("arch", "input_size", "embedding_size", "preprocessing")
+
+
+class UnknownBundledModel(KeyError):
+  """`bundled:NAME` names no model shipped in the package (a KeyError whose message prints without quotes)."""
+
+  def __str__(self) -> str:
+    return str(self.args[0])
+
+
 def load(directory: str | os.PathLike[str]) -> Recogniser:
-  """Loads a model directory written by `tools.convert_torch_weights` (orbax variables + `card.json`)."""
+  """Loads a model directory written by `tools.convert_torch_weights` (orbax variables + `card.json`).
+
+  Raises:
+    ModelDirError: the card lacks a field the model needs (`CARD_KEYS`, the preprocessing's mean/std).
+    StrictMergeError: the saved variables do not fit the card's architecture (counts and the first keys of each kind).
+  """
   directory = pathlib.Path(directory)
   variables, card = convert.read_model_dir(directory)
-  if "arch" not in card:
-    raise convert.ModelDirError(f"{directory}/card.json names no `arch`; convert the checkpoint again")
+  missing = [k for k in CARD_KEYS if k not in card]
+  missing += [f"preprocessing.{k}" for k in ("mean", "std")
+              if isinstance(card.get("preprocessing"), dict) and k not in card["preprocessing"]]
+  if missing:
+    raise convert.ModelDirError(f"{directory / convert.CARD_FILE} lacks {', '.join(missing)}: it was not written by "
+                                "the converter (or was edited); convert the checkpoint again")
   spec = convert.get_arch(card["arch"])
   abstract = convert.abstract_init(spec.build(), spec.input_shape)
-  variables = convert.strict_merge(convert.flatten_variables(variables), abstract, context=str(directory))
+  variables = convert.strict_merge(
+      convert.flatten_variables(variables), abstract, context=f"{directory}, card arch {card['arch']}", limit=5,
+      hint="The saved variables are not those of the card's architecture: the folder was damaged or edited; convert "
+           "the checkpoint again into a new folder.")
   return Recogniser(spec.build(), variables, card, directory=directory)
 
 
 def bundled_dir(name: str = "mobilefacenet") -> pathlib.Path:
   """Directory of a model shipped inside the package (`BUNDLED` names them)."""
   if name not in BUNDLED:
-    raise KeyError(f"no bundled face-recognition model {name!r}; bundled: {sorted(BUNDLED)}")
+    raise UnknownBundledModel(f"no bundled face-recognition model {name!r}; bundled: "
+                              f"{', '.join('bundled:' + n for n in sorted(BUNDLED))}")
   return ASSETS_DIR / BUNDLED[name]
 
 

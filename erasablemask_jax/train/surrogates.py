@@ -52,12 +52,12 @@ def load_surrogate(spec: str, input_crop: str = "none", image_size: int | None =
   views.check_input_crop(input_crop)
   source, _, mirror = spec.partition("@")
   if mirror not in VIEWS:
-    raise ValueError(f"surrogate {spec!r}: unknown view {mirror!r}; use one of {[v for v in VIEWS if v]} or none")
+    raise ValueError(f"FR model {spec!r}: unknown view {mirror!r}; use one of {[v for v in VIEWS if v]} or none")
   if source.startswith("bundled:"):
     recogniser = fr.load_bundled(source.removeprefix("bundled:"))
   else:
     if not pathlib.Path(source).is_dir():
-      raise FileNotFoundError(f"surrogate {spec!r}: no converted FR directory at {source}; convert a checkpoint with "
+      raise FileNotFoundError(f"FR model {spec!r}: no converted FR directory at {source}; convert a checkpoint with "
                               "`python -m tools.convert_torch_weights` or use bundled:mobilefacenet")
     recogniser = fr.load(source)
   return Surrogate(spec=spec, recogniser=recogniser, apply=views.view_apply(recogniser, input_crop, mirror == "flip"),
