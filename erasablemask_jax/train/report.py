@@ -143,4 +143,30 @@ def format_report(report: dict) -> str:
             for spec, e in report["surrogates"].items()]
   lines.append("LPIPS v0.1 (AlexNet): " + ", ".join(
       f"{pair} {availability.format_metric(availability.from_json(v))}" for pair, v in report["lpips_alex"].items()))
+  lines += ["", *verdict(report)]
   return "\n".join(lines)
+
+
+IRR_GOAL = 0.8  # the README's target for the demo: restored faces verify as the person for at least 80% of faces
+
+
+def verdict(report: dict) -> list[str]:
+  """Plain sentences on the two things a user judges: did protection move the faces toward the target, and does the
+  trusted authority get the person back (IRR against `IRR_GOAL`)."""
+  out = []
+  for spec, e in report["surrogates"].items():
+    c = e["mean_cos"]
+    moved = c["adv"] - c["clean"]
+    out.append(f"- {spec}: protection moved the cosine to the target by {moved:+.3f} ({c['clean']:.3f} clean -> "
+               f"{c['adv']:.3f} protected)" + (", toward the target." if moved > 0 else ", NOT toward the target."))
+    irr = e.get("irr", {}).get("rec")
+    if irr is None:
+      out.append(f"- {spec}: IRR n/a (no calibrated tau1 for this view), so identity recovery is not measured.")
+    elif irr >= IRR_GOAL:
+      out.append(f"- {spec}: the restored faces verify as the person for {100 * irr:.1f}% of faces (goal "
+                 f"{100 * IRR_GOAL:.0f}%).")
+    else:
+      out.append(f"- {spec}: IRR {100 * irr:.1f}% is below the {100 * IRR_GOAL:.0f}% goal: with this training budget "
+                 "a trusted authority could NOT verify most restored faces as the person. benchmarks/README.md "
+                 "('Transfer study') has the 128x128 evidence on three real FR models.")
+  return out

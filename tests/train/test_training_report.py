@@ -96,3 +96,22 @@ def test_format_report_has_the_source_columns(reported):
   rows = [line for line in text.splitlines() if line.startswith("| tiny")]
   assert len(rows) == 2 and all(row.count("|") == header.count("|") for row in rows)
   assert rows[1].count("n/a") == 7  # the uncalibrated surrogate has no rates
+
+
+def _entry(clean, adv, irr=None):
+  entry = {"mean_cos": {"clean": clean, "edit": clean, "adv": adv, "rec": clean}}
+  if irr is not None:
+    entry["irr"] = {"rec": irr}
+  return entry
+
+
+def test_verdict_says_plainly_when_the_authority_cannot_verify_the_restored_faces():
+  report = {"surrogates": {"good": _entry(0.05, 0.40, irr=6 / 7), "bad": _entry(0.05, 0.01, irr=2 / 7),
+                           "uncalibrated": _entry(0.05, 0.20)}}
+  good, good_irr, bad, bad_irr, unc, unc_irr = report_lib.verdict(report)
+  assert good == "- good: protection moved the cosine to the target by +0.350 (0.050 clean -> 0.400 protected), toward the target."
+  assert good_irr == "- good: the restored faces verify as the person for 85.7% of faces (goal 80%)."
+  assert bad.endswith("NOT toward the target.")
+  assert bad_irr.startswith("- bad: IRR 28.6% is below the 80% goal: ") and "could NOT verify" in bad_irr
+  assert "Transfer study" in bad_irr
+  assert unc.endswith("toward the target.") and "IRR n/a" in unc_irr
