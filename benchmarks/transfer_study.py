@@ -222,7 +222,7 @@ def curve(workdir: pathlib.Path) -> list[dict]:
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-  from erasablemask_jax.train.writer import to_uint8 as float_to_uint8
+  from erasablemask_jax.image_io import to_uint8 as float_to_uint8
   return float_to_uint8(x)
 
 
@@ -392,7 +392,7 @@ def figures(result: dict, out: pathlib.Path, images: dict | None) -> None:
   plt.close(fig)
   os.replace(tmp, out.with_suffix(".png"))
   if images is not None:
-    from erasablemask_jax.train.writer import save_image_grid
+    from erasablemask_jax.image_io import save_image_grid
     n = min(6, len(images["source"]))
     save_image_grid(out.with_name(out.stem + "_faces.png"),
                     [to_float(images[k][:n]) for k in ("source", "edit", "adv", "rec")])

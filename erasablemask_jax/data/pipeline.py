@@ -26,7 +26,7 @@ from PIL import Image
 
 from erasablemask_jax.data import builders
 from erasablemask_jax.data import global_batches
-from erasablemask_jax.data import images as images_lib
+from erasablemask_jax import image_io
 from erasablemask_jax.data import labels as labels_lib
 
 
@@ -213,22 +213,22 @@ def load_face_folder_arrays(folder: str | pathlib.Path, size: int, align: bool =
   folder = builders.resolve_manual_dir(folder)
   csv_path = folder / builders.ATTRIBUTES_CSV
   rows = labels_lib.read_attribute_csv(csv_path, require_attributes=False) if csv_path.is_file() else {}
-  report = images_lib.ImportReport()
+  report = image_io.ImportReport()
   out = {"image": [], "att": [], "identity": [], "file": []}
-  for path in images_lib.list_images(folder):
+  for path in image_io.list_images(folder):
     rel = str(path.relative_to(folder))
     report.read += 1
     try:
-      image = images_lib.read_image(path, rel, report)
+      image = image_io.read_image(path, rel, report)
       if align:
         from erasablemask_jax.align import pipeline as align_pipeline  # pylint: disable=g-import-not-at-top
         result = align_pipeline.align_image(image, size, "loose")
         if result is None:
-          raise images_lib.SkipImage("no face: MTCNN found no face")
+          raise image_io.SkipImage("no face: MTCNN found no face")
         image = result.crop
       else:
-        image = images_lib.square_resize(image, size)
-    except images_lib.SkipImage as e:
+        image = image_io.square_resize(image, size)
+    except image_io.SkipImage as e:
       report.skip(rel, str(e))
       continue
     att, identity = rows.get(rel, (np.zeros(labels_lib.NUM_ATTRIBUTES, np.float32), -1))

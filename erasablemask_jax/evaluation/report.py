@@ -7,7 +7,7 @@ within the set as in training), one target identity with images `x_t`:
   x_fgsm, x_pgd = FGSM / PGD (eps 4/255 on [0, 1]) against the run's surrogate ensemble (`metrics.recognition`)
 
 Every generated face is scored as published: x_edit, x_adv, x_fgsm, x_pgd and x_rec are rounded to uint8 (as the PNG
-`protect` writes, `train.writer.to_uint8`) before any FR model, transform or quality metric sees them, and R restores
+`protect` writes, `image_io.to_uint8`) before any FR model, transform or quality metric sees them, and R restores
 the rounded x_adv (its output rounded in turn).
 
 Per FR model f (white-box: one of the run's surrogates; black-box: any other), with L2-normalised embeddings and the
@@ -57,7 +57,7 @@ from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import batching
 from erasablemask_jax.metrics import quality
 from erasablemask_jax.metrics import recognition
-from erasablemask_jax.train.writer import to_uint8
+from erasablemask_jax.image_io import to_uint8
 
 log = logging.getLogger(__name__)
 

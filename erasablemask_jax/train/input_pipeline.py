@@ -129,10 +129,10 @@ def read_faces(path: str, image_size: int) -> np.ndarray:
   """uint8 `(N, S, S, 3)` from an image file or a folder of them (centre-cropped and resized)."""
   import pathlib
 
-  from erasablemask_jax.data import images as images_lib
+  from erasablemask_jax import image_io
 
   p = pathlib.Path(path)
-  files = images_lib.list_images(p) if p.is_dir() else [p]
+  files = image_io.list_images(p) if p.is_dir() else [p]
   if not files or not all(f.is_file() for f in files):
     raise FileNotFoundError(f"no face image at {path}; fr.target takes an image file, a folder, or 'identity:K'")
-  return np.stack([images_lib.square_resize(images_lib.read_image(f, str(f)), image_size) for f in files])
+  return np.stack([image_io.square_resize(image_io.read_image(f, str(f)), image_size) for f in files])

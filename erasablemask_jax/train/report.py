@@ -3,7 +3,7 @@
 For each surrogate and each face `x_cov` of the held-out split (or, without one, the first training batch), with
 `att_b` the held-out labels rolled by one face (a permutation, as in training):
 - the generated faces are scored as published: x_cov^{att_b} (attribute edit only) and x_adv are rounded to uint8
-  (`train.writer.to_uint8`, as `protect` writes the PNG), R restores the rounded x_adv, and x_rec is rounded too;
+  (`image_io.to_uint8`, as `protect` writes the PNG), R restores the rounded x_adv, and x_rec is rounded too;
 - `cos(FR(x), FR(x_target))` for x in {x_cov (clean), x_cov^{att_b}, x_adv, x_rec}, and `cos(FR(x), FR(x_cov))` for
   x in {x_cov^{att_b}, x_adv, x_rec}; with several target images, `cos(FR(x), FR(x_target))` is the mean of the
   per-target-image cosines (`e @ t` with the trainer's target `t`, the mean of their unit embeddings:
@@ -33,8 +33,8 @@ from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import lpips
 from erasablemask_jax.metrics import recognition
-from erasablemask_jax.train.writer import save_image_grid
-from erasablemask_jax.train.writer import to_uint8
+from erasablemask_jax.image_io import save_image_grid
+from erasablemask_jax.image_io import to_uint8
 
 IMAGES = ("clean", "edit", "adv", "rec")
 SOURCE_IMAGES = IMAGES[1:]  # compared with their source x_cov (the clean face is the source)

@@ -13,7 +13,7 @@ from erasablemask_jax.data import labels
 from erasablemask_jax.evaluation import attributes
 from erasablemask_jax.evaluation import inference
 from erasablemask_jax.evaluation import sidecar
-from erasablemask_jax.train.writer import to_uint8
+from erasablemask_jax.image_io import to_uint8
 
 FACES = ["deepface_img12.png", "deepface_img13.png", "deepface_img16.png", "facenet_paul_rudd.png"]
 
@@ -23,8 +23,8 @@ def _png(path) -> np.ndarray:
 
 
 def _square(path, size):
-  from erasablemask_jax.data import images
-  return images.square_resize(images.read_image(path), size)
+  from erasablemask_jax import image_io
+  return image_io.square_resize(image_io.read_image(path), size)
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,7 @@ def test_faces_are_scored_as_published_uint8(first, loaded_run):
   from erasablemask_jax.data.pipeline import load_face_folder_arrays
   from erasablemask_jax.evaluation import attributes as attributes_lib
   from erasablemask_jax.train.surrogates import load_surrogate
-  from erasablemask_jax.train.writer import to_uint8
+  from erasablemask_jax.image_io import to_uint8
   report = json.loads((first / "report.json").read_text())
   assert report["att_a_source"] == "attributes.csv"
   arrays = load_face_folder_arrays("bundled:sample_faces", loaded_run.image_size)

@@ -8,7 +8,7 @@ import pytest
 
 import tiny
 from erasablemask_jax import convert
-from erasablemask_jax.data import images as images_lib
+from erasablemask_jax import image_io
 from erasablemask_jax.train import report as report_lib
 from erasablemask_jax.train import trainer as trainer_lib
 from erasablemask_jax.train.input_pipeline import InMemorySource
@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 
 
 def _faces(folder: pathlib.Path, names, size):
-  return np.stack([images_lib.square_resize(images_lib.read_image(folder / n, n), size) for n in names])
+  return np.stack([image_io.square_resize(image_io.read_image(folder / n, n), size) for n in names])
 
 
 def test_short_stage2_run_raises_whitebox_cosine(assets_dir, tmp_path):

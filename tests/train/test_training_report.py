@@ -12,7 +12,7 @@ import tiny
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
 from erasablemask_jax.train import report as report_lib
 from erasablemask_jax.train import trainer as trainer_lib
-from erasablemask_jax.train.writer import to_uint8
+from erasablemask_jax.image_io import to_uint8
 
 THRESHOLDS = {"far_0.01": 0.5, "far_0.1": 0.3}
 
