@@ -54,7 +54,7 @@ from erasablemask_jax.attack import make_attack
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import steps as steps_lib
 from erasablemask_jax.train.state import begin_stage2, create_train_state, make_optimizer
-from erasablemask_jax.train.surrogates import Surrogate, load_surrogate, target_embeddings
+from erasablemask_jax.fr.surrogates import Surrogate, load_surrogate, target_embeddings
 
 STAGES = ("1", "2:meta_auxiliary", "2:first_order", "2:ensemble", "3")
 KINDS = ("meta_auxiliary", "first_order", "ensemble")

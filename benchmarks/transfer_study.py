@@ -251,7 +251,7 @@ class Scorer:
   def __init__(self, specs: dict[str, str], input_crop: str, image_size: int, target: np.ndarray, calibration: dict,
                tau1_far: float, tau2_far: float, bootstrap: int, seed: int):
     from erasablemask_jax.fr import views
-    from erasablemask_jax.train.surrogates import load_surrogate
+    from erasablemask_jax.fr.surrogates import load_surrogate
 
     self.surrogates = {name: load_surrogate(spec, input_crop) for name, spec in specs.items()}
     self.view = views.view_name(input_crop, image_size)
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
   from tqdm import tqdm
   from erasablemask_jax.data.pipeline import load_face_folder_arrays
   from erasablemask_jax.fr import views
-  from erasablemask_jax.train.input_pipeline import load_face_splits
+  from erasablemask_jax.data.faces import load_face_splits
 
   started = time.time()
   probe = base_config(settings, pathlib.Path("."), 0, [], [])

@@ -183,7 +183,7 @@ def test_no_folder_near_a_config_shadows_an_installed_library(tmp_path):
 
 
 def test_the_smoke_config_without_data_is_an_error_not_a_scan_of_the_current_folder(tmp_path, monkeypatch):
-  from erasablemask_jax.train.input_pipeline import load_face_splits  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.data.faces import load_face_splits  # pylint: disable=import-outside-toplevel
 
   monkeypatch.chdir(tmp_path)
   (tmp_path / "holiday.png").write_bytes(b"not read")

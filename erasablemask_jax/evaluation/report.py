@@ -48,16 +48,26 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from erasablemask_jax import fr
+from erasablemask_jax import noise
+from erasablemask_jax.data import builders
+from erasablemask_jax.data import faces as faces_lib
+from erasablemask_jax.data.pipeline import load_face_folder_arrays
 from erasablemask_jax.evaluation import attributes as attributes_lib
 from erasablemask_jax.evaluation import plots
 from erasablemask_jax.evaluation import sidecar as sidecar_lib
 from erasablemask_jax.evaluation.inference import Run
 from erasablemask_jax.evaluation.inference import to_model_input
+from erasablemask_jax.fr.surrogates import load_surrogate
+from erasablemask_jax.fr.surrogates import target_embeddings
+from erasablemask_jax.image_io import to_uint8
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import batching
+from erasablemask_jax.metrics import fid as fid_lib
+from erasablemask_jax.metrics import lpips as lpips_lib
 from erasablemask_jax.metrics import quality
 from erasablemask_jax.metrics import recognition
-from erasablemask_jax.image_io import to_uint8
+from erasablemask_jax.metrics import remote
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +85,7 @@ class EvalModel:
   Attributes:
     key: its unique name in the tables and file names.
     spec: as given (`DIR` or `bundled:NAME`).
-    surrogate: the embedding function of faces at the generator's resolution (`train.surrogates.Surrogate`).
+    surrogate: the embedding function of faces at the generator's resolution (`fr.surrogates.Surrogate`).
     whitebox: one of the run's training surrogates.
     tau1: ASR threshold, or None when there is none at `fr.tau1_far` (`thresholds`).
     tau2: ESR threshold, or None.
@@ -98,18 +108,14 @@ class EvalModel:
 
 @functools.lru_cache(maxsize=16)
 def _load_surrogate(spec: str, input_crop: str, image_size: int):
-  """`train.surrogates.load_surrogate`, memoised: a model scored and attacked in one process is loaded (and its
+  """`fr.surrogates.load_surrogate`, memoised: a model scored and attacked in one process is loaded (and its
   jitted functions compiled) once."""
-  from erasablemask_jax.train.surrogates import load_surrogate  # pylint: disable=import-outside-toplevel
-
   return load_surrogate(spec, input_crop, image_size)
 
 
 def _source_id(spec: str) -> str:
   source = spec.partition("@")[0]
   if source.startswith("bundled:"):
-    from erasablemask_jax import fr  # pylint: disable=import-outside-toplevel
-
     return str(fr.bundled_dir(source.removeprefix("bundled:")).resolve())
   return str(pathlib.Path(source).resolve())
 
@@ -206,35 +212,22 @@ def _table2_rows(cos: dict[str, np.ndarray], src: dict[str, np.ndarray], m: Eval
 
 def _faces(run: Run, data_dir: str, target: str, identities: Sequence[int] | None, max_faces: int | None):
   """Evaluation faces {image, att, file, identity} and target images (uint8), from the folder and the target spec."""
-  from erasablemask_jax.data.pipeline import load_face_folder_arrays  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.train.input_pipeline import read_faces  # pylint: disable=import-outside-toplevel
 
-  arrays = load_face_folder_arrays(data_dir, run.image_size)
-  keep = np.ones(len(arrays["file"]), bool)
-  if target.startswith("identity:"):
-    target_id = int(target.split(":", 1)[1])
-    mask = arrays["identity"] == target_id
-    if not mask.any():
-      raise ValueError(f"target {target!r}: no face of identity {target_id} in {data_dir}; pass --target IMAGE|DIR")
-    target_images = arrays["image"][mask]
-    keep &= ~mask
-  elif target:
-    target_images = read_faces(target, run.image_size)
-  else:
+  if not target:
     raise ValueError("no target identity: the run's config has no fr.target; pass --target IMAGE|DIR|identity:K")
+  arrays = load_face_folder_arrays(data_dir, run.image_size)
+  target_images, target_mask = faces_lib.target_faces(target, arrays, run.image_size, data_dir)
+  keep = ~target_mask
   if identities:
     keep &= np.isin(arrays["identity"], np.asarray(identities))
   index = np.flatnonzero(keep)[:max_faces] if max_faces else np.flatnonzero(keep)
   if len(index) < 2:
     raise ValueError(f"{len(index)} evaluation face(s) left in {data_dir} after removing the target identity and "
                      "filtering; the report needs at least 2")
-  faces = {"image": arrays["image"][index], "att": arrays["att"][index],
-           "file": [arrays["file"][i] for i in index], "identity": arrays["identity"][index]}
-  return faces, target_images
+  return faces_lib.subset(arrays, index), target_images
 
 
 def _faces_att_a(run: Run, data_dir: str, faces: dict) -> tuple[np.ndarray, str]:
-  from erasablemask_jax.data import builders  # pylint: disable=import-outside-toplevel
 
   folder = builders.resolve_manual_dir(data_dir)
   if (folder / "attributes.csv").is_file():
@@ -249,14 +242,13 @@ def attack_baselines(x: np.ndarray, x_t: np.ndarray, surrogates: Sequence[Any], 
   Args:
     x: float [N, S, S, 3] faces in [-1, 1].
     x_t: float [M, S, S, 3] target images; each surrogate's target is the mean of their unit embeddings.
-    surrogates: `train.surrogates.Surrogate`s (their `apply` sees the faces as the attack did).
+    surrogates: `fr.surrogates.Surrogate`s (their `apply` sees the faces as the attack did).
     pgd_steps: PGD iterations (step `2.5 eps / steps`, started at x).
     epsilon: L_inf budget on [-1, 1].
 
   Returns:
     {"fgsm": x_fgsm, "pgd": x_pgd}, numpy float32.
   """
-  from erasablemask_jax.train.surrogates import target_embeddings  # pylint: disable=import-outside-toplevel
 
   targets = target_embeddings(surrogates, x_t)
   fns = [jax.tree_util.Partial(s.apply, s.variables) for s in surrogates]
@@ -275,7 +267,6 @@ def _baselines(run: Run, x: np.ndarray, x_t: np.ndarray, surrogate_specs: Sequen
 
 
 def _transformed(run: Run, x_adv: np.ndarray, att_a: np.ndarray, transforms: Sequence[str], seed: int):
-  from erasablemask_jax import noise  # pylint: disable=import-outside-toplevel
 
   out = {}
   for i, name in enumerate(transforms):
@@ -290,8 +281,6 @@ def _transformed(run: Run, x_adv: np.ndarray, att_a: np.ndarray, transforms: Seq
 
 
 def _quality(images: dict[str, np.ndarray], lpips_weights, lpips_net: str, fid_weights) -> dict[str, dict]:
-  from erasablemask_jax.metrics import fid as fid_lib  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.metrics import lpips as lpips_lib  # pylint: disable=import-outside-toplevel
 
   lpips_metric = lpips_lib.load_lpips(lpips_net, lpips_weights)  # no weights given: the `metrics` extra's
   inception = fid_lib.load_inception(fid_weights)
@@ -403,7 +392,6 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
       "table6": _quality(images, lpips_weights, lpips_net, fid_weights),
   }
   if remote_client is None and remote_url:
-    from erasablemask_jax.metrics import remote  # pylint: disable=import-outside-toplevel
     remote_client = remote.RemoteFaceCompare(remote_url, max_requests_per_s=remote_rate)
   if remote_client is not None:
     report["remote"] = _remote(remote_client, images, x_t)

@@ -7,7 +7,7 @@ For each surrogate and each face `x_cov` of the held-out split (or, without one,
 - `cos(FR(x), FR(x_target))` for x in {x_cov (clean), x_cov^{att_b}, x_adv, x_rec}, and `cos(FR(x), FR(x_cov))` for
   x in {x_cov^{att_b}, x_adv, x_rec}; with several target images, `cos(FR(x), FR(x_target))` is the mean of the
   per-target-image cosines (`e @ t` with the trainer's target `t`, the mean of their unit embeddings:
-  `train.surrogates.target_embeddings`);
+  `fr.surrogates.target_embeddings`);
 - ASR = fraction above tau1 (the model's calibrated threshold at `fr.tau1_far`), ESR = fraction of restored faces below
   tau2 (at `fr.tau2_far`), with the same rates for the clean and edited baselines; SMR = fraction of protected (and
   edited) faces whose cosine to their own source is above tau1 (lower: more private), IRR = the same fraction of

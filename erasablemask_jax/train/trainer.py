@@ -45,9 +45,10 @@ from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import lock as lock_lib
 from erasablemask_jax.train import resume as resume_lib
 from erasablemask_jax.train import steps as steps_lib
-from erasablemask_jax.train.input_pipeline import InMemorySource, load_face_splits, read_faces
+from erasablemask_jax.data.faces import load_face_splits, read_faces
+from erasablemask_jax.train.input_pipeline import InMemorySource
 from erasablemask_jax.train.state import TrainState, begin_stage2, create_train_state, make_optimizer
-from erasablemask_jax.train.surrogates import Surrogate, load_surrogate, target_embeddings
+from erasablemask_jax.fr.surrogates import Surrogate, load_surrogate, target_embeddings
 from erasablemask_jax.image_io import save_image_grid
 from erasablemask_jax.train.writer import MetricWriter
 

@@ -135,7 +135,7 @@ def test_rates_recomputed_from_saved_embeddings(first):
 
 def test_clean_embeddings_are_the_models_own(first, loaded_run):
   from erasablemask_jax.data.pipeline import load_face_folder_arrays
-  from erasablemask_jax.train.surrogates import load_surrogate
+  from erasablemask_jax.fr.surrogates import load_surrogate
   report = json.loads((first / "report.json").read_text())
   arrays = load_face_folder_arrays("bundled:sample_faces", loaded_run.image_size)
   index = [arrays["file"].index(f) for f in report["faces"]]
@@ -149,7 +149,7 @@ def test_faces_are_scored_as_published_uint8(first, loaded_run):
   """x_adv is rounded to uint8 before FR and R; x_rec = round(R(round(x_adv))), as `protect` then `erase` would."""
   from erasablemask_jax.data.pipeline import load_face_folder_arrays
   from erasablemask_jax.evaluation import attributes as attributes_lib
-  from erasablemask_jax.train.surrogates import load_surrogate
+  from erasablemask_jax.fr.surrogates import load_surrogate
   from erasablemask_jax.image_io import to_uint8
   report = json.loads((first / "report.json").read_text())
   assert report["att_a_source"] == "attributes.csv"

@@ -16,8 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from erasablemask_jax import fr
 from erasablemask_jax.fr import views
+from erasablemask_jax.fr.recogniser import Recogniser, load, load_bundled
 
 VIEWS = ("", "flip")
 INPUT_CROPS = views.INPUT_CROPS
@@ -34,7 +34,7 @@ class Surrogate:
   """
 
   spec: str
-  recogniser: fr.Recogniser
+  recogniser: Recogniser
   apply: Callable[[Any, jax.Array], jax.Array]
   view: str | None = None  # `fr.views.view_name(input_crop, image_size)`; None when the image size was not given
 
@@ -54,12 +54,12 @@ def load_surrogate(spec: str, input_crop: str = "none", image_size: int | None =
   if mirror not in VIEWS:
     raise ValueError(f"surrogate {spec!r}: unknown view {mirror!r}; use one of {[v for v in VIEWS if v]} or none")
   if source.startswith("bundled:"):
-    recogniser = fr.load_bundled(source.removeprefix("bundled:"))
+    recogniser = load_bundled(source.removeprefix("bundled:"))
   else:
     if not pathlib.Path(source).is_dir():
       raise FileNotFoundError(f"surrogate {spec!r}: no converted FR directory at {source}; convert a checkpoint with "
                               "`python -m tools.convert_torch_weights` or use bundled:mobilefacenet")
-    recogniser = fr.load(source)
+    recogniser = load(source)
   return Surrogate(spec=spec, recogniser=recogniser, apply=views.view_apply(recogniser, input_crop, mirror == "flip"),
                    view=views.view_name(input_crop, image_size) if image_size else None)
 
