@@ -37,11 +37,12 @@ def run(args) -> int:
   from erasablemask_jax.convert import CheckpointError, ModelDirError
   from erasablemask_jax.data.labels import LabelFileError
   from erasablemask_jax.train import lock as lock_lib
+  from erasablemask_jax.train import mesh as mesh_lib
   from erasablemask_jax.train import report as report_lib
   from erasablemask_jax.train import resume as resume_lib
   from erasablemask_jax.train import trainer as trainer_lib
 
-  trainer_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   try:
     with lock_lib.workdir_lock(args.workdir, enabled=jax.process_index() == 0):
       resume_lib.check_resume_config(args.workdir, config, args.allow_config_change)
