@@ -227,7 +227,7 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def to_float(x: np.ndarray) -> np.ndarray:
-  from erasablemask_jax.evaluation.inference import to_model_input
+  from erasablemask_jax.inference.run import to_model_input
   return to_model_input(x)
 
 
@@ -321,7 +321,7 @@ def per_model(scorer: Scorer, whitebox: list[str], source, adv, rec, restore=Non
 
 def evaluate_run(workdir: pathlib.Path, scorer: Scorer, eval_faces: dict, whitebox: list[str]) -> tuple[dict, dict]:
   """Protect -> uint8 -> restore -> uint8 on the held-out faces; every FR model's rates. Returns (entry, images)."""
-  from erasablemask_jax.evaluation.inference import load_run
+  from erasablemask_jax.inference.run import load_run
   from erasablemask_jax.evaluation.report import protect_and_restore
   from erasablemask_jax.evaluation.report import published
 
@@ -340,7 +340,7 @@ def evaluate_run(workdir: pathlib.Path, scorer: Scorer, eval_faces: dict, whiteb
 def baselines(stage1_dir: pathlib.Path, scorer: Scorer, eval_faces: dict, whitebox: list[str], pgd_steps: int,
               seed: int) -> dict[str, dict]:
   """Clean faces, the attribute edit of the stage-1 G, and FGSM / PGD at 4/255 against the white-box surrogates."""
-  from erasablemask_jax.evaluation.inference import load_run
+  from erasablemask_jax.inference.run import load_run
   from erasablemask_jax.metrics import recognition
 
   source = eval_faces["image"]

@@ -60,9 +60,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-  from erasablemask_jax.evaluation import attributes  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax import inference  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.inference import attributes  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.metrics import remote  # pylint: disable=import-outside-toplevel
 
   client = None

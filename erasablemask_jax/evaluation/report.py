@@ -53,14 +53,14 @@ from erasablemask_jax import noise
 from erasablemask_jax.data import builders
 from erasablemask_jax.data import faces as faces_lib
 from erasablemask_jax.data.pipeline import load_face_folder_arrays
-from erasablemask_jax.evaluation import attributes as attributes_lib
 from erasablemask_jax.evaluation import plots
-from erasablemask_jax.evaluation import sidecar as sidecar_lib
-from erasablemask_jax.evaluation.inference import Run
-from erasablemask_jax.evaluation.inference import to_model_input
 from erasablemask_jax.fr.surrogates import load_surrogate
 from erasablemask_jax.fr.surrogates import target_embeddings
 from erasablemask_jax.image_io import to_uint8
+from erasablemask_jax.inference import attributes as attributes_lib
+from erasablemask_jax.inference import sidecar as sidecar_lib
+from erasablemask_jax.inference.run import Run
+from erasablemask_jax.inference.run import to_model_input
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import batching
 from erasablemask_jax.metrics import fid as fid_lib
@@ -314,19 +314,30 @@ def _remote(client, images: dict[str, np.ndarray], x_t: np.ndarray) -> dict[str,
   return out
 
 
-def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str | os.PathLike[str], *,
-             transforms: Sequence[str] | None = None, seed: int = 0, attrs: str = "roll", target: str | None = None,
-             identities: Sequence[int] | None = None, max_faces: int | None = None,
-             surrogates: Sequence[str] | None = None, pgd_steps: int = 20, epsilon: float = recognition.EPSILON,
-             lpips_weights=None, lpips_net: str = "alex", fid_weights=None, remote_url: str | None = None,
-             remote_rate: float | None = 2.0, remote_client=None) -> dict[str, Any]:
+def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str | os.PathLike[str],
+             **options) -> dict[str, Any]:
   """Computes the report (module docstring) and writes it to `out_dir`; returns the JSON-ready dict.
+
+  `compute_tables(run, data_dir, models, **options)` then `write_report(out_dir, tables)`; `out_dir` is the report
+  folder (created; existing report files are replaced).
+  """
+  tables = compute_tables(run, data_dir, models, **options)
+  write_report(out_dir, tables)
+  return tables["report"]
+
+
+def compute_tables(run: Run, data_dir: str, models: Sequence[EvalModel], *, transforms: Sequence[str] | None = None,
+                   seed: int = 0, attrs: str = "roll", target: str | None = None,
+                   identities: Sequence[int] | None = None, max_faces: int | None = None,
+                   surrogates: Sequence[str] | None = None, pgd_steps: int = 20, epsilon: float = recognition.EPSILON,
+                   lpips_weights=None, lpips_net: str = "alex", fid_weights=None, remote_url: str | None = None,
+                   remote_rate: float | None = 2.0, remote_client=None) -> dict[str, Any]:
+  """Tables II, V and VI (module docstring) for a run; nothing is written.
 
   Args:
     run: the loaded run.
     data_dir: evaluation face folder (with `attributes.csv` and identities), or `bundled:sample_faces`.
     models: FR models to score (`load_eval_models`).
-    out_dir: report folder (created; existing report files are replaced).
     transforms: Table V transform names (default: the run's `noise.eval_transforms`).
     seed: seeds the random transforms.
     attrs: att_b spec (`attributes` module).
@@ -341,9 +352,12 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
     remote_url: score clean, protected and restored faces through this face-compare endpoint too.
     remote_rate: the remote client's request rate limit (None: unlimited).
     remote_client: a ready `metrics.remote.RemoteFaceCompare` (a preset such as Face++) instead of `remote_url`.
+
+  Returns:
+    `{"report": the JSON-ready tables, "images": the published faces by kind (float [-1, 1]), "embeddings": {model
+    key: {name: array}} (each model's embeddings of every kind, its target embeddings and thresholds)}`.
   """
   config = run.config
-  out_dir = pathlib.Path(out_dir)
   transforms = tuple(config.noise.eval_transforms if transforms is None else transforms)
   target = str(config.fr.target) if target is None else target
   faces, target_images = _faces(run, data_dir, target, identities, max_faces)
@@ -356,8 +370,7 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
   images.update({k: published(v) for k, v in baselines.items() if not isinstance(v, availability.Unavailable)})
   robust = _transformed(run, images["adv"], att_a, transforms, seed)
 
-  (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
-  table2, table5, model_info = {}, {}, {}
+  table2, table5, model_info, embeddings = {}, {}, {}, {}
   for m in models:
     emb = {k: _embed(m, v) for k, v in images.items()}
     for name, r in robust.items():
@@ -379,9 +392,8 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
                          "view": m.view, "thresholds": {k: None if t is None else t.to_json()
                                                         for k, t in m.thresholds.items()},
                          "embeddings": f"embeddings/{m.key}.npz"}
-    np.savez(out_dir / "embeddings" / f"{m.key}.npz", target=target_emb,
-             tau1=np.float64(np.nan if m.tau1 is None else m.tau1),
-             tau2=np.float64(np.nan if m.tau2 is None else m.tau2), **emb)
+    embeddings[m.key] = {"target": target_emb, "tau1": np.float64(np.nan if m.tau1 is None else m.tau1),
+                         "tau2": np.float64(np.nan if m.tau2 is None else m.tau2), **emb}
 
   report = {
       "run": run.checkpoint_info(), "data": str(data_dir), "faces": faces["file"], "target": target,
@@ -395,11 +407,19 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
     remote_client = remote.RemoteFaceCompare(remote_url, max_requests_per_s=remote_rate)
   if remote_client is not None:
     report["remote"] = _remote(remote_client, images, x_t)
-  report = _jsonable(report)
+  return {"report": _jsonable(report), "images": images, "embeddings": embeddings}
+
+
+def write_report(out_dir: str | os.PathLike[str], tables: dict[str, Any]) -> None:
+  """Writes `compute_tables`'s result to `out_dir`: report.json, report.md, the figures and embeddings/<model>.npz."""
+  out_dir = pathlib.Path(out_dir)
+  (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
+  for key, arrays in tables["embeddings"].items():
+    np.savez(out_dir / "embeddings" / f"{key}.npz", **arrays)
+  report = tables["report"]
   sidecar_lib.write_json_atomic(out_dir / "report.json", report)
   sidecar_lib.write_bytes_atomic(out_dir / "report.md", format_markdown(report).encode("utf-8"))
-  _figures(out_dir, images, report)
-  return report
+  _figures(out_dir, tables["images"], report)
 
 
 def _jsonable(value):

@@ -148,7 +148,7 @@ def test_clean_embeddings_are_the_models_own(first, loaded_run):
 def test_faces_are_scored_as_published_uint8(first, loaded_run):
   """x_adv is rounded to uint8 before FR and R; x_rec = round(R(round(x_adv))), as `protect` then `erase` would."""
   from erasablemask_jax.data.pipeline import load_face_folder_arrays
-  from erasablemask_jax.evaluation import attributes as attributes_lib
+  from erasablemask_jax.inference import attributes as attributes_lib
   from erasablemask_jax.fr.surrogates import load_surrogate
   from erasablemask_jax.image_io import to_uint8
   report = json.loads((first / "report.json").read_text())

@@ -22,11 +22,11 @@ import numpy as np
 
 from erasablemask_jax import image_io
 from erasablemask_jax.data import labels as labels_lib
-from erasablemask_jax.evaluation import attributes as attributes_lib
-from erasablemask_jax.evaluation import sidecar as sidecar_lib
-from erasablemask_jax.evaluation.inference import Run
-from erasablemask_jax.evaluation.inference import to_model_input
 from erasablemask_jax.image_io import to_uint8
+from erasablemask_jax.inference import attributes as attributes_lib
+from erasablemask_jax.inference import sidecar as sidecar_lib
+from erasablemask_jax.inference.run import Run
+from erasablemask_jax.inference.run import to_model_input
 
 log = logging.getLogger(__name__)
 
