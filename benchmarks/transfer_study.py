@@ -183,8 +183,7 @@ def train_run(config, workdir: pathlib.Path, stage1_dir: pathlib.Path, kind: str
     os.replace(tmp, workdir)
   config = config.copy_and_resolve_references()
   config.unlock()
-  config.attack.kind = "ensemble" if kind == "ensemble" else "meta_auxiliary"
-  config.attack.first_order = kind == "first_order"
+  config.attack.kind = kind
   config.lock()
   start = time.perf_counter()
   Trainer(config, workdir).run()

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from erasablemask_jax.config import upgrade_legacy
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train.state import TrainState, create_train_state, make_optimizer
 
@@ -52,7 +53,7 @@ def restore_run(workdir: str | os.PathLike[str], step: int | None = None):
   config_path = workdir / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"{workdir} is not a training run (no config.json); pass the --workdir used for training")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  config = ml_collections.ConfigDict(upgrade_legacy(json.loads(config_path.read_text())))
   manager = checkpoint_manager(workdir)
   step = manager.latest_step() if step is None else step
   if step is None:

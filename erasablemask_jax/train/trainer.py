@@ -35,7 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from erasablemask_jax.attack import end_epoch, make_attack
+from erasablemask_jax import attack as attack_lib
+from erasablemask_jax.attack import end_epoch
 from erasablemask_jax.config import ConfigError
 from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
@@ -193,15 +194,10 @@ class Trainer:
       self.fr_vars = jax.device_put([s.variables for s in self.surrogates], self.replicated)
     else:
       self.targets, self.fr_vars = [], []
-    lr_inner = config.attack.lr_inner if config.attack.lr_inner >= 0 else config.optim.lr
-    kind = config.attack.kind
-    if kind == "meta_auxiliary" and config.attack.first_order:
-      kind = "first_order"
-    if kind != "ensemble" and len(self.surrogates) == 1:
+    if config.attack.kind != "ensemble" and len(self.surrogates) == 1:
       raise ConfigError("the meta-auxiliary attack needs at least 2 surrogates (fr.surrogates); add one, a '@flip' "
                         "view of one, or set attack.kind='ensemble'")
-    attack = (make_attack(kind, lr_inner=lr_inner, epsilon=config.loss.epsilon, primaries=config.attack.primaries)
-              if self.surrogates else None)
+    attack = attack_lib.from_config(config.attack, config.loss.epsilon) if self.surrogates else None
     noise = _make_noise(config.noise.train_pool, config.noise.jpeg_rounding)
     self.step_config = steps_lib.StepConfig(models=self.models, tx=self.tx, loss=config.loss,
                                             fr_applies=tuple(s.apply for s in self.surrogates), attack=attack,
