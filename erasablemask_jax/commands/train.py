@@ -56,6 +56,8 @@ def run(args) -> int:
     print(f"erasablemask train: {e}", file=sys.stderr)
     return 1
   if not args.no_report and jax.process_index() == 0 and trainer.surrogates:
-    print(report_lib.format_report(report_lib.whitebox_report(trainer, state)))
+    report = report_lib.whitebox_report(trainer.models, state, trainer.surrogates, trainer.targets,
+                                        config=trainer.config, workdir=trainer.workdir, **trainer.report_faces())
+    print(report_lib.format_report(report))
   print(_outputs.outputs_line("train", args.workdir, OUTPUTS))
   return 0

@@ -125,7 +125,6 @@ def load_eval_models(fr_specs: Sequence[str], blackbox_specs: Sequence[str], con
   """Loads the FR models to score; `fr_specs` are white-box when the run trained against them, `blackbox_specs`
   are always marked black-box. Each sees faces through `config.fr.input_crop`, as the attack did, and takes its
   thresholds for that view (`threshold_source`, default the run's `fr.threshold_source`: `fr.thresholds.lookup`)."""
-  source = threshold_source or config.fr.get("threshold_source", "calibrated")
   trained = set()
   for s in config.fr.surrogates:
     try:
@@ -140,8 +139,7 @@ def load_eval_models(fr_specs: Sequence[str], blackbox_specs: Sequence[str], con
     while key in keys:
       key += "'"
     keys.add(key)
-    found = {name: recogniser.find_threshold(config.fr[f"{name}_far"], surrogate.view, source)
-             for name in ("tau1", "tau2")}
+    found = surrogate.taus(config.fr, threshold_source)
     for name, t in found.items():
       if t is None:
         log.warning("%s has no threshold at FAR %g for view %s (views calibrated: %s): its rates that need %s are "

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from erasablemask_jax.fr import thresholds
 from erasablemask_jax.fr import views
 from erasablemask_jax.fr.recogniser import Recogniser, load, load_bundled
 
@@ -30,7 +31,7 @@ class Surrogate:
   """A face-recognition network as the attack sees it: a pure `apply(variables, x_in_minus1_1) -> embeddings`.
 
   `view` names the crop and resize of the generator's output it scores; the reports take its thresholds from that
-  view (`recogniser.find_threshold(far, view)`).
+  view (`taus`).
   """
 
   spec: str
@@ -41,6 +42,10 @@ class Surrogate:
   @property
   def variables(self):
     return self.recogniser.variables
+
+  def taus(self, fr_config, source: str | None = None) -> dict[str, thresholds.Threshold | None]:
+    """tau1 and tau2 of `fr_config` for the view this surrogate scores (`fr.thresholds.taus`)."""
+    return thresholds.taus(self.recogniser.card, fr_config, self.view, source)
 
   def embed(self, images_minus1_1: jax.Array) -> jax.Array:
     return jax.jit(self.apply)(self.variables, images_minus1_1)

@@ -203,6 +203,7 @@ class Trainer:
                                             fr_applies=tuple(s.apply for s in self.surrogates), attack=attack,
                                             noise=noise)
     self._steps = {}
+    self._sample_images = jax.jit(functools.partial(steps_lib.sample_images, self.models))  # traced once per run
     self.checkpoints = checkpoint_lib.checkpoint_manager(
         self.workdir, ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints_to_keep, create=True))
     self.writer = MetricWriter(self.workdir, enabled=self.is_chief)
@@ -238,6 +239,14 @@ class Trainer:
     self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         data=ocp.args.JsonSave(self.source.get_state())), force=True)
     self.checkpoints.wait_until_finished()
+
+  def report_faces(self) -> dict[str, Any]:
+    """The closing report's faces: `{"images", "att_a", "split"}`, the held-out split when there is one, else the
+    first training batch (`report.whitebox_report`'s arguments)."""
+    if self.splits is not None and len(self.splits.eval["image"]) > 0:
+      return {"images": self.splits.eval["image"], "att_a": self.splits.eval["att"], "split": "held-out"}
+    batch = next(self.source)
+    return {"images": batch["image"], "att_a": batch["att_a"], "split": "training batch"}
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
@@ -325,7 +334,7 @@ class Trainer:
 
   def _write_samples(self, state: TrainState, sample_batch, step: int) -> None:
     batch = _prepare({k: jnp.asarray(v) for k, v in sample_batch.items() if k != "identity"})
-    columns = jax.jit(functools.partial(steps_lib.sample_images, self.models))(state, batch)
+    columns = self._sample_images(state, batch)
     save_image_grid(self.workdir / "samples" / f"step_{step:07d}.png",
                     [np.asarray(columns[k]) for k in ("x_cov", "x_edit", "x_adv", "x_rec")])
 

@@ -39,7 +39,8 @@ def test_short_stage2_run_raises_whitebox_cosine(assets_dir, tmp_path):
   surrogates = [load_surrogate("bundled:mobilefacenet"), load_surrogate(str(xiao_dir))]
   trainer = trainer_lib.Trainer(config, tmp_path / "run", source=source, surrogates=surrogates, target_images=target)
   state = trainer.run()
-  report = report_lib.whitebox_report(trainer, state)
+  report = report_lib.whitebox_report(trainer.models, state, trainer.surrogates, trainer.targets,
+                                      config=trainer.config, workdir=trainer.workdir, **trainer.report_faces())
   gains = {spec: e["mean_cos"]["adv"] - e["mean_cos"]["clean"] for spec, e in report["surrogates"].items()}
   print({spec: e["mean_cos"] for spec, e in report["surrogates"].items()})
   # Only L_adv (and the L_perb hinge) drives E_adv here, so the gains are the attack's. An attack that is broken or

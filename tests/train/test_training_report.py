@@ -31,7 +31,9 @@ def reported(tmp_path_factory):
   trainer = trainer_lib.Trainer(config, tmp_path_factory.mktemp("run"), source=tiny.tiny_source(config, n=8),
                                 surrogates=surrogates, target_images=tiny.tiny_target(config))
   state = trainer.init_state()
-  return trainer, state, report_lib.whitebox_report(trainer, state)
+  report = report_lib.whitebox_report(trainer.models, state, trainer.surrogates, trainer.targets,
+                                      config=trainer.config, workdir=trainer.workdir, **trainer.report_faces())
+  return trainer, state, report
 
 
 def _on_uint8_grid(x):
