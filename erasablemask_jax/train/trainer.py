@@ -47,7 +47,7 @@ from erasablemask_jax.train import mesh as mesh_lib
 from erasablemask_jax.train import resume as resume_lib
 from erasablemask_jax.train import steps as steps_lib
 from erasablemask_jax.data.faces import load_face_splits, read_faces
-from erasablemask_jax.train.input_pipeline import InMemorySource
+from erasablemask_jax.data.sources import make_source
 from erasablemask_jax.train.state import TrainState, begin_stage2, make_optimizer
 from erasablemask_jax.fr.surrogates import Surrogate, load_surrogate, target_embeddings
 from erasablemask_jax.image_io import save_image_grid
@@ -98,49 +98,6 @@ class Schedule:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Setup pieces.
-
-class GrainSource:
-  """Adapts `erasablemask_jax.data.pipeline.make_train_iterator` (tfds builders, large data) to the trainer: this
-  host's slice of each global batch, att_b permuted over the global batch, the same batches on any number of hosts."""
-
-  def __init__(self, data_config, image_size: int, process_index: int, process_count: int):
-    from erasablemask_jax.data import pipeline
-
-    per_host = data_config.batch_size // process_count
-    source = pipeline.open_source(data_config.data_dir, "train")
-    self.steps_per_epoch = len(source) // process_count // per_host
-    self._it = pipeline.make_train_iterator(
-        data_config.data_dir, batch_size=per_host, seed=data_config.shuffle_seed, image_size=image_size,
-        flip=data_config.flip, process_index=process_index, process_count=process_count,
-        worker_count=data_config.worker_count)
-
-  def __next__(self):
-    return next(self._it)
-
-  def get_state(self) -> dict[str, str]:
-    state = self._it.get_state()
-    return {"grain": state.decode() if isinstance(state, bytes) else state}
-
-  def set_state(self, state: dict[str, str]) -> None:
-    self._it.set_state(state["grain"].encode())
-
-
-def make_source(config, process_index: int, process_count: int, train_arrays=None):
-  """The training data of `config.data` as a host-local batch iterator.
-
-  `data.data_dir` set: a prepared tfds builder read through grain (each host reads its slice of every global batch).
-  Otherwise the in-memory folder `data.manual_dir` (split by `load_face_splits`). Both serve the `data.global_batches`
-  sequence, so the global batches are independent of the number of hosts and devices.
-  """
-  if config.data.data_dir:
-    return GrainSource(config.data, config.image_size, process_index, process_count)
-  if train_arrays is None:
-    train_arrays = load_face_splits(config.data, config.fr, config.image_size).train
-  return InMemorySource(images=train_arrays["image"], attributes=train_arrays["att"],
-                        identity=train_arrays["identity"], global_batch_size=config.data.batch_size,
-                        seed=config.data.shuffle_seed, flip=config.data.flip, process_index=process_index,
-                        process_count=process_count)
-
 
 def _prepare(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {"image": uint8_to_minus1_1(batch["image"]), "att_a": batch["att_a"], "att_b": batch["att_b"]}

@@ -11,7 +11,7 @@ from erasablemask_jax import convert
 from erasablemask_jax import image_io
 from erasablemask_jax.train import report as report_lib
 from erasablemask_jax.train import trainer as trainer_lib
-from erasablemask_jax.train.input_pipeline import InMemorySource
+from erasablemask_jax.data.sources import InMemorySource
 from erasablemask_jax.fr.surrogates import load_surrogate
 
 pytest.importorskip("torch")

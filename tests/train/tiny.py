@@ -11,7 +11,7 @@ import numpy as np
 
 from configs import smoke
 from erasablemask_jax import fr
-from erasablemask_jax.train.input_pipeline import InMemorySource
+from erasablemask_jax.data.sources import InMemorySource
 from erasablemask_jax.fr.surrogates import Surrogate
 
 

@@ -1,13 +1,14 @@
-"""Batches for the trainer: host-local slices of one seeded global batch sequence, with a resumable position.
+"""The trainer's data: host-local slices of one seeded global batch sequence, with a resumable position.
 
-`InMemorySource` serves small sets that fit in host memory (the bundled sample, the shared test faces, a user's
-folder). Every host computes the same global batch sequence (`data.global_batches`: the order `permutation(seed,
-epoch)`, flips and `att_b`, a permutation of `att_a` within the global batch, AttGAN's scheme, drawn from `(seed, epoch,
-batch index)`) and takes its own contiguous slice of each global batch, so a run's global batches are the same on 1 host
-or many, and on 1 device or many. Its state is two integers; the trainer checkpoints it beside the train state so a
+`make_source(config, ...)` picks one of two sources, which serve the same sequence: `InMemorySource` for small sets
+that fit in host memory (the bundled sample, the shared test faces, a user's folder: `data.faces`), `GrainSource` for a
+prepared tfds builder (large data, read with grain by `data.pipeline`).
+
+`InMemorySource`: every host computes the same global batch sequence (`data.global_batches`: the order
+`permutation(seed, epoch)`, flips and `att_b`, a permutation of `att_a` within the global batch, AttGAN's scheme, drawn
+from `(seed, epoch, batch index)`) and takes its own contiguous slice of each global batch, so a run's global batches
+are the same on 1 host or many, and on 1 device or many. Its state is two integers; the trainer checkpoints it beside the train state so a
 resumed run sees the same data.
-
-Large datasets go through the tfds/grain pipeline of `erasablemask_jax.data`, which serves the same sequence.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import dataclasses
 import numpy as np
 
 from erasablemask_jax.data import global_batches
+from erasablemask_jax.data import pipeline
+from erasablemask_jax.data.faces import load_face_splits
 
 
 @dataclasses.dataclass
@@ -88,3 +91,43 @@ class InMemorySource:
     return {"image": images, "att_a": att_a[local], "att_b": att_b[local],
             "identity": self.identity[index[local]].astype(np.int32)}
 
+
+class GrainSource:
+  """Adapts `erasablemask_jax.data.pipeline.make_train_iterator` (tfds builders, large data) to the trainer: this
+  host's slice of each global batch, att_b permuted over the global batch, the same batches on any number of hosts."""
+
+  def __init__(self, data_config, image_size: int, process_index: int, process_count: int):
+    per_host = data_config.batch_size // process_count
+    source = pipeline.open_source(data_config.data_dir, "train")
+    self.steps_per_epoch = len(source) // process_count // per_host
+    self._it = pipeline.make_train_iterator(
+        data_config.data_dir, batch_size=per_host, seed=data_config.shuffle_seed, image_size=image_size,
+        flip=data_config.flip, process_index=process_index, process_count=process_count,
+        worker_count=data_config.worker_count)
+
+  def __next__(self):
+    return next(self._it)
+
+  def get_state(self) -> dict[str, str]:
+    state = self._it.get_state()
+    return {"grain": state.decode() if isinstance(state, bytes) else state}
+
+  def set_state(self, state: dict[str, str]) -> None:
+    self._it.set_state(state["grain"].encode())
+
+
+def make_source(config, process_index: int, process_count: int, train_arrays=None):
+  """The training data of `config.data` as a host-local batch iterator.
+
+  `data.data_dir` set: a prepared tfds builder read through grain (each host reads its slice of every global batch).
+  Otherwise the in-memory folder `data.manual_dir` (split by `load_face_splits`). Both serve the `data.global_batches`
+  sequence, so the global batches are independent of the number of hosts and devices.
+  """
+  if config.data.data_dir:
+    return GrainSource(config.data, config.image_size, process_index, process_count)
+  if train_arrays is None:
+    train_arrays = load_face_splits(config.data, config.fr, config.image_size).train
+  return InMemorySource(images=train_arrays["image"], attributes=train_arrays["att"],
+                        identity=train_arrays["identity"], global_batch_size=config.data.batch_size,
+                        seed=config.data.shuffle_seed, flip=config.data.flip, process_index=process_index,
+                        process_count=process_count)
