@@ -46,6 +46,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from erasablemask_jax import image_io
+from erasablemask_jax.align import pipeline as align_pipeline
 from erasablemask_jax.data import labels as labels_lib
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,6 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     size = self.builder_config.image_size
     image = image_io.read_image(path, name, self.report, min_side=min(24, size))
     if self.builder_config.align:
-      from erasablemask_jax.align import pipeline as align_pipeline  # pylint: disable=g-import-not-at-top
       result = align_pipeline.align_image(image, size=size, template_name="loose")
       if result is None:
         raise image_io.SkipImage("no face: MTCNN found no face")

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from erasablemask_jax import image_io
+from erasablemask_jax.align import pipeline as align_pipeline
 from erasablemask_jax.data import builders
 from erasablemask_jax.data import global_batches
 from erasablemask_jax.data import labels as labels_lib
@@ -200,7 +201,6 @@ def load_face_folder_arrays(folder: str | pathlib.Path, size: int, align: bool =
     try:
       image = image_io.read_image(path, rel, report)
       if align:
-        from erasablemask_jax.align import pipeline as align_pipeline  # pylint: disable=g-import-not-at-top
         result = align_pipeline.align_image(image, size, "loose")
         if result is None:
           raise image_io.SkipImage("no face: MTCNN found no face")
