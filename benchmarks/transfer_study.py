@@ -115,6 +115,7 @@ def prepare_faces(workdir: pathlib.Path, size: int, max_identities: int) -> path
 def prepare_models(workdir: pathlib.Path) -> dict[str, str]:
   """`{name: surrogate spec}`: the bundled foamliu net, the other two converted once into `workdir/models`."""
   from erasablemask_jax import convert
+  from erasablemask_jax.fr import archs  # pylint: disable=unused-import  (registers the FR architectures)
 
   specs = {}
   for name, (arch, source) in MODELS.items():

@@ -8,19 +8,25 @@
 
 So `python -m tools.convert_torch_weights --arch mtcnn_onet --checkpoint onet.pt --out DIR` writes a model directory
 (orbax variables + `card.json`), which is how the bundled copies in `erasablemask_jax/assets/mtcnn/{pnet,rnet,onet}/`
-are made (`python -m erasablemask_jax.align.weights SRC_DIR`). The rename is `weights.RENAME_RULES` with every path put
-under the `params` collection (the nets have no batch statistics).
+are made (`python -m erasablemask_jax.align.weights SRC_DIR`). The rename is `RENAME_RULES` with every path put under
+the `params` collection (the nets have no batch statistics). Rules (a torch key with no rule is an error):
+
+  `convN.weight` (O, I, kh, kw) -> `convN/kernel` (kh, kw, I, O);   `convN.bias` -> `convN/bias`
+  `denseN.weight` (O, I)        -> `denseN/kernel` (I, O);          `denseN.bias` -> `denseN/bias`
+  `preluN.weight` (C,)          -> `preluN/weight` (C,)
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import re
+from typing import Callable, Mapping
 
 import numpy as np
 
 from erasablemask_jax import convert
 from erasablemask_jax.align import mtcnn
-from erasablemask_jax.align import weights
+
+NETS = ("pnet", "rnet", "onet")
 
 SOURCE_REPOSITORY = "timesler/facenet-pytorch models/mtcnn.py @ 787da06156087cd6b616fe6608213722bddc30cd"
 LICENSE = "MIT (c) 2019 Timothy Esler (facenet-pytorch); see LICENSE beside the bundled weights"
@@ -32,20 +38,42 @@ _OUTPUTS = {
 }
 
 
+# (torch key pattern, flax path template, array transform).
+RENAME_RULES: tuple[tuple[str, str, Callable[[np.ndarray], np.ndarray]], ...] = (
+    (r"^(conv[\w]+)\.weight$", r"\1/kernel", lambda w: np.transpose(w, (2, 3, 1, 0))),
+    (r"^(dense[\w]+)\.weight$", r"\1/kernel", lambda w: np.transpose(w, (1, 0))),
+    (r"^(conv[\w]+|dense[\w]+)\.bias$", r"\1/bias", lambda b: b),
+    (r"^(prelu\d+)\.weight$", r"\1/weight", lambda a: a),
+)
+
+
+def rename_torch_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Applies `RENAME_RULES` to a facenet-pytorch MTCNN state dict (numpy arrays). Raises on an unknown key."""
+  out = {}
+  for key, value in state_dict.items():
+    for pattern, template, fn in RENAME_RULES:
+      if re.match(pattern, key):
+        out[re.sub(pattern, template, key)] = np.ascontiguousarray(fn(np.asarray(value, np.float32)))
+        break
+    else:
+      raise KeyError(f"no MTCNN rename rule for torch key {key!r}")
+  return out
+
+
 def arch_name(net: str) -> str:
   """Registry name of MTCNN sub-network `net` ('pnet' | 'rnet' | 'onet'): `mtcnn_<net>`."""
-  if net not in weights.NETS:
-    raise KeyError(f"unknown MTCNN network {net!r}; choose one of {weights.NETS}")
+  if net not in NETS:
+    raise KeyError(f"unknown MTCNN network {net!r}; choose one of {NETS}")
   return f"mtcnn_{net}"
 
 
 def rename(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """facenet-pytorch MTCNN state dict -> `{"params/conv1/kernel": array, ...}` (`weights.RENAME_RULES`)."""
-  return {f"params/{k}": v for k, v in weights.rename_torch_state_dict(state).items()}
+  """facenet-pytorch MTCNN state dict -> `{"params/conv1/kernel": array, ...}` (`RENAME_RULES`)."""
+  return {f"params/{k}": v for k, v in rename_torch_state_dict(state).items()}
 
 
 def _register() -> None:
-  for net in weights.NETS:
+  for net in NETS:
     hw = mtcnn.INPUT_SHAPES[net][1:3]
     convert.register_arch(arch_name(net), convert.ArchSpec(
         name=arch_name(net), build=mtcnn.MODULES[net], input_shape=tuple(mtcnn.INPUT_SHAPES[net][1:]), rename=rename,

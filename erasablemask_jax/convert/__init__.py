@@ -6,8 +6,8 @@
 - Layout helpers: `conv_oihw_to_hwio`, `depthwise_oihw_to_hwio`, `linear_to_dense`, `linear_after_nchw_flatten`,
   and `torch_to_flax_flat`, the generic rename (BatchNorm / conv / Linear / PReLU by their tensors).
 - `strict_merge(flat, abstract_variables)`: exact one-to-one merge naming every mismatch in one error.
-- `register_arch(name, ArchSpec(...))` / `get_arch` / `list_archs`: the architecture registry; modules outside this
-  package register at import and are found through `registry.PROVIDER_MODULES` / `add_provider` (see `registry`).
+- `register_arch(name, ArchSpec(...))` / `get_arch` / `list_archs`: the architecture registry; provider modules outside
+  this package register at import, and a caller imports the providers it needs (see `registry`).
 - `write_model_dir` / `read_model_dir`: atomic orbax + `card.json` model directories.
 - `convert_checkpoint(arch, checkpoint, out_dir, force, symbol)`: all of the above in one call.
 """
@@ -33,7 +33,6 @@ from erasablemask_jax.convert.model_dir import read_model_dir
 from erasablemask_jax.convert.model_dir import write_card
 from erasablemask_jax.convert.model_dir import write_model_dir
 from erasablemask_jax.convert.registry import ArchSpec
-from erasablemask_jax.convert.registry import add_provider
 from erasablemask_jax.convert.registry import get_arch
 from erasablemask_jax.convert.registry import list_archs
 from erasablemask_jax.convert.registry import register_arch
