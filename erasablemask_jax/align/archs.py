@@ -8,8 +8,8 @@
 
 So `python -m tools.convert_torch_weights --arch mtcnn_onet --checkpoint onet.pt --out DIR` writes a model directory
 (orbax variables + `card.json`), which is how the bundled copies in `erasablemask_jax/assets/mtcnn/{pnet,rnet,onet}/`
-are made (`python -m erasablemask_jax.align.weights SRC_DIR`). The rename is `RENAME_RULES` with every path put under
-the `params` collection (the nets have no batch statistics). Rules (a torch key with no rule is an error):
+are made (`python -m erasablemask_jax.align.weights SRC_DIR`). The rename is the `convert.rules` table `RENAME_RULES`,
+every path under the `params` collection (the nets have no batch statistics); a torch key with no rule is an error:
 
   `convN.weight` (O, I, kh, kw) -> `convN/kernel` (kh, kw, I, O);   `convN.bias` -> `convN/bias`
   `denseN.weight` (O, I)        -> `denseN/kernel` (I, O);          `denseN.bias` -> `denseN/bias`
@@ -18,13 +18,13 @@ the `params` collection (the nets have no batch statistics). Rules (a torch key 
 
 from __future__ import annotations
 
-import re
-from typing import Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from erasablemask_jax import convert
 from erasablemask_jax.align import mtcnn
+from erasablemask_jax.convert import rules
 
 NETS = ("pnet", "rnet", "onet")
 
@@ -38,26 +38,13 @@ _OUTPUTS = {
 }
 
 
-# (torch key pattern, flax path template, array transform).
-RENAME_RULES: tuple[tuple[str, str, Callable[[np.ndarray], np.ndarray]], ...] = (
-    (r"^(conv[\w]+)\.weight$", r"\1/kernel", lambda w: np.transpose(w, (2, 3, 1, 0))),
-    (r"^(dense[\w]+)\.weight$", r"\1/kernel", lambda w: np.transpose(w, (1, 0))),
-    (r"^(conv[\w]+|dense[\w]+)\.bias$", r"\1/bias", lambda b: b),
-    (r"^(prelu\d+)\.weight$", r"\1/weight", lambda a: a),
+RENAME_RULES = (  # `{n}` is one key segment: conv1, conv4_1, dense5_2, prelu3, ...
+    rules.Rule("conv{n}.weight", "params/conv{n}/kernel", "conv"),
+    rules.Rule("conv{n}.bias", "params/conv{n}/bias"),
+    rules.Rule("dense{n}.weight", "params/dense{n}/kernel", "linear"),
+    rules.Rule("dense{n}.bias", "params/dense{n}/bias"),
+    rules.Rule("prelu{n}.weight", "params/prelu{n}/weight"),
 )
-
-
-def rename_torch_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Applies `RENAME_RULES` to a facenet-pytorch MTCNN state dict (numpy arrays). Raises on an unknown key."""
-  out = {}
-  for key, value in state_dict.items():
-    for pattern, template, fn in RENAME_RULES:
-      if re.match(pattern, key):
-        out[re.sub(pattern, template, key)] = np.ascontiguousarray(fn(np.asarray(value, np.float32)))
-        break
-    else:
-      raise KeyError(f"no MTCNN rename rule for torch key {key!r}")
-  return out
 
 
 def arch_name(net: str) -> str:
@@ -68,8 +55,9 @@ def arch_name(net: str) -> str:
 
 
 def rename(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """facenet-pytorch MTCNN state dict -> `{"params/conv1/kernel": array, ...}` (`RENAME_RULES`)."""
-  return {f"params/{k}": v for k, v in rename_torch_state_dict(state).items()}
+  """facenet-pytorch MTCNN state dict -> `{"params/conv1/kernel": array, ...}` (`RENAME_RULES`; a key no rule claims
+  comes back as `unmapped/<key>`, which the strict merge names)."""
+  return rules.rename_flat(state, RENAME_RULES, ignore=())
 
 
 def _register() -> None:

@@ -138,5 +138,6 @@ def test_convert_cli_registers_mtcnn(tmp_path):
 
 
 def test_unknown_torch_key_is_an_error():
-  with pytest.raises(KeyError, match="bn1.running_mean"):
-    archs.rename_torch_state_dict({"bn1.running_mean": np.zeros(3)})
+  assert list(archs.rename({"bn1.running_mean": np.zeros(3)})) == ["unmapped/bn1.running_mean"]
+  with pytest.raises(convert.StrictMergeError, match="bn1.running_mean"):
+    convert.convert_state_dict("mtcnn_pnet", {"bn1.running_mean": np.zeros(3)})
