@@ -38,19 +38,19 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from erasablemask_jax import attack as attack_lib
 from erasablemask_jax.attack import end_epoch
 from erasablemask_jax.config import ConfigError
+from erasablemask_jax.data.faces import load_face_splits, read_faces
+from erasablemask_jax.data.sources import make_source
 from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.fr.surrogates import Surrogate, load_surrogate, target_embeddings
+from erasablemask_jax.image_io import save_image_grid
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import checkpoint as checkpoint_lib
 from erasablemask_jax.train import lock as lock_lib
 from erasablemask_jax.train import mesh as mesh_lib
 from erasablemask_jax.train import resume as resume_lib
 from erasablemask_jax.train import steps as steps_lib
-from erasablemask_jax.data.faces import load_face_splits, read_faces
-from erasablemask_jax.data.sources import make_source
 from erasablemask_jax.train.state import TrainState, begin_stage2, make_optimizer
-from erasablemask_jax.fr.surrogates import Surrogate, load_surrogate, target_embeddings
-from erasablemask_jax.image_io import save_image_grid
 from erasablemask_jax.train.writer import MetricWriter
 
 log = logging.getLogger(__name__)
