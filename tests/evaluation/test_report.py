@@ -10,6 +10,7 @@ import pytest
 
 from erasablemask_jax import cli
 from erasablemask_jax import fr
+from erasablemask_jax.evaluation import render
 from erasablemask_jax.evaluation import report as report_lib
 from erasablemask_jax.evaluation import sweep as sweep_lib
 from erasablemask_jax.metrics import availability
@@ -193,9 +194,14 @@ def _numbers(report):
 
 
 def test_second_run_gives_identical_numbers(first, loaded_run, uncalibrated_copy, tmp_path):
+  """Through the two halves of `evaluate`: `compute_tables` writes nothing, `render.write_report` writes the folder."""
   models = report_lib.load_eval_models(["bundled:mobilefacenet"], [str(uncalibrated_copy)], loaded_run.config)
-  second = report_lib.evaluate(loaded_run, "bundled:sample_faces", models, tmp_path, transforms=TRANSFORMS.split(","),
-                               seed=7, identities=[2, 3, 4], max_faces=5, pgd_steps=3)
+  tables = report_lib.compute_tables(loaded_run, "bundled:sample_faces", models, transforms=TRANSFORMS.split(","),
+                                     seed=7, identities=[2, 3, 4], max_faces=5, pgd_steps=3)
+  assert not list(tmp_path.iterdir())
+  render.write_report(tmp_path, tables)
+  second = tables["report"]
+  assert _numbers(json.loads((tmp_path / "report.json").read_text())) == _numbers(second)
   assert _numbers(second) == _numbers(json.loads((first / "report.json").read_text()))
   for name in ("mobilefacenet_foamliu", "mfn_uncalibrated"):
     a, b = np.load(first / "embeddings" / f"{name}.npz"), np.load(tmp_path / "embeddings" / f"{name}.npz")
