@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from erasablemask_jax import fr
-from erasablemask_jax.data.images import read_image
+from erasablemask_jax.image_io import read_image
 from erasablemask_jax.metrics import fid
 from erasablemask_jax.metrics import lpips
 from erasablemask_jax.metrics import recognition

@@ -54,7 +54,7 @@ from erasablemask_jax.attack import make_attack
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import steps as steps_lib
 from erasablemask_jax.train.state import begin_stage2, create_train_state, make_optimizer
-from erasablemask_jax.train.surrogates import Surrogate, load_surrogate, target_embeddings
+from erasablemask_jax.fr.surrogates import Surrogate, load_surrogate, target_embeddings
 
 STAGES = ("1", "2:meta_auxiliary", "2:first_order", "2:ensemble", "3")
 KINDS = ("meta_auxiliary", "first_order", "ensemble")
@@ -72,7 +72,7 @@ class Settings:
   fc_dim: int = 256
   fr: tuple[str, ...] = ("bundled:mobilefacenet", "bundled:mobilefacenet@flip")
   k: int = 0  # 0: len(fr)
-  lr_inner: float = -1.0  # < 0: the optimiser's learning rate (as config.attack.lr_inner)
+  lr_inner: float | None = None  # None: config.attack.lr_inner (the optimiser's learning rate)
   primaries: str = "unrolled"
   noise: bool = False  # the config's training noise pool on x_adv (off: identity, as the torch reference)
   devices: int = 1
@@ -91,6 +91,8 @@ def make_config(s: Settings):
   config.mesh.data = s.devices
   if not s.noise:
     config.noise.train_pool = ("identity",)
+  if s.lr_inner is not None:
+    config.attack.lr_inner = s.lr_inner
   return config
 
 
@@ -146,7 +148,7 @@ class Setup:
     """Builds everything for `settings`; `surrogates` replaces the ones `settings.fr` names (e.g. tiny test nets)."""
     self.settings = s = settings
     self.config = make_config(s)
-    self.lr_inner = s.lr_inner if s.lr_inner >= 0 else self.config.optim.lr
+    self.lr_inner = self.config.attack.lr_inner
     self.num_attributes = len(self.config.attributes)
     self.models = ErasableMask.from_config(self.config.model, self.num_attributes)
     self.tx = make_optimizer(self.config.optim)
@@ -417,7 +419,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--fr", default="bundled:mobilefacenet,bundled:mobilefacenet@flip",
                   help="surrogates: bundled:NAME or random:ARCH, optionally @flip")
   ap.add_argument("--k", type=int, default=0, help="number of surrogates (0: as many as --fr lists)")
-  ap.add_argument("--lr-inner", type=float, default=-1.0)
+  ap.add_argument("--lr-inner", type=float, default=None, help="inner step (default: the optimiser's learning rate)")
   ap.add_argument("--primaries", default="unrolled")
   ap.add_argument("--noise", action="store_true", help="the default training noise pool on x_adv (JAX rows only)")
   ap.add_argument("--devices", type=int, default=1,

@@ -115,6 +115,7 @@ def prepare_faces(workdir: pathlib.Path, size: int, max_identities: int) -> path
 def prepare_models(workdir: pathlib.Path) -> dict[str, str]:
   """`{name: surrogate spec}`: the bundled foamliu net, the other two converted once into `workdir/models`."""
   from erasablemask_jax import convert
+  from erasablemask_jax.fr import archs  # pylint: disable=unused-import  (registers the FR architectures)
 
   specs = {}
   for name, (arch, source) in MODELS.items():
@@ -183,8 +184,7 @@ def train_run(config, workdir: pathlib.Path, stage1_dir: pathlib.Path, kind: str
     os.replace(tmp, workdir)
   config = config.copy_and_resolve_references()
   config.unlock()
-  config.attack.kind = "ensemble" if kind == "ensemble" else "meta_auxiliary"
-  config.attack.first_order = kind == "first_order"
+  config.attack.kind = kind
   config.lock()
   start = time.perf_counter()
   Trainer(config, workdir).run()
@@ -222,12 +222,12 @@ def curve(workdir: pathlib.Path) -> list[dict]:
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-  from erasablemask_jax.train.writer import to_uint8 as float_to_uint8
+  from erasablemask_jax.image_io import to_uint8 as float_to_uint8
   return float_to_uint8(x)
 
 
 def to_float(x: np.ndarray) -> np.ndarray:
-  from erasablemask_jax.evaluation.inference import to_model_input
+  from erasablemask_jax.inference.run import to_model_input
   return to_model_input(x)
 
 
@@ -251,7 +251,7 @@ class Scorer:
   def __init__(self, specs: dict[str, str], input_crop: str, image_size: int, target: np.ndarray, calibration: dict,
                tau1_far: float, tau2_far: float, bootstrap: int, seed: int):
     from erasablemask_jax.fr import views
-    from erasablemask_jax.train.surrogates import load_surrogate
+    from erasablemask_jax.fr.surrogates import load_surrogate
 
     self.surrogates = {name: load_surrogate(spec, input_crop) for name, spec in specs.items()}
     self.view = views.view_name(input_crop, image_size)
@@ -321,7 +321,7 @@ def per_model(scorer: Scorer, whitebox: list[str], source, adv, rec, restore=Non
 
 def evaluate_run(workdir: pathlib.Path, scorer: Scorer, eval_faces: dict, whitebox: list[str]) -> tuple[dict, dict]:
   """Protect -> uint8 -> restore -> uint8 on the held-out faces; every FR model's rates. Returns (entry, images)."""
-  from erasablemask_jax.evaluation.inference import load_run
+  from erasablemask_jax.inference.run import load_run
   from erasablemask_jax.evaluation.report import protect_and_restore
   from erasablemask_jax.evaluation.report import published
 
@@ -340,7 +340,7 @@ def evaluate_run(workdir: pathlib.Path, scorer: Scorer, eval_faces: dict, whiteb
 def baselines(stage1_dir: pathlib.Path, scorer: Scorer, eval_faces: dict, whitebox: list[str], pgd_steps: int,
               seed: int) -> dict[str, dict]:
   """Clean faces, the attribute edit of the stage-1 G, and FGSM / PGD at 4/255 against the white-box surrogates."""
-  from erasablemask_jax.evaluation.inference import load_run
+  from erasablemask_jax.inference.run import load_run
   from erasablemask_jax.metrics import recognition
 
   source = eval_faces["image"]
@@ -392,7 +392,7 @@ def figures(result: dict, out: pathlib.Path, images: dict | None) -> None:
   plt.close(fig)
   os.replace(tmp, out.with_suffix(".png"))
   if images is not None:
-    from erasablemask_jax.train.writer import save_image_grid
+    from erasablemask_jax.image_io import save_image_grid
     n = min(6, len(images["source"]))
     save_image_grid(out.with_name(out.stem + "_faces.png"),
                     [to_float(images[k][:n]) for k in ("source", "edit", "adv", "rec")])
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
   from tqdm import tqdm
   from erasablemask_jax.data.pipeline import load_face_folder_arrays
   from erasablemask_jax.fr import views
-  from erasablemask_jax.train.input_pipeline import load_face_splits
+  from erasablemask_jax.data.faces import load_face_splits
 
   started = time.time()
   probe = base_config(settings, pathlib.Path("."), 0, [], [])

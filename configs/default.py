@@ -62,11 +62,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.sigma1 = 30.0
   config.loss.epsilon = 0.0
 
-  # The attack on the perturbation encoder (Algorithm 1).
+  # Adam as AttGAN, one optimiser per trained network.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 2e-5
+  config.optim.b1 = 0.5
+  config.optim.b2 = 0.999
+
+  # The attack on the perturbation encoder (Algorithm 1). kind: "meta_auxiliary" (exact second order, the paper's),
+  # "first_order" (stop-gradient through the inner step, an approximation) or "ensemble" (the paper's ablation).
   config.attack = ml_collections.ConfigDict()
-  config.attack.kind = "meta_auxiliary"  # "meta_auxiliary" | "ensemble" (the paper's ablation)
-  config.attack.first_order = False  # stop-gradient through the inner step (an approximation; off in the paper)
-  config.attack.lr_inner = -1.0  # inner SGD step size; < 0 means "the optimiser's learning rate" (one symbol in the paper)
+  config.attack.kind = "meta_auxiliary"
+  # Inner SGD step size: the optimiser's learning rate (one symbol in the paper), followed when a derived config or an
+  # override changes optim.lr; setting attack.lr_inner itself cuts the link (the `* 1.0` makes it a reference of its
+  # own, so that setting it never writes optim.lr).
+  config.attack.lr_inner = config.optim.get_ref("lr") * 1.0
   # How the K primaries are evaluated (all exact): "unrolled", "linearize", "vmap" or "scan" (least memory).
   config.attack.primaries = "unrolled"
 
@@ -100,12 +109,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.schedule.stage1_steps = -1
   config.schedule.stage2_steps = -1
   config.schedule.stage3_steps = -1
-
-  # Adam as AttGAN, one optimiser per trained network.
-  config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 2e-5
-  config.optim.b1 = 0.5
-  config.optim.b2 = 0.999
 
   # Data: a tfds builder ("celeba_hq" | "ffhq" | "face_folder") prepared under data_dir, or a folder of faces.
   config.data = ml_collections.ConfigDict()

@@ -70,6 +70,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
                       ) from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"get_config() of {path} returned a {type(config).__name__}, not an ml_collections.ConfigDict")
+  upgrade_legacy(config)
   config.lock()
   for override in overrides:
     key, sep, value = override.removeprefix(OVERRIDE_PREFIX).partition("=")
@@ -123,6 +124,32 @@ POSITIVE_KEYS = ("image_size", "model.enc_dim", "model.enc_layers", "model.dec_d
                  "train.sample_every_steps", "train.num_sample_images")
 NON_NEGATIVE_KEYS = ("model.shortcut_layers", "model.inject_layers", "schedule.stage1_epochs",
                      "schedule.stage2_epochs", "schedule.stage3_epochs", "data.worker_count")
+
+
+def upgrade_legacy(config):
+  """Rewrites, in place, the attack spellings of earlier versions, so that old config files and the `config.json` of
+  old runs mean today what they meant then; returns `config`.
+
+  - `attack.first_order = True` (with `attack.kind = "meta_auxiliary"`) is `attack.kind = "first_order"`; the field
+    `attack.first_order` is dropped either way;
+  - `attack.lr_inner < 0` ("the optimiser's learning rate") is `optim.lr`: a reference to it in a `ConfigDict` (an
+    override of optim.lr still carries over), its value in a plain dict (a saved `config.json`).
+
+  Args:
+    config: an unlocked `ConfigDict`, or the nested dict of a `config.json`.
+  """
+  attack = config.get("attack")
+  if attack is None:
+    return config
+  if "first_order" in attack:
+    if attack["first_order"] and attack.get("kind") == "meta_auxiliary":
+      attack["kind"] = "first_order"
+    del attack["first_order"]
+  lr_inner = attack.get("lr_inner")
+  if isinstance(lr_inner, (int, float)) and lr_inner < 0:
+    optim = config["optim"]
+    attack["lr_inner"] = optim.get_ref("lr") * 1.0 if isinstance(optim, ml_collections.ConfigDict) else optim["lr"]
+  return config
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:

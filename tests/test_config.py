@@ -9,7 +9,7 @@ import pytest
 
 from configs import default
 from erasablemask_jax import cli
-from erasablemask_jax.config import ConfigError, load_config
+from erasablemask_jax.config import ConfigError, load_config, upgrade_legacy
 
 
 def test_default_holds_the_paper_settings():
@@ -23,11 +23,45 @@ def test_default_holds_the_paper_settings():
 
 def test_overrides_convert_to_the_field_type():
   c = load_config("configs/smoke.py", ["--config.model.gamma=0.1", "--config.data.batch_size=8",
-                                       "--config.attack.first_order=true", "--config.fr.surrogates=a,b",
+                                       "--config.data.flip=false", "--config.fr.surrogates=a,b",
                                        "--config.noise.train_pool=('identity','jpeg50')"])
-  assert c.model.gamma == 0.1 and c.data.batch_size == 8 and c.attack.first_order is True
+  assert c.model.gamma == 0.1 and c.data.batch_size == 8 and c.data.flip is False
   assert c.fr.surrogates == ("a", "b") and c.noise.train_pool == ("identity", "jpeg50")
   assert load_config("smoke").image_size == 32  # packaged names resolve
+
+
+def test_lr_inner_follows_the_optimiser_lr_until_set():
+  assert load_config("smoke").attack.lr_inner == 2e-5
+  followed = load_config("smoke", ["--config.optim.lr=3e-4"])
+  assert followed.attack.lr_inner == 3e-4 and json.loads(followed.to_json_best_effort())["attack"]["lr_inner"] == 3e-4
+  own = load_config("smoke", ["--config.attack.lr_inner=1e-3"])
+  assert own.attack.lr_inner == 1e-3 and own.optim.lr == 2e-5  # setting it never writes optim.lr
+  assert load_config("demo").attack.lr_inner == 2e-4
+
+
+@pytest.mark.parametrize("saved, kind, lr_inner", [
+    ({"kind": "meta_auxiliary", "first_order": True, "lr_inner": -1.0}, "first_order", 3e-4),
+    ({"kind": "meta_auxiliary", "first_order": False, "lr_inner": 2e-4}, "meta_auxiliary", 2e-4),
+    ({"kind": "ensemble", "first_order": True, "lr_inner": -1.0}, "ensemble", 3e-4),
+    ({"kind": "first_order", "lr_inner": 1e-3}, "first_order", 1e-3),
+])
+def test_legacy_attack_fields_keep_their_meaning(saved, kind, lr_inner):
+  tree = upgrade_legacy({"optim": {"lr": 3e-4}, "attack": {**saved, "primaries": "unrolled"}})
+  assert tree["attack"] == {"kind": kind, "lr_inner": lr_inner, "primaries": "unrolled"}
+
+
+def test_a_legacy_config_file_loads_with_todays_fields(tmp_path):
+  path = tmp_path / "old.py"
+  path.write_text(textwrap.dedent('''
+      from configs import smoke
+      def get_config(arg=None):
+        config = smoke.get_config()
+        config.attack.first_order = True
+        config.attack.lr_inner = -1.0
+        return config
+  '''))
+  c = load_config(str(path), ["--config.optim.lr=5e-4"])
+  assert c.attack.kind == "first_order" and "first_order" not in c.attack and c.attack.lr_inner == 5e-4
 
 
 @pytest.mark.parametrize("override, message", [
@@ -35,7 +69,7 @@ def test_overrides_convert_to_the_field_type():
     ("--config.nosuch.x=1", "unknown config key 'nosuch.x'"),
     ("--config.model.gamma=high", "'model.gamma' expects a float"),
     ("--config.data.batch_size=2.5", "'data.batch_size' expects a int"),
-    ("--config.attack.first_order=maybe", "'attack.first_order' expects a bool"),
+    ("--config.data.flip=maybe", "'data.flip' expects a bool"),
     ("--config.model=1", "is a group"),
     ("--config.model.gamma", "has no '='"),
 ])
@@ -183,7 +217,7 @@ def test_no_folder_near_a_config_shadows_an_installed_library(tmp_path):
 
 
 def test_the_smoke_config_without_data_is_an_error_not_a_scan_of_the_current_folder(tmp_path, monkeypatch):
-  from erasablemask_jax.train.input_pipeline import load_face_splits  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.data.faces import load_face_splits  # pylint: disable=import-outside-toplevel
 
   monkeypatch.chdir(tmp_path)
   (tmp_path / "holiday.png").write_bytes(b"not read")

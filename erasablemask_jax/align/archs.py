@@ -8,8 +8,12 @@
 
 So `python -m tools.convert_torch_weights --arch mtcnn_onet --checkpoint onet.pt --out DIR` writes a model directory
 (orbax variables + `card.json`), which is how the bundled copies in `erasablemask_jax/assets/mtcnn/{pnet,rnet,onet}/`
-are made (`python -m erasablemask_jax.align.weights SRC_DIR`). The rename is `weights.RENAME_RULES` with every path put
-under the `params` collection (the nets have no batch statistics).
+are made (`python -m erasablemask_jax.align.weights SRC_DIR`). The rename is the `convert.rules` table `RENAME_RULES`,
+every path under the `params` collection (the nets have no batch statistics); a torch key with no rule is an error:
+
+  `convN.weight` (O, I, kh, kw) -> `convN/kernel` (kh, kw, I, O);   `convN.bias` -> `convN/bias`
+  `denseN.weight` (O, I)        -> `denseN/kernel` (I, O);          `denseN.bias` -> `denseN/bias`
+  `preluN.weight` (C,)          -> `preluN/weight` (C,)
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import numpy as np
 
 from erasablemask_jax import convert
 from erasablemask_jax.align import mtcnn
-from erasablemask_jax.align import weights
+from erasablemask_jax.convert import rules
+
+NETS = ("pnet", "rnet", "onet")
 
 SOURCE_REPOSITORY = "timesler/facenet-pytorch models/mtcnn.py @ 787da06156087cd6b616fe6608213722bddc30cd"
 LICENSE = "MIT (c) 2019 Timothy Esler (facenet-pytorch); see LICENSE beside the bundled weights"
@@ -32,20 +38,30 @@ _OUTPUTS = {
 }
 
 
+RENAME_RULES = (  # `{n}` is one key segment: conv1, conv4_1, dense5_2, prelu3, ...
+    rules.Rule("conv{n}.weight", "params/conv{n}/kernel", "conv"),
+    rules.Rule("conv{n}.bias", "params/conv{n}/bias"),
+    rules.Rule("dense{n}.weight", "params/dense{n}/kernel", "linear"),
+    rules.Rule("dense{n}.bias", "params/dense{n}/bias"),
+    rules.Rule("prelu{n}.weight", "params/prelu{n}/weight"),
+)
+
+
 def arch_name(net: str) -> str:
   """Registry name of MTCNN sub-network `net` ('pnet' | 'rnet' | 'onet'): `mtcnn_<net>`."""
-  if net not in weights.NETS:
-    raise KeyError(f"unknown MTCNN network {net!r}; choose one of {weights.NETS}")
+  if net not in NETS:
+    raise KeyError(f"unknown MTCNN network {net!r}; choose one of {NETS}")
   return f"mtcnn_{net}"
 
 
 def rename(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """facenet-pytorch MTCNN state dict -> `{"params/conv1/kernel": array, ...}` (`weights.RENAME_RULES`)."""
-  return {f"params/{k}": v for k, v in weights.rename_torch_state_dict(state).items()}
+  """facenet-pytorch MTCNN state dict -> `{"params/conv1/kernel": array, ...}` (`RENAME_RULES`; a key no rule claims
+  comes back as `unmapped/<key>`, which the strict merge names)."""
+  return rules.rename_flat(state, RENAME_RULES, ignore=())
 
 
 def _register() -> None:
-  for net in weights.NETS:
+  for net in NETS:
     hw = mtcnn.INPUT_SHAPES[net][1:3]
     convert.register_arch(arch_name(net), convert.ArchSpec(
         name=arch_name(net), build=mtcnn.MODULES[net], input_shape=tuple(mtcnn.INPUT_SHAPES[net][1:]), rename=rename,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from erasablemask_jax.align import detect
 from erasablemask_jax.align import warp
-from erasablemask_jax.data import images as images_lib
+from erasablemask_jax import image_io
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def align_image(image: np.ndarray, size: int, template_name: str = "arcface",
 
 def align_folder(in_dir: str | pathlib.Path, out_dir: str | pathlib.Path, size: int = 256,
                  templates: tuple[str, ...] = ("loose", "arcface"), config: detect.DetectorConfig =
-                 detect.DetectorConfig(), arcface_size: int = 112, force: bool = False) -> images_lib.ImportReport:
+                 detect.DetectorConfig(), arcface_size: int = 112, force: bool = False) -> image_io.ImportReport:
   """Aligns every photo under `in_dir` and writes PNG crops plus `alignment_meta.json` into `out_dir`.
 
   Layout: `out_dir/<template>_<side>/<relative path>.png` for each template (the `loose` crop at `size`, the
@@ -64,9 +64,9 @@ def align_folder(in_dir: str | pathlib.Path, out_dir: str | pathlib.Path, size: 
   in_dir, out_dir = pathlib.Path(in_dir), pathlib.Path(out_dir)
   if not in_dir.is_dir():
     raise FileNotFoundError(f"{in_dir} is not a folder of photos")
-  files = images_lib.list_images(in_dir)
+  files = image_io.list_images(in_dir)
   if not files:
-    raise FileNotFoundError(f"no images under {in_dir} (looked for {', '.join(images_lib.IMAGE_EXTENSIONS)})")
+    raise FileNotFoundError(f"no images under {in_dir} (looked for {', '.join(image_io.IMAGE_EXTENSIONS)})")
   sides = {name: arcface_size if name == "arcface" else size for name in templates}
   outputs = [out_dir / "alignment_meta.json", out_dir / "align_report.json"] + [
       out_dir / f"{name}_{side}" / path.relative_to(in_dir).with_suffix(".png")
@@ -75,7 +75,7 @@ def align_folder(in_dir: str | pathlib.Path, out_dir: str | pathlib.Path, size: 
   if existing and not force:
     raise FileExistsError(f"{len(existing)} output file(s) exist in {out_dir} (first {existing[0]}); pass --force to "
                           "overwrite them or choose another output folder")
-  report = images_lib.ImportReport()
+  report = image_io.ImportReport()
   meta = {}
   try:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -86,8 +86,8 @@ def align_folder(in_dir: str | pathlib.Path, out_dir: str | pathlib.Path, size: 
     rel = str(path.relative_to(in_dir))
     report.read += 1
     try:
-      image = images_lib.read_image(path, rel, report)
-    except images_lib.SkipImage as e:
+      image = image_io.read_image(path, rel, report)
+    except image_io.SkipImage as e:
       report.skip(rel, str(e))
       continue
     det = detect.detect_faces(image, config)

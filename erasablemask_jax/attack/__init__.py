@@ -10,6 +10,7 @@ from erasablemask_jax.attack.meta_auxiliary import KINDS
 from erasablemask_jax.attack.meta_auxiliary import PRIMARIES
 from erasablemask_jax.attack.meta_auxiliary import attack_loss
 from erasablemask_jax.attack.meta_auxiliary import ensemble_value_and_grad
+from erasablemask_jax.attack.meta_auxiliary import from_config
 from erasablemask_jax.attack.meta_auxiliary import inner_update
 from erasablemask_jax.attack.meta_auxiliary import make_attack
 from erasablemask_jax.attack.meta_auxiliary import meta_auxiliary_loss_nested

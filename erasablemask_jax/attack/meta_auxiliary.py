@@ -333,6 +333,12 @@ def make_attack(kind: str, *, lr_inner=2e-5, epsilon=0.0, primaries: str = "unro
                            first_order=kind == "first_order", primaries=primaries)
 
 
+def from_config(attack_config, epsilon: float = 0.0) -> Attack:
+  """The attack `config.attack` names: `make_attack(kind, lr_inner, primaries)` with `epsilon` (`config.loss`'s)."""
+  return make_attack(attack_config.kind, lr_inner=attack_config.lr_inner, epsilon=epsilon,
+                     primaries=attack_config.primaries)
+
+
 def attack_loss(attack: Attack, generate: Generate, fr_losses: Sequence[FRLoss],
                 w: jax.Array) -> Callable[[PyTree], tuple[jax.Array, dict]]:
   """Wraps an attack as theta -> (l_adv, aux) whose `jax.grad` is the attack's exact gradient (a custom VJP).

@@ -35,8 +35,8 @@ def run_on_folder(command: str, args, work: Callable[[Any], Any], check: Callabl
   folder where nothing could be written. The last line of a run names the output folder.
   """
   from erasablemask_jax.data.labels import LabelFileError  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.evaluation import attributes  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax import inference  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.inference import attributes  # pylint: disable=import-outside-toplevel
 
   inside = _output_inside_input(args.in_dir, args.out)
   if inside is not None:

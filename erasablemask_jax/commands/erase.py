@@ -24,7 +24,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-  from erasablemask_jax.evaluation import folders  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.inference import folders  # pylint: disable=import-outside-toplevel
 
   return _folders.run_on_folder("erase", args,
                                 lambda loaded: folders.erase_folder(loaded, args.in_dir, args.out, args.source_attrs,

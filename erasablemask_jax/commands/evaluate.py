@@ -60,9 +60,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-  from erasablemask_jax.evaluation import attributes  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.evaluation import inference  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax import inference  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.evaluation import render  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.inference import attributes  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.metrics import remote  # pylint: disable=import-outside-toplevel
 
   client = None
@@ -90,6 +91,6 @@ def run(args) -> int:
           _outputs.OutputLocationError) as e:
     print(f"erasablemask evaluate: {e}", file=sys.stderr)
     return 1
-  print(report_lib.format_markdown(report))
+  print(render.format_markdown(report))
   print(_outputs.outputs_line("evaluate", args.out, "report.json, report.md, embeddings/, fig4.png, table*.png"))
   return 0

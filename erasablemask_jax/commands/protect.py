@@ -23,8 +23,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-  from erasablemask_jax.evaluation import attributes  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.evaluation import folders  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.inference import attributes  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.inference import folders  # pylint: disable=import-outside-toplevel
 
   spec = args.attrs or attributes.DEFAULT_PROTECT_SPEC
   return _folders.run_on_folder("protect", args,

@@ -37,11 +37,12 @@ def run(args) -> int:
   from erasablemask_jax.convert import CheckpointError, ModelDirError
   from erasablemask_jax.data.labels import LabelFileError
   from erasablemask_jax.train import lock as lock_lib
+  from erasablemask_jax.train import mesh as mesh_lib
   from erasablemask_jax.train import report as report_lib
   from erasablemask_jax.train import resume as resume_lib
   from erasablemask_jax.train import trainer as trainer_lib
 
-  trainer_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+  mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   try:
     with lock_lib.workdir_lock(args.workdir, enabled=jax.process_index() == 0):
       resume_lib.check_resume_config(args.workdir, config, args.allow_config_change)
@@ -55,6 +56,8 @@ def run(args) -> int:
     print(f"erasablemask train: {e}", file=sys.stderr)
     return 1
   if not args.no_report and jax.process_index() == 0 and trainer.surrogates:
-    print(report_lib.format_report(report_lib.whitebox_report(trainer, state)))
+    report = report_lib.whitebox_report(trainer.models, state, trainer.surrogates, trainer.targets,
+                                        config=trainer.config, workdir=trainer.workdir, **trainer.report_faces())
+    print(report_lib.format_report(report))
   print(_outputs.outputs_line("train", args.workdir, OUTPUTS))
   return 0

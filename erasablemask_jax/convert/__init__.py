@@ -3,11 +3,15 @@
 - `read_state_dict(path)`: torch (`weights_only=True`) or safetensors file -> `{name: np.ndarray}`.
 - `mxnet`: numpy-only reader of MXNet `.params` NDArray lists (`read_ndarray_list`) and `-symbol.json` graphs
   (`read_symbol`, parameter-shape inference and layer checks), and the `arg:`/`aux:` rename (`mxnet_to_flax_flat`).
+- Rename tables (`rules`): `Rule(torch, flax, kind)` rows, `rename_flat(state, rules, ignore)` (unclaimed keys come
+  back as `unmapped/<key>` for the strict merge to name), `flax_to_torch` the inverse; the one rename style of every
+  converter (LPIPS, FID, MTCNN write their tables out, the FR zoo generates its own).
 - Layout helpers: `conv_oihw_to_hwio`, `depthwise_oihw_to_hwio`, `linear_to_dense`, `linear_after_nchw_flatten`,
-  and `torch_to_flax_flat`, the generic rename (BatchNorm / conv / Linear / PReLU by their tensors).
+  and `torch_to_flax_flat`, the generic rename by the table `torch_rules` generates from the tensors (BatchNorm /
+  conv / Linear / PReLU).
 - `strict_merge(flat, abstract_variables)`: exact one-to-one merge naming every mismatch in one error.
-- `register_arch(name, ArchSpec(...))` / `get_arch` / `list_archs`: the architecture registry; modules outside this
-  package register at import and are found through `registry.PROVIDER_MODULES` / `add_provider` (see `registry`).
+- `register_arch(name, ArchSpec(...))` / `get_arch` / `list_archs`: the architecture registry; provider modules outside
+  this package register at import, and a caller imports the providers it needs (see `registry`).
 - `write_model_dir` / `read_model_dir`: atomic orbax + `card.json` model directories.
 - `convert_checkpoint(arch, checkpoint, out_dir, force, symbol)`: all of the above in one call.
 """
@@ -22,6 +26,7 @@ from erasablemask_jax.convert.layout import default_module_path
 from erasablemask_jax.convert.layout import depthwise_oihw_to_hwio
 from erasablemask_jax.convert.layout import linear_after_nchw_flatten
 from erasablemask_jax.convert.layout import linear_to_dense
+from erasablemask_jax.convert.layout import torch_rules
 from erasablemask_jax.convert.layout import torch_to_flax_flat
 from erasablemask_jax.convert.merge import StrictMergeError
 from erasablemask_jax.convert.merge import abstract_init
@@ -34,9 +39,10 @@ from erasablemask_jax.convert.model_dir import read_model_dir
 from erasablemask_jax.convert.model_dir import write_card
 from erasablemask_jax.convert.model_dir import write_model_dir
 from erasablemask_jax.convert.registry import ArchSpec
-from erasablemask_jax.convert.registry import add_provider
 from erasablemask_jax.convert.registry import get_arch
 from erasablemask_jax.convert.registry import list_archs
 from erasablemask_jax.convert.registry import register_arch
+from erasablemask_jax.convert.rules import Rule
+from erasablemask_jax.convert.rules import rename_flat
 from erasablemask_jax.convert.state_dict import CheckpointError
 from erasablemask_jax.convert.state_dict import read_state_dict

@@ -23,7 +23,12 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from erasablemask_jax.convert.rules import Rule
+from erasablemask_jax.convert.rules import rename_flat
+
 UNMAPPED = "unmapped"
+_BATCH_NORM = (("weight", "params/{}/scale"), ("bias", "params/{}/bias"), ("running_mean", "batch_stats/{}/mean"),
+               ("running_var", "batch_stats/{}/var"))
 
 
 def conv_oihw_to_hwio(w: np.ndarray) -> np.ndarray:
@@ -75,16 +80,46 @@ def default_module_path(torch_module: str) -> str:
   return "/".join(parts)
 
 
+def torch_rules(state: Mapping[str, np.ndarray],
+                module_path: Callable[[str], str] = default_module_path) -> list[Rule]:
+  """The rename table of a torch state dict, generated from its tensors (module docstring for the layouts).
+
+  A torch module's kind is read from its tensors: `running_mean` means BatchNorm, a 4-D `weight` a conv, a 2-D one a
+  Linear, a lone 1-D `weight` a PReLU. Tensors that fit none of these get no rule.
+
+  Args:
+    state: torch state dict (numpy values).
+    module_path: maps a torch module path (`layer1.0.bn1`) to its Flax module path (`layer1_0/bn1`).
+  """
+  modules: dict[str, dict[str, np.ndarray]] = {}
+  for key, value in state.items():
+    mod, _, leaf = key.rpartition(".")
+    modules.setdefault(mod, {})[leaf] = np.asarray(value)
+  table = []
+  for mod, leaves in modules.items():
+    path, prefix = module_path(mod), f"{mod}." if mod else ""
+    if "running_mean" in leaves or "running_var" in leaves:
+      table += [Rule(prefix + src, dst.format(path)) for src, dst in _BATCH_NORM if src in leaves]
+    elif "weight" in leaves and leaves["weight"].ndim in (2, 4):
+      kind = "conv" if leaves["weight"].ndim == 4 else "linear"
+      table.append(Rule(prefix + "weight", f"params/{path}/kernel", kind))
+      if "bias" in leaves:
+        table.append(Rule(prefix + "bias", f"params/{path}/bias"))
+    elif set(leaves) == {"weight"} and leaves["weight"].ndim == 1:
+      table.append(Rule(prefix + "weight", f"params/{path}/negative_slope"))
+  return table
+
+
 def torch_to_flax_flat(
     state: Mapping[str, np.ndarray],
     module_path: Callable[[str], str] = default_module_path,
     ignore: Iterable[str] = (),
 ) -> dict[str, np.ndarray]:
-  """Renames and re-lays a torch state dict into flat Flax variable paths (`collection/a/b/leaf`).
+  """Renames and re-lays a torch state dict into flat Flax variable paths (`collection/a/b/leaf`) by the table
+  `torch_rules` generates from it (`rules.rename_flat`).
 
-  A torch module's kind is read from its tensors: `running_mean` means BatchNorm, a 4-D `weight` a conv, a 2-D one a
-  Linear, a lone 1-D `weight` a PReLU. Tensors that fit none of these are returned under `unmapped/<torch key>` so
-  that `strict_merge` reports them as unexpected instead of silently dropping them.
+  Tensors that no rule claims are returned under `unmapped/<torch key>` so that `strict_merge` reports them as
+  unexpected instead of silently dropping them; `num_batches_tracked` counters are dropped.
 
   Args:
     state: torch state dict (numpy values).
@@ -94,32 +129,7 @@ def torch_to_flax_flat(
   Returns:
     `{"params/layer1_0/bn1/scale": array, "batch_stats/layer1_0/bn1/mean": array, ...}`.
   """
+  ignore = (r".*num_batches_tracked", *ignore)
   patterns = [re.compile(p) for p in ignore]
-  modules: dict[str, dict[str, np.ndarray]] = {}
-  for key, value in state.items():
-    if key.endswith("num_batches_tracked") or any(p.fullmatch(key) for p in patterns):
-      continue
-    mod, _, leaf = key.rpartition(".")
-    modules.setdefault(mod, {})[leaf] = np.asarray(value)
-  flat: dict[str, np.ndarray] = {}
-  for mod, leaves in modules.items():
-    path = module_path(mod)
-    leaves = dict(leaves)
-    if "running_mean" in leaves or "running_var" in leaves:
-      for src, dst in (("weight", "params/{}/scale"), ("bias", "params/{}/bias"),
-                       ("running_mean", "batch_stats/{}/mean"), ("running_var", "batch_stats/{}/var")):
-        if src in leaves:
-          flat[dst.format(path)] = leaves.pop(src).astype(np.float32)
-    elif "weight" in leaves and leaves["weight"].ndim == 4:
-      flat[f"params/{path}/kernel"] = conv_oihw_to_hwio(leaves.pop("weight"))
-      if "bias" in leaves:
-        flat[f"params/{path}/bias"] = leaves.pop("bias")
-    elif "weight" in leaves and leaves["weight"].ndim == 2:
-      flat[f"params/{path}/kernel"] = linear_to_dense(leaves.pop("weight"))
-      if "bias" in leaves:
-        flat[f"params/{path}/bias"] = leaves.pop("bias")
-    elif set(leaves) == {"weight"} and leaves["weight"].ndim == 1:
-      flat[f"params/{path}/negative_slope"] = leaves.pop("weight")
-    for leaf, value in leaves.items():
-      flat[f"{UNMAPPED}/{mod}.{leaf}" if mod else f"{UNMAPPED}/{leaf}"] = value
-  return flat
+  kept = {k: v for k, v in state.items() if not any(p.fullmatch(k) for p in patterns)}
+  return rename_flat(kept, torch_rules(kept, module_path), ignore=())

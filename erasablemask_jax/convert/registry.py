@@ -5,11 +5,9 @@ dict into flat Flax variable paths (`rename`), and the card entries (preprocessi
 the converted weights. PyTorch architectures read state dicts; MXNet ones (`checkpoint_format="mxnet"`) read `.params`
 files through `erasablemask_jax.convert.mxnet` and check the `-symbol.json` graph beside them.
 
-Registering from outside this package: any module may call `register_arch(name, spec)` at import time. So that
-`get_arch` / `list_archs` (and the `tools.convert_torch_weights` CLI) see the specs without the caller importing the
-module first, add the module path to `PROVIDER_MODULES` (the built-in list names `erasablemask_jax.fr.archs` for the
-face-recognition zoo and `erasablemask_jax.align.archs` for the MTCNN P/R/O-Nets; a provider that is not installed is
-skipped) or call `add_provider("your.module")` before looking up. Example, in `erasablemask_jax/align/archs.py`:
+The registry knows none of its clients: a module that provides architectures calls `register_arch(name, spec)` at
+import time, and whoever looks an architecture up imports the providers it needs first (the converter CLI imports
+every provider; `fr.load` imports the face-recognition zoo). Example, in `erasablemask_jax/align/archs.py`:
 
     from erasablemask_jax import convert
     convert.register_arch("mtcnn_pnet", convert.ArchSpec(
@@ -20,15 +18,11 @@ skipped) or call `add_provider("your.module")` before looking up. Example, in `e
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-PROVIDER_MODULES: list[str] = ["erasablemask_jax.fr.archs", "erasablemask_jax.align.archs", "erasablemask_jax.metrics.archs"]
-
 _REGISTRY: dict[str, "ArchSpec"] = {}
-_loaded: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,33 +61,14 @@ def register_arch(name: str, spec: ArchSpec, *, overwrite: bool = False) -> Arch
   return spec
 
 
-def add_provider(module_name: str) -> None:
-  """Names a module whose import registers architectures; it is imported on the next lookup."""
-  if module_name not in PROVIDER_MODULES:
-    PROVIDER_MODULES.append(module_name)
-
-
-def _load_providers() -> None:
-  for module_name in list(PROVIDER_MODULES):
-    if module_name in _loaded:
-      continue
-    try:
-      importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-      if e.name is None or not module_name.startswith(e.name):
-        raise
-    _loaded.add(module_name)
-
-
 def list_archs() -> list[str]:
-  """Sorted names of every registered architecture (providers imported first)."""
-  _load_providers()
+  """Sorted names of every architecture registered so far (by the provider modules imported)."""
   return sorted(_REGISTRY)
 
 
 def get_arch(name: str) -> ArchSpec:
   """The spec registered as `name`; an unknown name raises `KeyError` listing the known ones."""
-  _load_providers()
   if name not in _REGISTRY:
-    raise KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    raise KeyError(f"unknown architecture {name!r}; known: {', '.join(sorted(_REGISTRY))} (an architecture is known "
+                   "once the module that registers it is imported)")
   return _REGISTRY[name]

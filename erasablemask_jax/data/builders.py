@@ -45,7 +45,8 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from erasablemask_jax.data import images as images_lib
+from erasablemask_jax import image_io
+from erasablemask_jax.align import pipeline as align_pipeline
 from erasablemask_jax.data import labels as labels_lib
 
 log = logging.getLogger(__name__)
@@ -111,21 +112,20 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     )
 
   @property
-  def report(self) -> images_lib.ImportReport:
+  def report(self) -> image_io.ImportReport:
     if not hasattr(self, "_report"):
-      self._report = images_lib.ImportReport()
+      self._report = image_io.ImportReport()
     return self._report
 
   def _prepare_image(self, path: pathlib.Path, name: str) -> np.ndarray:
     size = self.builder_config.image_size
-    image = images_lib.read_image(path, name, self.report, min_side=min(24, size))
+    image = image_io.read_image(path, name, self.report, min_side=min(24, size))
     if self.builder_config.align:
-      from erasablemask_jax.align import pipeline as align_pipeline  # pylint: disable=g-import-not-at-top
       result = align_pipeline.align_image(image, size=size, template_name="loose")
       if result is None:
-        raise images_lib.SkipImage("no face: MTCNN found no face")
+        raise image_io.SkipImage("no face: MTCNN found no face")
       return result.crop
-    return images_lib.square_resize(image, size)
+    return image_io.square_resize(image, size)
 
   def _examples(self, items) -> Iterator[tuple[str, dict]]:
     """`items`: (key, path, name, att, identity). Yields encoded examples, recording skips."""
@@ -133,11 +133,11 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       self.report.read += 1
       try:
         image = self._prepare_image(path, name)
-      except images_lib.SkipImage as e:
+      except image_io.SkipImage as e:
         self.report.skip(name, str(e))
         continue
       self.report.written += 1
-      yield key, {"image": images_lib.encode_png(image), "att": np.asarray(att, np.float32),
+      yield key, {"image": image_io.encode_png(image), "att": np.asarray(att, np.float32),
                   "identity": np.int32(identity), "file": name}
 
   def _download_and_prepare(self, dl_manager, download_config=None):  # pylint: disable=arguments-differ
@@ -160,7 +160,7 @@ class CelebaHq(_FaceBuilder, skip_registration=True):
     img_dir = next((manual / d for d in ("CelebA-HQ-img", "images") if (manual / d).is_dir()), None)
     if img_dir is None:
       raise FileNotFoundError(f"no image folder in {manual}: expected CelebA-HQ-img/ (or images/) with <idx>.jpg")
-    files = {int(p.stem): p for p in images_lib.list_images(img_dir) if p.stem.isdigit()}
+    files = {int(p.stem): p for p in image_io.list_images(img_dir) if p.stem.isdigit()}
     missing = sorted(set(anno) - set(files))
     if missing:
       raise FileNotFoundError(f"{len(missing)} annotated images missing from {img_dir}, e.g. {missing[:5]}")
@@ -204,7 +204,7 @@ class Ffhq(_FaceBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     manual = pathlib.Path(dl_manager.manual_dir)
     rows = labels_lib.read_attribute_csv(manual / ATTRIBUTES_CSV)
-    files = {str(p.relative_to(manual)): p for p in images_lib.list_images(manual)}
+    files = {str(p.relative_to(manual)): p for p in image_io.list_images(manual)}
     missing = sorted(set(rows) - set(files))
     if missing:
       raise FileNotFoundError(f"{len(missing)} files named in {manual / ATTRIBUTES_CSV} are not in {manual}, "
@@ -231,12 +231,12 @@ class FaceFolder(_FaceBuilder, skip_registration=True):
     csv_path = manual / ATTRIBUTES_CSV
     rows = labels_lib.read_attribute_csv(csv_path, require_attributes=False) if csv_path.is_file() else {}
     split_of = _read_split_column(csv_path) if csv_path.is_file() else {}
-    files = {str(p.relative_to(manual)): p for p in images_lib.list_images(manual)}
+    files = {str(p.relative_to(manual)): p for p in image_io.list_images(manual)}
     missing = sorted(set(rows) - set(files))
     if missing:
       raise FileNotFoundError(f"{len(missing)} files named in {csv_path} are not in {manual}, e.g. {missing[:5]}")
     if not files:
-      raise FileNotFoundError(f"no images ({', '.join(images_lib.IMAGE_EXTENSIONS)}) under {manual}")
+      raise FileNotFoundError(f"no images ({', '.join(image_io.IMAGE_EXTENSIONS)}) under {manual}")
     by_split: dict[str, list] = {}
     for k in sorted(files):
       att, identity = rows.get(k, (np.zeros(labels_lib.NUM_ATTRIBUTES, np.float32), -1))

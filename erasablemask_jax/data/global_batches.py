@@ -10,7 +10,7 @@ attributes are `att_b = att_a[rng.permutation(B)]`, a permutation of the whole g
 `att_b = att_a[randperm]`). Host h of c serves rows `[h B // c, (h + 1) B // c)` of every global batch, so the hosts'
 slices, concatenated, are the one-host batch: what a run trains on does not depend on the number of hosts.
 
-Both input paths use it: `train.input_pipeline.InMemorySource` (small folders) and `data.pipeline.make_train_iterator`
+Both input paths use it: `data.sources.InMemorySource` (small folders) and `data.pipeline.make_train_iterator`
 (prepared datasets through grain).
 """
 

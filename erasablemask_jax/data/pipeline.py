@@ -1,4 +1,4 @@
-"""Input pipeline: a prepared dataset (or in-memory arrays) -> sharded, shuffled, flipped batches, with grain.
+"""Input pipeline: a prepared dataset -> sharded, shuffled, flipped batches, with grain.
 
 Batches are dicts of numpy arrays, exactly what the trainer consumes:
   image     uint8 (B, S, S, 3) RGB
@@ -8,7 +8,7 @@ Batches are dicts of numpy arrays, exactly what the trainer consumes:
 
 The sequence is `data.global_batches`: every host computes the same global batches (order, flips, att_b permutation,
 all from `seed`, the epoch and the batch index) and reads only the records of its own slice of each, so the hosts'
-batches, concatenated, are the one-host batch (and `train.input_pipeline.InMemorySource`'s, on the same arrays): the
+batches, concatenated, are the one-host batch (and `data.sources.InMemorySource`'s, on the same records): the
 data does not depend on the number of hosts. att_b rows that come from other hosts' records are read from a label-only
 view of the dataset (images not decoded). A restored iterator state (`iterator.get_state()`, JSON bytes;
 `iterator.set_state(state)`) continues the exact sequence.
@@ -18,41 +18,22 @@ from __future__ import annotations
 
 import pathlib
 import sys
-from typing import Any, Mapping
+from typing import Any
 
 import grain.python as grain
 import numpy as np
 from PIL import Image
 
+from erasablemask_jax import image_io
+from erasablemask_jax.align import pipeline as align_pipeline
 from erasablemask_jax.data import builders
 from erasablemask_jax.data import global_batches
-from erasablemask_jax.data import images as images_lib
 from erasablemask_jax.data import labels as labels_lib
-
-
-class ArraySource(grain.RandomAccessDataSource):
-  """A random-access source over in-memory arrays `{"image": (N, ...), "att": (N, 13), "identity": (N,)}`."""
-
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
-    self._arrays = {k: np.asarray(arrays[k]) for k in ("image", "att", "identity")}
-    n = {len(v) for v in self._arrays.values()}
-    if len(n) != 1:
-      raise ValueError(f"arrays have different lengths: { {k: len(v) for k, v in self._arrays.items()} }")
-    self._n = n.pop()
-
-  def __len__(self) -> int:
-    return self._n
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {k: v[index] for k, v in self._arrays.items()}
-
-  def __repr__(self) -> str:  # grain records this in the iterator state; keep it short and stable
-    return f"ArraySource(n={self._n})"
 
 
 def open_source(source_or_builder_dir: Any, split: str = "train", labels_only: bool = False
                 ) -> grain.RandomAccessDataSource:
-  """A builder directory (from `builders.build`), arrays dict, or an existing random-access source -> a source.
+  """A builder directory (from `builders.build`), or an existing random-access source of records -> a source.
 
   `labels_only`: a builder directory's records come with the PNG bytes undecoded (for reading `att` cheaply).
   """
@@ -68,8 +49,6 @@ def open_source(source_or_builder_dir: Any, split: str = "train", labels_only: b
     if labels_only:
       return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
     return builder.as_data_source(split=split)
-  if isinstance(source_or_builder_dir, Mapping):
-    return ArraySource(source_or_builder_dir)
   return source_or_builder_dir
 
 
@@ -154,7 +133,8 @@ def make_train_iterator(source_or_builder_dir: Any, *, batch_size: int, seed: in
   """A resumable iterator of this host's slices of the global training batches (module docstring).
 
   Args:
-    source_or_builder_dir: a prepared builder directory, an arrays dict (`load_face_folder_arrays`), or a source.
+    source_or_builder_dir: a prepared builder directory, or a random-access source of `{"image", "att",
+      "identity"}` records (small in-memory sets train through `data.sources.InMemorySource`).
     batch_size: examples per batch on this host; the global batch is `batch_size * process_count`.
     seed: seeds the shuffle, flips and att_b permutations.
     image_size: side S of the delivered images (resized if the stored size differs).
@@ -213,22 +193,21 @@ def load_face_folder_arrays(folder: str | pathlib.Path, size: int, align: bool =
   folder = builders.resolve_manual_dir(folder)
   csv_path = folder / builders.ATTRIBUTES_CSV
   rows = labels_lib.read_attribute_csv(csv_path, require_attributes=False) if csv_path.is_file() else {}
-  report = images_lib.ImportReport()
+  report = image_io.ImportReport()
   out = {"image": [], "att": [], "identity": [], "file": []}
-  for path in images_lib.list_images(folder):
+  for path in image_io.list_images(folder):
     rel = str(path.relative_to(folder))
     report.read += 1
     try:
-      image = images_lib.read_image(path, rel, report)
+      image = image_io.read_image(path, rel, report)
       if align:
-        from erasablemask_jax.align import pipeline as align_pipeline  # pylint: disable=g-import-not-at-top
         result = align_pipeline.align_image(image, size, "loose")
         if result is None:
-          raise images_lib.SkipImage("no face: MTCNN found no face")
+          raise image_io.SkipImage("no face: MTCNN found no face")
         image = result.crop
       else:
-        image = images_lib.square_resize(image, size)
-    except images_lib.SkipImage as e:
+        image = image_io.square_resize(image, size)
+    except image_io.SkipImage as e:
       report.skip(rel, str(e))
       continue
     att, identity = rows.get(rel, (np.zeros(labels_lib.NUM_ATTRIBUTES, np.float32), -1))

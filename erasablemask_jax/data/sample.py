@@ -21,7 +21,7 @@ from PIL import Image
 
 from erasablemask_jax.align import pipeline as align_pipeline
 from erasablemask_jax.data import builders
-from erasablemask_jax.data import images as images_lib
+from erasablemask_jax import image_io
 from erasablemask_jax.data import labels as labels_lib
 
 SAMPLE_DIR = builders.PACKAGE_ASSETS / "sample_faces"
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
     old = labels_lib.read_attribute_csv(SAMPLE_DIR / "attributes.csv")
   rows = {}
   for name, src, identity in sources(assets):
-    image = images_lib.read_image(src, str(src))
+    image = image_io.read_image(src, str(src))
     result = align_pipeline.align_image(image, 256, "loose")
     if result is None:
       print(f"no face in {src}; not bundled")

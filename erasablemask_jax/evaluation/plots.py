@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from erasablemask_jax.train.writer import save_image_grid
+from erasablemask_jax.image_io import save_image_grid
 
 FIG4_COLUMNS = ("source", "attribute edit", "FGSM", "PGD", "protected", "restored")
 

@@ -7,7 +7,7 @@ within the set as in training), one target identity with images `x_t`:
   x_fgsm, x_pgd = FGSM / PGD (eps 4/255 on [0, 1]) against the run's surrogate ensemble (`metrics.recognition`)
 
 Every generated face is scored as published: x_edit, x_adv, x_fgsm, x_pgd and x_rec are rounded to uint8 (as the PNG
-`protect` writes, `train.writer.to_uint8`) before any FR model, transform or quality metric sees them, and R restores
+`protect` writes, `image_io.to_uint8`) before any FR model, transform or quality metric sees them, and R restores
 the rounded x_adv (its output rounded in turn).
 
 Per FR model f (white-box: one of the run's surrogates; black-box: any other), with L2-normalised embeddings and the
@@ -48,23 +48,30 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from erasablemask_jax.evaluation import attributes as attributes_lib
-from erasablemask_jax.evaluation import plots
-from erasablemask_jax.evaluation import sidecar as sidecar_lib
-from erasablemask_jax.evaluation.inference import Run
-from erasablemask_jax.evaluation.inference import to_model_input
+from erasablemask_jax import fr
+from erasablemask_jax import noise
+from erasablemask_jax.data import builders
+from erasablemask_jax.data import faces as faces_lib
+from erasablemask_jax.data.pipeline import load_face_folder_arrays
+from erasablemask_jax.evaluation import render
+from erasablemask_jax.evaluation.render import METHODS
+from erasablemask_jax.evaluation.render import SOURCE_METHODS
+from erasablemask_jax.fr.surrogates import load_surrogate
+from erasablemask_jax.fr.surrogates import target_embeddings
+from erasablemask_jax.image_io import to_uint8
+from erasablemask_jax.inference import attributes as attributes_lib
+from erasablemask_jax.inference.run import Run
+from erasablemask_jax.inference.run import to_model_input
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import batching
+from erasablemask_jax.metrics import fid as fid_lib
+from erasablemask_jax.metrics import lpips as lpips_lib
 from erasablemask_jax.metrics import quality
 from erasablemask_jax.metrics import recognition
-from erasablemask_jax.train.writer import to_uint8
+from erasablemask_jax.metrics import remote
 
 log = logging.getLogger(__name__)
 
-METHODS = ("clean", "edit", "fgsm", "pgd", "erasablemask")
-SOURCE_METHODS = METHODS[1:]  # the clean face is its own source: no SMR
-METHOD_LABELS = {"clean": "Clean", "edit": "Attribute edit", "fgsm": "FGSM", "pgd": "PGD",
-                 "erasablemask": "ErasableMask"}
 EMBED_BATCH = 32
 
 
@@ -75,7 +82,7 @@ class EvalModel:
   Attributes:
     key: its unique name in the tables and file names.
     spec: as given (`DIR` or `bundled:NAME`).
-    surrogate: the embedding function of faces at the generator's resolution (`train.surrogates.Surrogate`).
+    surrogate: the embedding function of faces at the generator's resolution (`fr.surrogates.Surrogate`).
     whitebox: one of the run's training surrogates.
     tau1: ASR threshold, or None when there is none at `fr.tau1_far` (`thresholds`).
     tau2: ESR threshold, or None.
@@ -98,18 +105,14 @@ class EvalModel:
 
 @functools.lru_cache(maxsize=16)
 def _load_surrogate(spec: str, input_crop: str, image_size: int):
-  """`train.surrogates.load_surrogate`, memoised: a model scored and attacked in one process is loaded (and its
+  """`fr.surrogates.load_surrogate`, memoised: a model scored and attacked in one process is loaded (and its
   jitted functions compiled) once."""
-  from erasablemask_jax.train.surrogates import load_surrogate  # pylint: disable=import-outside-toplevel
-
   return load_surrogate(spec, input_crop, image_size)
 
 
 def _source_id(spec: str) -> str:
   source = spec.partition("@")[0]
   if source.startswith("bundled:"):
-    from erasablemask_jax import fr  # pylint: disable=import-outside-toplevel
-
     return str(fr.bundled_dir(source.removeprefix("bundled:")).resolve())
   return str(pathlib.Path(source).resolve())
 
@@ -119,7 +122,6 @@ def load_eval_models(fr_specs: Sequence[str], blackbox_specs: Sequence[str], con
   """Loads the FR models to score; `fr_specs` are white-box when the run trained against them, `blackbox_specs`
   are always marked black-box. Each sees faces through `config.fr.input_crop`, as the attack did, and takes its
   thresholds for that view (`threshold_source`, default the run's `fr.threshold_source`: `fr.thresholds.lookup`)."""
-  source = threshold_source or config.fr.get("threshold_source", "calibrated")
   trained = set()
   for s in config.fr.surrogates:
     try:
@@ -134,8 +136,7 @@ def load_eval_models(fr_specs: Sequence[str], blackbox_specs: Sequence[str], con
     while key in keys:
       key += "'"
     keys.add(key)
-    found = {name: recogniser.find_threshold(config.fr[f"{name}_far"], surrogate.view, source)
-             for name in ("tau1", "tau2")}
+    found = surrogate.taus(config.fr, threshold_source)
     for name, t in found.items():
       if t is None:
         log.warning("%s has no threshold at FAR %g for view %s (views calibrated: %s): its rates that need %s are "
@@ -206,35 +207,22 @@ def _table2_rows(cos: dict[str, np.ndarray], src: dict[str, np.ndarray], m: Eval
 
 def _faces(run: Run, data_dir: str, target: str, identities: Sequence[int] | None, max_faces: int | None):
   """Evaluation faces {image, att, file, identity} and target images (uint8), from the folder and the target spec."""
-  from erasablemask_jax.data.pipeline import load_face_folder_arrays  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.train.input_pipeline import read_faces  # pylint: disable=import-outside-toplevel
 
-  arrays = load_face_folder_arrays(data_dir, run.image_size)
-  keep = np.ones(len(arrays["file"]), bool)
-  if target.startswith("identity:"):
-    target_id = int(target.split(":", 1)[1])
-    mask = arrays["identity"] == target_id
-    if not mask.any():
-      raise ValueError(f"target {target!r}: no face of identity {target_id} in {data_dir}; pass --target IMAGE|DIR")
-    target_images = arrays["image"][mask]
-    keep &= ~mask
-  elif target:
-    target_images = read_faces(target, run.image_size)
-  else:
+  if not target:
     raise ValueError("no target identity: the run's config has no fr.target; pass --target IMAGE|DIR|identity:K")
+  arrays = load_face_folder_arrays(data_dir, run.image_size)
+  target_images, target_mask = faces_lib.target_faces(target, arrays, run.image_size, data_dir)
+  keep = ~target_mask
   if identities:
     keep &= np.isin(arrays["identity"], np.asarray(identities))
   index = np.flatnonzero(keep)[:max_faces] if max_faces else np.flatnonzero(keep)
   if len(index) < 2:
     raise ValueError(f"{len(index)} evaluation face(s) left in {data_dir} after removing the target identity and "
                      "filtering; the report needs at least 2")
-  faces = {"image": arrays["image"][index], "att": arrays["att"][index],
-           "file": [arrays["file"][i] for i in index], "identity": arrays["identity"][index]}
-  return faces, target_images
+  return faces_lib.subset(arrays, index), target_images
 
 
 def _faces_att_a(run: Run, data_dir: str, faces: dict) -> tuple[np.ndarray, str]:
-  from erasablemask_jax.data import builders  # pylint: disable=import-outside-toplevel
 
   folder = builders.resolve_manual_dir(data_dir)
   if (folder / "attributes.csv").is_file():
@@ -249,14 +237,13 @@ def attack_baselines(x: np.ndarray, x_t: np.ndarray, surrogates: Sequence[Any], 
   Args:
     x: float [N, S, S, 3] faces in [-1, 1].
     x_t: float [M, S, S, 3] target images; each surrogate's target is the mean of their unit embeddings.
-    surrogates: `train.surrogates.Surrogate`s (their `apply` sees the faces as the attack did).
+    surrogates: `fr.surrogates.Surrogate`s (their `apply` sees the faces as the attack did).
     pgd_steps: PGD iterations (step `2.5 eps / steps`, started at x).
     epsilon: L_inf budget on [-1, 1].
 
   Returns:
     {"fgsm": x_fgsm, "pgd": x_pgd}, numpy float32.
   """
-  from erasablemask_jax.train.surrogates import target_embeddings  # pylint: disable=import-outside-toplevel
 
   targets = target_embeddings(surrogates, x_t)
   fns = [jax.tree_util.Partial(s.apply, s.variables) for s in surrogates]
@@ -275,7 +262,6 @@ def _baselines(run: Run, x: np.ndarray, x_t: np.ndarray, surrogate_specs: Sequen
 
 
 def _transformed(run: Run, x_adv: np.ndarray, att_a: np.ndarray, transforms: Sequence[str], seed: int):
-  from erasablemask_jax import noise  # pylint: disable=import-outside-toplevel
 
   out = {}
   for i, name in enumerate(transforms):
@@ -290,8 +276,6 @@ def _transformed(run: Run, x_adv: np.ndarray, att_a: np.ndarray, transforms: Seq
 
 
 def _quality(images: dict[str, np.ndarray], lpips_weights, lpips_net: str, fid_weights) -> dict[str, dict]:
-  from erasablemask_jax.metrics import fid as fid_lib  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.metrics import lpips as lpips_lib  # pylint: disable=import-outside-toplevel
 
   lpips_metric = lpips_lib.load_lpips(lpips_net, lpips_weights)  # no weights given: the `metrics` extra's
   inception = fid_lib.load_inception(fid_weights)
@@ -325,19 +309,30 @@ def _remote(client, images: dict[str, np.ndarray], x_t: np.ndarray) -> dict[str,
   return out
 
 
-def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str | os.PathLike[str], *,
-             transforms: Sequence[str] | None = None, seed: int = 0, attrs: str = "roll", target: str | None = None,
-             identities: Sequence[int] | None = None, max_faces: int | None = None,
-             surrogates: Sequence[str] | None = None, pgd_steps: int = 20, epsilon: float = recognition.EPSILON,
-             lpips_weights=None, lpips_net: str = "alex", fid_weights=None, remote_url: str | None = None,
-             remote_rate: float | None = 2.0, remote_client=None) -> dict[str, Any]:
+def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str | os.PathLike[str],
+             **options) -> dict[str, Any]:
   """Computes the report (module docstring) and writes it to `out_dir`; returns the JSON-ready dict.
+
+  `compute_tables(run, data_dir, models, **options)` then `render.write_report(out_dir, tables)`; `out_dir` is the report
+  folder (created; existing report files are replaced).
+  """
+  tables = compute_tables(run, data_dir, models, **options)
+  render.write_report(out_dir, tables)
+  return tables["report"]
+
+
+def compute_tables(run: Run, data_dir: str, models: Sequence[EvalModel], *, transforms: Sequence[str] | None = None,
+                   seed: int = 0, attrs: str = "roll", target: str | None = None,
+                   identities: Sequence[int] | None = None, max_faces: int | None = None,
+                   surrogates: Sequence[str] | None = None, pgd_steps: int = 20, epsilon: float = recognition.EPSILON,
+                   lpips_weights=None, lpips_net: str = "alex", fid_weights=None, remote_url: str | None = None,
+                   remote_rate: float | None = 2.0, remote_client=None) -> dict[str, Any]:
+  """Tables II, V and VI (module docstring) for a run; nothing is written.
 
   Args:
     run: the loaded run.
     data_dir: evaluation face folder (with `attributes.csv` and identities), or `bundled:sample_faces`.
     models: FR models to score (`load_eval_models`).
-    out_dir: report folder (created; existing report files are replaced).
     transforms: Table V transform names (default: the run's `noise.eval_transforms`).
     seed: seeds the random transforms.
     attrs: att_b spec (`attributes` module).
@@ -352,9 +347,12 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
     remote_url: score clean, protected and restored faces through this face-compare endpoint too.
     remote_rate: the remote client's request rate limit (None: unlimited).
     remote_client: a ready `metrics.remote.RemoteFaceCompare` (a preset such as Face++) instead of `remote_url`.
+
+  Returns:
+    `{"report": the JSON-ready tables, "images": the published faces by kind (float [-1, 1]), "embeddings": {model
+    key: {name: array}} (each model's embeddings of every kind, its target embeddings and thresholds)}`.
   """
   config = run.config
-  out_dir = pathlib.Path(out_dir)
   transforms = tuple(config.noise.eval_transforms if transforms is None else transforms)
   target = str(config.fr.target) if target is None else target
   faces, target_images = _faces(run, data_dir, target, identities, max_faces)
@@ -367,8 +365,7 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
   images.update({k: published(v) for k, v in baselines.items() if not isinstance(v, availability.Unavailable)})
   robust = _transformed(run, images["adv"], att_a, transforms, seed)
 
-  (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
-  table2, table5, model_info = {}, {}, {}
+  table2, table5, model_info, embeddings = {}, {}, {}, {}
   for m in models:
     emb = {k: _embed(m, v) for k, v in images.items()}
     for name, r in robust.items():
@@ -390,9 +387,8 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
                          "view": m.view, "thresholds": {k: None if t is None else t.to_json()
                                                         for k, t in m.thresholds.items()},
                          "embeddings": f"embeddings/{m.key}.npz"}
-    np.savez(out_dir / "embeddings" / f"{m.key}.npz", target=target_emb,
-             tau1=np.float64(np.nan if m.tau1 is None else m.tau1),
-             tau2=np.float64(np.nan if m.tau2 is None else m.tau2), **emb)
+    embeddings[m.key] = {"target": target_emb, "tau1": np.float64(np.nan if m.tau1 is None else m.tau1),
+                         "tau2": np.float64(np.nan if m.tau2 is None else m.tau2), **emb}
 
   report = {
       "run": run.checkpoint_info(), "data": str(data_dir), "faces": faces["file"], "target": target,
@@ -403,15 +399,10 @@ def evaluate(run: Run, data_dir: str, models: Sequence[EvalModel], out_dir: str 
       "table6": _quality(images, lpips_weights, lpips_net, fid_weights),
   }
   if remote_client is None and remote_url:
-    from erasablemask_jax.metrics import remote  # pylint: disable=import-outside-toplevel
     remote_client = remote.RemoteFaceCompare(remote_url, max_requests_per_s=remote_rate)
   if remote_client is not None:
     report["remote"] = _remote(remote_client, images, x_t)
-  report = _jsonable(report)
-  sidecar_lib.write_json_atomic(out_dir / "report.json", report)
-  sidecar_lib.write_bytes_atomic(out_dir / "report.md", format_markdown(report).encode("utf-8"))
-  _figures(out_dir, images, report)
-  return report
+  return {"report": _jsonable(report), "images": images, "embeddings": embeddings}
 
 
 def _jsonable(value):
@@ -424,123 +415,3 @@ def _jsonable(value):
   if isinstance(value, (np.floating, np.integer)):
     return value.item()
   return value
-
-
-def _pct(value) -> str:
-  if isinstance(value, dict) and "unavailable" in value:
-    return "n/a"
-  return f"{100 * value:.2f}"
-
-
-def _num(value, fmt=".4f") -> str:
-  if isinstance(value, dict) and "unavailable" in value:
-    return f"not available ({value['unavailable']})"
-  return format(value, fmt)
-
-
-def _threshold_cell(info: dict[str, Any], which: str) -> str:
-  t = info.get("thresholds", {}).get(which)
-  if t is None:
-    return "not calibrated" if info[which] is None else f"{info[which]:.4f}"
-  return f"{t['value']:.4f} (FAR {t['far']:g}; {t['label']})"
-
-
-def _model_header(report) -> list[str]:
-  return [f"{k} ({'W' if v['whitebox'] else 'B'})" for k, v in report["models"].items()]
-
-
-def format_markdown(report: dict[str, Any]) -> str:
-  """Tables II, V and VI (and the remote scores) as Markdown, in the paper's layout (methods x FR models)."""
-  keys = list(report["models"])
-  head = _model_header(report)
-  lines = [f"# ErasableMask evaluation: {len(report['faces'])} faces at {report['image_size']}x{report['image_size']}, "
-           f"checkpoint step {report['run']['step']}",
-           "", f"Target: {report['target']} ({report['target_images']} images); att_b: `{report['attrs']}`; att_a "
-           f"from {report['att_a_source']}; FGSM/PGD: eps {report['epsilon'] * 127.5:.2f}/255 on [0,1], "
-           f"{report['pgd_steps']} PGD steps, surrogates {report['surrogates']}. (W) white-box, (B) black-box.", "",
-           "## Table II: attack and erasure success rates (%), and matches to the source face", "",
-           "SMR: protected face verified as its source (lower = more private); IRR: restored face verified as its "
-           "source (higher = identity recovered); both at tau1. The clean face is its own source (no SMR).", "",
-           "| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-  for method in METHODS:
-    lines.append(f"| {METHOD_LABELS[method]} ASR | "
-                 + " | ".join(_pct(report["table2"][k][method]["asr"]) for k in keys) + " |")
-  lines.append("| ErasableMask ESR | " + " | ".join(_pct(report["table2"][k]["erasablemask"]["esr"]) for k in keys)
-               + " |")
-  lines.append("| Clean ESR (no protection) | "
-               + " | ".join(_pct(report["table2"][k]["clean"]["esr"]) for k in keys) + " |")
-  for method in SOURCE_METHODS:
-    lines.append(f"| {METHOD_LABELS[method]} SMR | "
-                 + " | ".join(_pct(report["table2"][k][method]["smr"]) for k in keys) + " |")
-  lines.append("| ErasableMask IRR | " + " | ".join(_pct(report["table2"][k]["erasablemask"]["irr"]) for k in keys)
-               + " |")
-  lines += ["", f"Cosines to the target are the mean over the {report['target_images']} target image(s) of the "
-            "per-image cosines. Thresholds, per model, for the view it scores:", "",
-            "| thresholds | " + " | ".join(head) + " |", "|---" * (len(keys) + 1) + "|",
-            "| view scored | " + " | ".join(str(report["models"][k].get("view")) for k in keys) + " |"]
-  for which in ("tau1", "tau2"):
-    lines.append(f"| {which} | " + " | ".join(_threshold_cell(report["models"][k], which) for k in keys) + " |")
-  lines += ["", "## Table V: robustness, ASR / ESR / SMR / IRR (%) after each transform of the protected face", "",
-            "| transform | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-  for name in ["none", *report["transforms"]] if keys else []:
-    lines.append(f"| {name} | " + " | ".join(
-        " / ".join(_pct(report["table5"][k][name][r]) for r in ("asr", "esr", "smr", "irr")) for k in keys) + " |")
-  lines += ["", "## Table VI: image quality", "", "| comparison | L1 | MSE | LPIPS | FID |", "|---|---|---|---|---|"]
-  for row, label in (("protected_vs_edit", "protected vs attribute-edited clean"),
-                     ("restored_vs_source", "restored vs source")):
-    q = report["table6"][row]
-    lines.append(f"| {label} | {_num(q['l1'])} | {_num(q['mse'])} | {_num(q['lpips'])} | {_num(q['fid'], '.2f')} |")
-  if "remote" in report:
-    r = report["remote"]
-    kinds = ("clean", "adv", "rec")
-    mean = lambda k: "no face" if r[k]["mean_confidence"] is None else f"{r[k]['mean_confidence']:.4f}"
-    lines += ["", f"## Remote face-compare service ({r['url']}): mean confidence against the target", "",
-              "| | clean | protected | restored |", "|---|---|---|---|",
-              "| mean confidence | " + " | ".join(mean(k) for k in kinds) + " |"]
-    if any(r[k].get("no_face") for k in kinds):
-      lines.append("| no face found | " + " | ".join(str(r[k].get("no_face", 0)) for k in kinds) + " |")
-    for far, value in r.get("thresholds", {}).items():
-      lines.append(f"| share >= its FAR {far} threshold ({value:g}) | "
-                   + " | ".join(_pct(r[k]["at_or_above"][far]) + "%" for k in kinds) + " |")
-  reasons = sorted(_unavailable_reasons({"table2": report["table2"], "table5": report["table5"]}))
-  if reasons:
-    lines += ["", "n/a: " + "; ".join(reasons)]
-  lines += ["", "Figures: fig4.png (source | attribute edit | FGSM | PGD | protected | restored), table2_asr.png, "
-            "table2_source.png, table5_robustness.png, table5_source.png. Embeddings and thresholds: "
-            "embeddings/<model>.npz.", ""]
-  return "\n".join(lines)
-
-
-def _unavailable_reasons(tree) -> set[str]:
-  if isinstance(tree, dict):
-    if set(tree) == {"unavailable"}:
-      return {tree["unavailable"]}
-    return set().union(*(_unavailable_reasons(v) for v in tree.values())) if tree else set()
-  return set()
-
-
-def _value_or_none(v):
-  return None if isinstance(v, dict) else 100 * v
-
-
-def _figures(out_dir: pathlib.Path, images: dict[str, np.ndarray], report: dict[str, Any]) -> None:
-  n = min(8, len(images["clean"]))
-  columns = [images[k][:n] if k in images else np.full_like(images["clean"][:n], -1.0)
-             for k in ("clean", "edit", "fgsm", "pgd", "adv", "rec")]
-  plots.image_grid(out_dir / "fig4.png", columns)
-  keys = list(report["models"])
-  head = _model_header(report)
-  series = {METHOD_LABELS[m] + " ASR": [_value_or_none(report["table2"][k][m]["asr"]) for k in keys] for m in METHODS}
-  series["ErasableMask ESR"] = [_value_or_none(report["table2"][k]["erasablemask"]["esr"]) for k in keys]
-  plots.grouped_bars(out_dir / "table2_asr.png", head, series, "Table II: ASR / ESR per FR model")
-  source = {METHOD_LABELS[m] + " SMR": [_value_or_none(report["table2"][k][m]["smr"]) for k in keys]
-            for m in SOURCE_METHODS}
-  source["ErasableMask IRR"] = [_value_or_none(report["table2"][k]["erasablemask"]["irr"]) for k in keys]
-  plots.grouped_bars(out_dir / "table2_source.png", head, source,
-                     "Table II: source match (SMR, lower = private) / identity recovery (IRR)")
-  names = ["none", *report["transforms"]]
-  for path, rates, title in (("table5_robustness.png", ("asr", "esr"), "Table V: ASR / ESR after transforms"),
-                             ("table5_source.png", ("smr", "irr"), "Table V: SMR / IRR after transforms")):
-    series5 = {f"{h} {r.upper()}": [_value_or_none(report["table5"][k][nm][r]) for nm in names]
-               for k, h in zip(keys, head) for r in rates}
-    plots.grouped_bars(out_dir / path, names, series5, title)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from erasablemask_jax.evaluation import plots
-from erasablemask_jax.evaluation import sidecar as sidecar_lib
+from erasablemask_jax.inference import sidecar as sidecar_lib
 
 PARAMS = {"gamma": ("model", "gamma"), "beta": ("model", "beta")}
 DEFAULT_REPORT = "evaluation"

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from erasablemask_jax import convert
-from erasablemask_jax.data import images as images_lib
+from erasablemask_jax import image_io
 from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr import views
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
@@ -197,16 +197,16 @@ def roc_metrics(genuine: np.ndarray, impostor: np.ndarray, fars: Iterable[float]
 def load_faces(paths: Sequence[pathlib.Path], image_size: int | None = None) -> list[np.ndarray]:
   """uint8 RGB arrays of the images, read as every other command reads them.
 
-  That is `data.images.read_image`: EXIF orientation applied, 16-bit scaled to 8 bit, alpha composited on white; with
-  `image_size`, the centre square resized to it (`data.images.square_resize`), as training reads a face folder.
+  That is `image_io.read_image`: EXIF orientation applied, 16-bit scaled to 8 bit, alpha composited on white; with
+  `image_size`, the centre square resized to it (`image_io.square_resize`), as training reads a face folder.
   """
   out = []
   for p in paths:
     try:
-      image = images_lib.read_image(p, str(p), min_side=1)
-    except images_lib.SkipImage as e:
+      image = image_io.read_image(p, str(p), min_side=1)
+    except image_io.SkipImage as e:
       raise CalibrationError(f"cannot read image {p}: {e}") from e
-    out.append(image if image_size is None else images_lib.square_resize(image, image_size))
+    out.append(image if image_size is None else image_io.square_resize(image, image_size))
   return out
 
 

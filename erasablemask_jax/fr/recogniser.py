@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from erasablemask_jax import convert
+from erasablemask_jax.fr import archs as _archs  # noqa: F401  (registers the architectures `load` looks up)
 from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr.preprocess import Preprocessing
 from erasablemask_jax.fr.preprocess import preprocess

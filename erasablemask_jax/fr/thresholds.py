@@ -116,6 +116,15 @@ def check_source(source: str) -> None:
     raise ValueError(f"fr.threshold_source={source!r}; choose one of {THRESHOLD_SOURCES}")
 
 
+def taus(card: Mapping[str, Any], fr_config, view: str | None,
+         source: str | None = None) -> dict[str, Threshold | None]:
+  """The reports' two thresholds for scores of `view`: `{"tau1": at fr.tau1_far (ASR, SMR, IRR), "tau2": at
+  fr.tau2_far (ESR)}`, each `lookup`'s answer; `source` defaults to `fr.threshold_source` ("calibrated" for a run
+  saved before the key existed)."""
+  source = source or fr_config.get("threshold_source", "calibrated")
+  return {name: lookup(card, fr_config[f"{name}_far"], view, source) for name in ("tau1", "tau2")}
+
+
 def lookup(card: Mapping[str, Any], far: float, view: str | None = ARCFACE112,
            source: str = "calibrated") -> Threshold | None:
   """The threshold at `far` for scores of `view` (module docstring: the view's, else arcface112's, else with

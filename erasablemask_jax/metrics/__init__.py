@@ -9,7 +9,7 @@ Modules:
   recognition: cosines, ASR / ESR, and the FGSM / PGD impersonation baselines.
   remote: a client for a black-box HTTP face-compare endpoint; compare_server: a local reference endpoint.
   availability: the `Unavailable` marker a metric returns instead of a number when it cannot be computed.
-  torch_layout: the PyTorch <-> Flax rename-table engine of the metric networks; archs: their converter registration
-    (`lpips_alex`, `lpips_vgg`, `fid_inception`).
+  archs: the metric networks' converter registration (`lpips_alex`, `lpips_vgg`, `fid_inception`; their rename
+    tables are `convert.rules` tables).
   batching: fixed-size jitted evaluation of large batches.
 """

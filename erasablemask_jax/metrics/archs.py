@@ -13,9 +13,9 @@ from __future__ import annotations
 import functools
 
 from erasablemask_jax import convert
+from erasablemask_jax.convert import rules
 from erasablemask_jax.metrics import fid
 from erasablemask_jax.metrics import lpips
-from erasablemask_jax.metrics import torch_layout
 
 
 class _PairInputInit:
@@ -32,14 +32,14 @@ def _register() -> None:
   for net, trunk in (("alex", "torchvision alexnet"), ("vgg", "torchvision vgg16")):
     convert.register_arch(f"lpips_{net}", convert.ArchSpec(
         name=f"lpips_{net}", build=functools.partial(_PairInputInit, net), input_shape=(64, 64, 3),
-        rename=functools.partial(torch_layout.rename_flat, rules=lpips.RENAME_RULES, ignore=lpips.IGNORED_KEYS),
+        rename=functools.partial(rules.rename_flat, rules=lpips.RENAME_RULES, ignore=lpips.IGNORED_KEYS),
         card={"kind": "lpips", "net": net, "version": "0.1", "input_range": [-1.0, 1.0],
               "source_repository": f"{trunk} features + richzhang/PerceptualSimilarity lpips/weights/v0.1/{net}.pth"},
         description=f"LPIPS v0.1 with {trunk} features and linear heads"))
   convert.register_arch("fid_inception", convert.ArchSpec(
       name="fid_inception", build=functools.partial(fid.FIDInceptionV3, resize_input=False),
       input_shape=(fid.MIN_INPUT_SIZE, fid.MIN_INPUT_SIZE, 3),
-      rename=functools.partial(torch_layout.rename_flat, rules=fid.RENAME_RULES, ignore=fid.IGNORED_KEYS),
+      rename=functools.partial(rules.rename_flat, rules=fid.RENAME_RULES, ignore=fid.IGNORED_KEYS),
       card={"kind": "fid_inception", "feature_dim": fid.FEATURE_DIM, "input_size": fid.INPUT_SIZE,
             "input_range": [-1.0, 1.0], "source_repository": "mseitzer/pytorch-fid pt_inception-2015-12-05"},
       description="pytorch-fid InceptionV3 pool3 (2048-d) for FID"))

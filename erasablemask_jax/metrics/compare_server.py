@@ -12,7 +12,7 @@
 
 It is a test and demo fixture, yet it bounds what a client can make it do: a request body over `max_body_bytes` is
 refused with 413 before it is read, a connection that stalls for `timeout_s` is closed, images are read by
-`data.images.read_image` (corrupt files and decompression bombs refused with 400, as are images whose shorter side is
+`image_io.read_image` (corrupt files and decompression bombs refused with 400, as are images whose shorter side is
 under `min_side`), and every image is resized to the model's `input_size` and both are embedded in one call, so
 `embed_fn` sees one input shape and a jitted model compiles once, whatever sizes the clients send. It binds to
 127.0.0.1 unless told otherwise, and warns when bound to anything else.
@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from erasablemask_jax.data import images as images_lib
+from erasablemask_jax import image_io
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 MAX_BODY_BYTES = 8 << 20  # two base64 PNGs of a few megapixels
@@ -55,8 +55,8 @@ def decode_image(b64: str, input_size: tuple[int, int], min_side: int = MIN_SIDE
   except (binascii.Error, TypeError) as e:
     raise ValueError(f"not base64: {e}") from None
   try:
-    image = images_lib.read_image(data, "image", min_side=min_side)
-  except images_lib.SkipImage as e:
+    image = image_io.read_image(data, "image", min_side=min_side)
+  except image_io.SkipImage as e:
     raise ValueError(str(e)) from None
   h, w = input_size
   if image.shape[:2] != (h, w):

@@ -38,10 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from erasablemask_jax import convert
+from erasablemask_jax.convert import rules
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import batching
 from erasablemask_jax.metrics import lpips
-from erasablemask_jax.metrics import torch_layout
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
@@ -192,8 +192,8 @@ class FIDInceptionV3(nn.Module):
     return jnp.mean(x, axis=(1, 2))
 
 
-def _bn_conv_rules(prefix_t: str, prefix_f: str) -> tuple[torch_layout.Rule, ...]:
-  R = torch_layout.Rule  # pylint: disable=invalid-name
+def _bn_conv_rules(prefix_t: str, prefix_f: str) -> tuple[rules.Rule, ...]:
+  R = rules.Rule  # pylint: disable=invalid-name
   return (
       R(f"{prefix_t}.conv.weight", f"params/{prefix_f}/conv/kernel", "conv"),
       R(f"{prefix_t}.bn.weight", f"params/{prefix_f}/bn/scale"),
@@ -216,12 +216,12 @@ def abstract_variables() -> Any:
 
 def variables_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """Flax variables (`params`, `batch_stats`) from the pytorch-fid state_dict (pt_inception-2015-12-05)."""
-  return torch_layout.torch_to_flax(state_dict, RENAME_RULES, IGNORED_KEYS, abstract_variables(), "FID InceptionV3")
+  return rules.torch_to_flax(state_dict, RENAME_RULES, IGNORED_KEYS, abstract_variables(), "FID InceptionV3")
 
 
 def variables_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The reverse (without `fc.*` and `num_batches_tracked`, which pytorch-fid's pool3 path never uses)."""
-  return torch_layout.flax_to_torch(variables, RENAME_RULES, "FID InceptionV3")
+  return rules.flax_to_torch(variables, RENAME_RULES, "FID InceptionV3")
 
 
 class InceptionFeatures:

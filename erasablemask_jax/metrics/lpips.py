@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from erasablemask_jax import convert
+from erasablemask_jax.convert import rules
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import batching
 from erasablemask_jax.metrics import numpy_pickle
-from erasablemask_jax.metrics import torch_layout
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -155,11 +155,11 @@ class LPIPS(nn.Module):
 
 # PyTorch <-> Flax rename table. torchvision trunk, lpips heads, and the alternative full-LPIPS spelling.
 RENAME_RULES = (
-    torch_layout.Rule("features.{i}.weight", "params/net/features_{i}/kernel", "conv"),
-    torch_layout.Rule("features.{i}.bias", "params/net/features_{i}/bias"),
-    torch_layout.Rule("lin{k}.model.1.weight", "params/lin{k}/kernel", "conv"),
-    torch_layout.Rule("net.slice{s}.{i}.weight", "params/net/features_{i}/kernel", "conv", reverse=False),
-    torch_layout.Rule("net.slice{s}.{i}.bias", "params/net/features_{i}/bias", reverse=False),
+    rules.Rule("features.{i}.weight", "params/net/features_{i}/kernel", "conv"),
+    rules.Rule("features.{i}.bias", "params/net/features_{i}/bias"),
+    rules.Rule("lin{k}.model.1.weight", "params/lin{k}/kernel", "conv"),
+    rules.Rule("net.slice{s}.{i}.weight", "params/net/features_{i}/kernel", "conv", reverse=False),
+    rules.Rule("net.slice{s}.{i}.bias", "params/net/features_{i}/bias", reverse=False),
 )
 IGNORED_KEYS = (r"classifier\..*", r"scaling_layer\.(shift|scale)")
 
@@ -183,12 +183,12 @@ def variables_from_torch(net: str, *state_dicts: Mapping[str, Any]) -> dict[str,
   merged: dict[str, Any] = {}
   for sd in state_dicts:
     merged.update(sd)
-  return torch_layout.torch_to_flax(merged, RENAME_RULES, IGNORED_KEYS, abstract_variables(net), f"LPIPS({net})")
+  return rules.torch_to_flax(merged, RENAME_RULES, IGNORED_KEYS, abstract_variables(net), f"LPIPS({net})")
 
 
 def variables_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """The reverse: `features.N.*` (torchvision) and `linK.model.1.weight` (lpips heads) numpy arrays."""
-  return torch_layout.flax_to_torch(variables, RENAME_RULES, "LPIPS")
+  return rules.flax_to_torch(variables, RENAME_RULES, "LPIPS")
 
 
 def size_problem(net: str, shape: Sequence[int]) -> str | None:

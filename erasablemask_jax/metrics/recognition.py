@@ -9,7 +9,7 @@ Per SPEC.md, with L2-normalised embeddings and `cos(a, b) = <a/|a|, b/|b|>`:
 
 With several target images x_target_1..M, `cos(FR(x), FR(x_target))` is the mean of the per-target-image cosines,
 `(1/M) sum_j cos(FR(x), FR(x_target_j))` (`target_cosine`): each term is a single-pair score, the kind the thresholds
-are calibrated on, and the mean is what the attack maximises (`train.surrogates.target_embeddings`).
+are calibrated on, and the mean is what the attack maximises (`fr.surrogates.target_embeddings`).
 
 ESR alone is met by any restored face that is not the target (a clean face scores high ESR); IRR asks that the FR
 model verify the restored face as the person in the original photo x_cov, at the strict threshold tau1.

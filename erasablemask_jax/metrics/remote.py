@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 from PIL import Image
 
-from erasablemask_jax.train.writer import to_uint8
+from erasablemask_jax.image_io import to_uint8
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 

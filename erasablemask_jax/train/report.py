@@ -3,11 +3,11 @@
 For each surrogate and each face `x_cov` of the held-out split (or, without one, the first training batch), with
 `att_b` the held-out labels rolled by one face (a permutation, as in training):
 - the generated faces are scored as published: x_cov^{att_b} (attribute edit only) and x_adv are rounded to uint8
-  (`train.writer.to_uint8`, as `protect` writes the PNG), R restores the rounded x_adv, and x_rec is rounded too;
+  (`image_io.to_uint8`, as `protect` writes the PNG), R restores the rounded x_adv, and x_rec is rounded too;
 - `cos(FR(x), FR(x_target))` for x in {x_cov (clean), x_cov^{att_b}, x_adv, x_rec}, and `cos(FR(x), FR(x_cov))` for
   x in {x_cov^{att_b}, x_adv, x_rec}; with several target images, `cos(FR(x), FR(x_target))` is the mean of the
   per-target-image cosines (`e @ t` with the trainer's target `t`, the mean of their unit embeddings:
-  `train.surrogates.target_embeddings`);
+  `fr.surrogates.target_embeddings`);
 - ASR = fraction above tau1 (the model's calibrated threshold at `fr.tau1_far`), ESR = fraction of restored faces below
   tau2 (at `fr.tau2_far`), with the same rates for the clean and edited baselines; SMR = fraction of protected (and
   edited) faces whose cosine to their own source is above tau1 (lower: more private), IRR = the same fraction of
@@ -23,18 +23,21 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.fr.surrogates import Surrogate
+from erasablemask_jax.image_io import save_image_grid
+from erasablemask_jax.image_io import to_uint8
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import lpips
 from erasablemask_jax.metrics import recognition
-from erasablemask_jax.train.writer import save_image_grid
-from erasablemask_jax.train.writer import to_uint8
 
 IMAGES = ("clean", "edit", "adv", "rec")
 SOURCE_IMAGES = IMAGES[1:]  # compared with their source x_cov (the clean face is the source)
@@ -52,11 +55,6 @@ def _restore(models, r_vars, x_adv, att_a):
   return models.restore(r_vars, x_adv, att_a)[0]
 
 
-def _threshold(surrogate, far: float, source: str):
-  """The surrogate's threshold at `far` for the view it scores, with its label (`fr.thresholds.lookup`), or None."""
-  return surrogate.recogniser.find_threshold(far, surrogate.view, source)
-
-
 def published_outputs(models, state, x: jax.Array, att_a: jax.Array, att_b: jax.Array) -> dict[str, jax.Array]:
   """`{"clean", "edit", "adv", "rec"}` in [-1, 1]; edit, adv and rec rounded to uint8 as published, R restoring the
   rounded x_adv."""
@@ -67,27 +65,29 @@ def published_outputs(models, state, x: jax.Array, att_a: jax.Array, att_b: jax.
           "rec": uint8_to_minus1_1(to_uint8(x_rec))}
 
 
-def whitebox_report(trainer, state) -> dict:
-  """Computes the report, writes `report.json` and `report.png` to the workdir and returns it."""
-  held_out = trainer.splits is not None and len(trainer.splits.eval["image"]) > 0
-  if held_out:
-    images, att_a = trainer.splits.eval["image"], trainer.splits.eval["att"]
-  else:
-    batch = next(trainer.source)
-    images, att_a = batch["image"], batch["att_a"]
+def whitebox_report(models, state, surrogates: Sequence[Surrogate], targets: Sequence[jax.Array], images: np.ndarray,
+                    att_a: np.ndarray, *, split: str, config, workdir: str | os.PathLike[str]) -> dict:
+  """Computes the report, writes `report.json` and `report.png` to `workdir` and returns it.
+
+  Args:
+    models, state: the run's networks and train state.
+    surrogates, targets: the attacked FR models and their target embeddings (`fr.surrogates.target_embeddings`).
+    images, att_a: the faces to report on, uint8 `(N, S, S, 3)`, and their attributes (`Trainer.report_faces`).
+    split: what the faces are ("held-out" or "training batch"), as the report says.
+    config: the run's config (`fr.tau1_far`, `fr.tau2_far`, `fr.threshold_source`, `image_size`).
+    workdir: where report.json and report.png go.
+  """
   x = uint8_to_minus1_1(images)
   att_a = jnp.asarray(att_a, jnp.float32)
   att_b = jnp.roll(att_a, 1, axis=0)
-  outputs = published_outputs(trainer.models, state, x, att_a, att_b)
-  config = trainer.config
-  report = {"faces": int(x.shape[0]), "split": "held-out" if held_out else "training batch",
-            "image_size": config.image_size, "steps": int(state.step), "surrogates": {}}
-  for surrogate, target in zip(trainer.surrogates, trainer.targets):
+  outputs = published_outputs(models, state, x, att_a, att_b)
+  report = {"faces": int(x.shape[0]), "split": split, "image_size": config.image_size, "steps": int(state.step),
+            "surrogates": {}}
+  for surrogate, target in zip(surrogates, targets):
     emb = {k: np.asarray(surrogate.embed(v)) for k, v in outputs.items()}
     cos = {k: e @ np.asarray(target) for k, e in emb.items()}
     src = {k: np.sum(emb[k] * emb["clean"], axis=1) for k in SOURCE_IMAGES}
-    source = config.fr.get("threshold_source", "calibrated")  # a run saved before the key existed: the default
-    found = {name: _threshold(surrogate, config.fr[f"{name}_far"], source) for name in ("tau1", "tau2")}
+    found = surrogate.taus(config.fr)
     tau1, tau2 = (None if found[k] is None else found[k].value for k in ("tau1", "tau2"))
     entry = {"mean_cos": {k: float(c.mean()) for k, c in cos.items()},
              "mean_cos_source": {k: float(c.mean()) for k, c in src.items()}, "tau1": tau1, "tau2": tau2,
@@ -104,7 +104,7 @@ def whitebox_report(trainer, state) -> dict:
   metric = lpips.load_lpips("alex", None)  # the `metrics` extra's weights, or the reason they are missing
   report["lpips_alex"] = {pair: availability.to_json(lpips.mean_lpips(metric, outputs[a], outputs[b]))
                           for pair, (a, b) in LPIPS_PAIRS.items()}
-  workdir = pathlib.Path(trainer.workdir)
+  workdir = pathlib.Path(workdir)
   (workdir / "report.json").write_text(json.dumps(report, indent=2))
   save_image_grid(workdir / "report.png", [np.asarray(outputs[k]) for k in IMAGES])
   return report

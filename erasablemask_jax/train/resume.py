@@ -32,6 +32,7 @@ from typing import Any
 import ml_collections
 
 from erasablemask_jax.config import ConfigError
+from erasablemask_jax.config import upgrade_legacy
 
 CONFIG_FILE = "config.json"
 ARCHITECTURE_KEYS = ("model", "image_size", "attributes", "fr.surrogates")
@@ -83,7 +84,7 @@ def check_resume_config(workdir: str | os.PathLike[str], config: ml_collections.
   if step is None or not (workdir / CONFIG_FILE).is_file():
     return {}
   try:
-    saved = json.loads((workdir / CONFIG_FILE).read_text())
+    saved = upgrade_legacy(json.loads((workdir / CONFIG_FILE).read_text()))
   except json.JSONDecodeError as e:
     raise ConfigChangeError(f"{workdir / CONFIG_FILE} is not valid JSON ({e}), so the config this run was trained "
                             "with is unknown; restore the file or train in a new --workdir") from None

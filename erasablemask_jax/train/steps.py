@@ -27,9 +27,10 @@ Metrics = dict[str, Array]
 NoiseFn = Callable[[Array, Array], Array]  # (images, rng) -> images
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class StepConfig:
-  """What the steps need besides arrays; hashable, bound statically."""
+  """What the steps need besides arrays, bound statically with `functools.partial` (compared and hashed by identity:
+  one jitted step per StepConfig)."""
 
   models: ErasableMask
   tx: optax.GradientTransformation
@@ -37,9 +38,6 @@ class StepConfig:
   fr_applies: tuple[Callable[[Any, Array], Array], ...] = ()  # (variables, x in [-1, 1]) -> normalised embeddings
   attack: Callable | None = None  # erasablemask_jax.attack.make_attack(...)
   noise: NoiseFn | None = None  # the training noise pool
-
-  def __hash__(self):
-    return id(self)
 
 
 def _update(net: NetState, grads, tx: optax.GradientTransformation, batch_stats=None) -> NetState:

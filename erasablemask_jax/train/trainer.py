@@ -6,8 +6,8 @@ and the data iterator's position are saved together by an orbax `CheckpointManag
 `train.checkpoint_every_steps` steps and at each stage boundary. Orbax writes a checkpoint to a temporary directory
 and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
 
-Devices: one `Mesh` with a `data` axis over `mesh.data` devices (-1: all, over all hosts); the global batch is sharded
-along it, the state replicated; multi-host runs call `jax.distributed.initialize` first (see `initialize_distributed`).
+Devices: one `Mesh` with a `data` axis (`train.mesh`); the global batch is sharded along it, the state replicated.
+Checkpoints and the abstract state they restore into: `train.checkpoint`.
 
 A first Ctrl-C (SIGINT) on a single-host run stops after the current step, saves it and raises `TrainingInterrupted`
 (a second one interrupts at once). A resume drops the rows of `metrics.jsonl` after the restored step, which the
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
-import math
 import os
 import pathlib
 import signal
@@ -35,20 +33,25 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from erasablemask_jax.attack import end_epoch, make_attack
+from erasablemask_jax import attack as attack_lib
+from erasablemask_jax.attack import end_epoch
 from erasablemask_jax.config import ConfigError
+from erasablemask_jax.data.faces import load_face_splits, read_faces
+from erasablemask_jax.data.sources import make_source
 from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.fr.surrogates import Surrogate, load_surrogate, target_embeddings
+from erasablemask_jax.image_io import save_image_grid
 from erasablemask_jax.models import ErasableMask
+from erasablemask_jax.train import checkpoint as checkpoint_lib
 from erasablemask_jax.train import lock as lock_lib
+from erasablemask_jax.train import mesh as mesh_lib
 from erasablemask_jax.train import resume as resume_lib
 from erasablemask_jax.train import steps as steps_lib
-from erasablemask_jax.train.input_pipeline import InMemorySource, load_face_splits, read_faces
-from erasablemask_jax.train.state import TrainState, begin_stage2, create_train_state, make_optimizer
-from erasablemask_jax.train.surrogates import Surrogate, load_surrogate, target_embeddings
-from erasablemask_jax.train.writer import MetricWriter, save_image_grid
+from erasablemask_jax.train.state import TrainState, begin_stage2, make_optimizer
+from erasablemask_jax.train.writer import MetricWriter
 
 log = logging.getLogger(__name__)
 
@@ -64,40 +67,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     self.step = step
     super().__init__(f"interrupted: saved a checkpoint at step {step} in {checkpoints}; rerun the same command to "
                      "resume from it")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Devices.
-
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-  """Joins a multi-host run. Without arguments JAX reads the cluster's environment (TPU pods, SLURM, ...).
-
-  On CPU hosts, collectives go through gloo.
-  """
-  if jax.process_count() > 1 or (coordinator_address is None and "JAX_COORDINATOR_ADDRESS" not in os.environ):
-    return
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
-
-
-def make_mesh(mesh_config) -> Mesh:
-  """A 1-D mesh with a `data` axis over `mesh.data` devices (-1: every device of every host)."""
-  devices = jax.devices()
-  n = len(devices) if mesh_config.data in (-1, 0) else mesh_config.data
-  if n > len(devices):
-    raise ConfigError(f"mesh.data={n} but only {len(devices)} devices are visible; set --config.mesh.data=-1 "
-                      "(every device) or a smaller count")
-  return Mesh(np.asarray(devices[:n]), ("data",))
-
-
-def check_batch_divides(global_batch: int, mesh: Mesh) -> None:
-  if global_batch % mesh.size or global_batch % jax.process_count():
-    raise ConfigError(f"data.batch_size={global_batch} does not divide over {mesh.size} devices and "
-                      f"{jax.process_count()} hosts; use a multiple of {math.lcm(mesh.size, jax.process_count())} "
-                      "(--config.data.batch_size=N) or fewer devices (--config.mesh.data=N)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -130,49 +99,6 @@ class Schedule:
 # ---------------------------------------------------------------------------------------------------------------------
 # Setup pieces.
 
-class GrainSource:
-  """Adapts `erasablemask_jax.data.pipeline.make_train_iterator` (tfds builders, large data) to the trainer: this
-  host's slice of each global batch, att_b permuted over the global batch, the same batches on any number of hosts."""
-
-  def __init__(self, data_config, image_size: int, process_index: int, process_count: int):
-    from erasablemask_jax.data import pipeline
-
-    per_host = data_config.batch_size // process_count
-    source = pipeline.open_source(data_config.data_dir, "train")
-    self.steps_per_epoch = len(source) // process_count // per_host
-    self._it = pipeline.make_train_iterator(
-        data_config.data_dir, batch_size=per_host, seed=data_config.shuffle_seed, image_size=image_size,
-        flip=data_config.flip, process_index=process_index, process_count=process_count,
-        worker_count=data_config.worker_count)
-
-  def __next__(self):
-    return next(self._it)
-
-  def get_state(self) -> dict[str, str]:
-    state = self._it.get_state()
-    return {"grain": state.decode() if isinstance(state, bytes) else state}
-
-  def set_state(self, state: dict[str, str]) -> None:
-    self._it.set_state(state["grain"].encode())
-
-
-def make_source(config, process_index: int, process_count: int, train_arrays=None):
-  """The training data of `config.data` as a host-local batch iterator.
-
-  `data.data_dir` set: a prepared tfds builder read through grain (each host reads its slice of every global batch).
-  Otherwise the in-memory folder `data.manual_dir` (split by `load_face_splits`). Both serve the `data.global_batches`
-  sequence, so the global batches are independent of the number of hosts and devices.
-  """
-  if config.data.data_dir:
-    return GrainSource(config.data, config.image_size, process_index, process_count)
-  if train_arrays is None:
-    train_arrays = load_face_splits(config.data, config.fr, config.image_size).train
-  return InMemorySource(images=train_arrays["image"], attributes=train_arrays["att"],
-                        identity=train_arrays["identity"], global_batch_size=config.data.batch_size,
-                        seed=config.data.shuffle_seed, flip=config.data.flip, process_index=process_index,
-                        process_count=process_count)
-
-
 def _prepare(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {"image": uint8_to_minus1_1(batch["image"]), "att_a": batch["att_a"], "att_b": batch["att_b"]}
 
@@ -195,8 +121,8 @@ class Trainer:
       raise ConfigError(f"fr.threshold_source={config.fr.threshold_source!r}; choose one of "
                         f"{thresholds_lib.THRESHOLD_SOURCES}")
     self.workdir = pathlib.Path(workdir)
-    self.mesh = make_mesh(config.mesh)
-    check_batch_divides(config.data.batch_size, self.mesh)
+    self.mesh = mesh_lib.make_mesh(config.mesh)
+    mesh_lib.check_batch_divides(config.data.batch_size, self.mesh)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P("data"))
     self.is_chief = jax.process_index() == 0
@@ -225,24 +151,18 @@ class Trainer:
       self.fr_vars = jax.device_put([s.variables for s in self.surrogates], self.replicated)
     else:
       self.targets, self.fr_vars = [], []
-    lr_inner = config.attack.lr_inner if config.attack.lr_inner >= 0 else config.optim.lr
-    kind = config.attack.kind
-    if kind == "meta_auxiliary" and config.attack.first_order:
-      kind = "first_order"
-    if kind != "ensemble" and len(self.surrogates) == 1:
+    if config.attack.kind != "ensemble" and len(self.surrogates) == 1:
       raise ConfigError("the meta-auxiliary attack needs at least 2 surrogates (fr.surrogates); add one, a '@flip' "
                         "view of one, or set attack.kind='ensemble'")
-    attack = (make_attack(kind, lr_inner=lr_inner, epsilon=config.loss.epsilon, primaries=config.attack.primaries)
-              if self.surrogates else None)
+    attack = attack_lib.from_config(config.attack, config.loss.epsilon) if self.surrogates else None
     noise = _make_noise(config.noise.train_pool, config.noise.jpeg_rounding)
     self.step_config = steps_lib.StepConfig(models=self.models, tx=self.tx, loss=config.loss,
                                             fr_applies=tuple(s.apply for s in self.surrogates), attack=attack,
                                             noise=noise)
     self._steps = {}
-    self.checkpoints = ocp.CheckpointManager(
-        (self.workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints_to_keep, create=True),
-        item_names=("state", "data"))
+    self._sample_images = jax.jit(functools.partial(steps_lib.sample_images, self.models))  # traced once per run
+    self.checkpoints = checkpoint_lib.checkpoint_manager(
+        self.workdir, ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints_to_keep, create=True))
     self.writer = MetricWriter(self.workdir, enabled=self.is_chief)
 
   # -------------------------------------------------------------------------------------------------------------------
@@ -256,13 +176,11 @@ class Trainer:
     return self._steps[stage]
 
   def init_state(self) -> TrainState:
-    init = functools.partial(create_train_state, self.models, self.tx, image_size=self.config.image_size,
-                             num_attributes=len(self.config.attributes), num_surrogates=len(self.surrogates))
+    init = checkpoint_lib.init_fn(self.models, self.tx, self.config, len(self.surrogates))
     return jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(self.config.seed))
 
   def abstract_state(self) -> TrainState:
-    shapes = jax.eval_shape(lambda: self.init_state())
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
+    return checkpoint_lib.abstract_state(self.models, self.tx, self.config, len(self.surrogates), self.replicated)
 
   def restore_or_init(self) -> TrainState:
     step = self.checkpoints.latest_step()
@@ -278,6 +196,14 @@ class Trainer:
     self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         data=ocp.args.JsonSave(self.source.get_state())), force=True)
     self.checkpoints.wait_until_finished()
+
+  def report_faces(self) -> dict[str, Any]:
+    """The closing report's faces: `{"images", "att_a", "split"}`, the held-out split when there is one, else the
+    first training batch (`report.whitebox_report`'s arguments)."""
+    if self.splits is not None and len(self.splits.eval["image"]) > 0:
+      return {"images": self.splits.eval["image"], "att_a": self.splits.eval["att"], "split": "held-out"}
+    batch = next(self.source)
+    return {"images": batch["image"], "att_a": batch["att_a"], "split": "training batch"}
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
@@ -365,7 +291,7 @@ class Trainer:
 
   def _write_samples(self, state: TrainState, sample_batch, step: int) -> None:
     batch = _prepare({k: jnp.asarray(v) for k, v in sample_batch.items() if k != "identity"})
-    columns = jax.jit(functools.partial(steps_lib.sample_images, self.models))(state, batch)
+    columns = self._sample_images(state, batch)
     save_image_grid(self.workdir / "samples" / f"step_{step:07d}.png",
                     [np.asarray(columns[k]) for k in ("x_cov", "x_edit", "x_adv", "x_rec")])
 
@@ -431,30 +357,3 @@ def params_of(state: TrainState) -> dict[str, Any]:
   return jax.device_get({name: {"params": getattr(state, name).params, "batch_stats": getattr(state, name).batch_stats}
                          for name in ("g", "e_adv", "r", "d")})
 
-
-def restore_run(workdir: str | os.PathLike[str], step: int | None = None):
-  """A trained run for inference: `(config, models, state, step)` from `workdir` (its `config.json` and checkpoints).
-
-  Only the train state is read (no data, no surrogates); the state's arrays land on the default device.
-
-  Raises:
-    FileNotFoundError: `workdir` holds no config.json or no checkpoint.
-  """
-  workdir = pathlib.Path(workdir)
-  config_path = workdir / "config.json"
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{workdir} is not a training run (no config.json); pass the --workdir used for training")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(), item_names=("state", "data"))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}; train first")
-  models = ErasableMask.from_config(config.model, len(config.attributes))
-  tx = make_optimizer(config.optim)
-  shapes = jax.eval_shape(functools.partial(
-      create_train_state, models, tx, image_size=config.image_size, num_attributes=len(config.attributes),
-      num_surrogates=len(config.fr.surrogates)), jax.random.PRNGKey(0))
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-  return config, models, state, step

@@ -1,4 +1,4 @@
-"""Metrics to TensorBoard event files and a JSONL file, and PNG sample grids (written by process 0 only)."""
+"""Metrics to TensorBoard event files and a JSONL file (written by process 0 only)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ import json
 import os
 import pathlib
 import time
-
-import numpy as np
-from PIL import Image
 
 
 class MetricWriter:
@@ -91,17 +88,3 @@ def _row_step(line: str) -> int | None:
     return None
   return row.get("step") if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] float -> uint8, rounding to nearest."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def save_image_grid(path: os.PathLike[str], columns: list[np.ndarray]) -> None:
-  """One row per image, one column per array of `columns` (each `(N, H, W, 3)` in [-1, 1]); written atomically."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  rows = [np.concatenate([to_uint8(c[i]) for c in columns], axis=1) for i in range(columns[0].shape[0])]
-  tmp = path.with_suffix(".tmp.png")
-  Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
-  os.replace(tmp, path)

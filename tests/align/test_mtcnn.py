@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from erasablemask_jax import convert
+from erasablemask_jax.align import archs
 from erasablemask_jax.align import mtcnn
 from erasablemask_jax.align import weights as weights_lib
 
@@ -68,7 +70,9 @@ def test_matches_torch_with_real_weights(assets_dir, net, hw):
   x = np.random.default_rng(0).uniform(-1, 1, (3, *hw, 3)).astype(np.float32)
   with torch.no_grad():
     want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2)))
-  variables = weights_lib.strict_params(net, weights_lib.rename_torch_state_dict({k: v.numpy() for k, v in sd.items()}))
+  spec = convert.get_arch(archs.arch_name(net))
+  variables = convert.strict_merge(archs.rename({k: v.numpy() for k, v in sd.items()}),
+                                   convert.abstract_init(spec.build(), spec.input_shape))
   got = mtcnn.MODULES[net]().apply(variables, x)
   for g, w in zip(got, want):
     if w.ndim == 4:  # P-Net maps come back NCHW from torch.
@@ -134,5 +138,6 @@ def test_convert_cli_registers_mtcnn(tmp_path):
 
 
 def test_unknown_torch_key_is_an_error():
-  with pytest.raises(KeyError, match="bn1.running_mean"):
-    weights_lib.rename_torch_state_dict({"bn1.running_mean": np.zeros(3)})
+  assert list(archs.rename({"bn1.running_mean": np.zeros(3)})) == ["unmapped/bn1.running_mean"]
+  with pytest.raises(convert.StrictMergeError, match="bn1.running_mean"):
+    convert.convert_state_dict("mtcnn_pnet", {"bn1.running_mean": np.zeros(3)})

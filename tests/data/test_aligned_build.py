@@ -9,7 +9,7 @@ import numpy as np
 from erasablemask_jax import config as config_lib
 from erasablemask_jax.align import pipeline as align_pipeline
 from erasablemask_jax.data import builders
-from erasablemask_jax.data import images as images_lib
+from erasablemask_jax import image_io
 from erasablemask_jax.data import labels
 from erasablemask_jax.data import pipeline
 
@@ -30,10 +30,10 @@ def test_celeba_hq_aligned_build_holds_mtcnn_loose_crops(tmp_path):
   assert d.parent.name == "s64_aligned_split2-1-1"
   records = [pipeline.open_source(d, split)[0] for split in ("train", "validation", "test")]
   for i, record in zip((0, 2, 3), records):
-    photo = images_lib.read_image(manual / f"CelebA-HQ-img/{i}.png")
+    photo = image_io.read_image(manual / f"CelebA-HQ-img/{i}.png")
     want = align_pipeline.align_image(photo, 64, "loose").crop
     np.testing.assert_array_equal(record["image"], want)
-    assert not np.array_equal(record["image"], images_lib.square_resize(photo, 64))  # not the plain resize
+    assert not np.array_equal(record["image"], image_io.square_resize(photo, 64))  # not the plain resize
 
 
 def test_paper_config_reads_the_aligned_build_through_the_arcface_box():

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from erasablemask_jax.data import builders
-from erasablemask_jax.data import images as images_lib
+from erasablemask_jax import image_io
 from erasablemask_jax.data import labels
 from erasablemask_jax.data import pipeline
 
@@ -119,12 +119,12 @@ def _bad_files(folder: pathlib.Path) -> dict[str, str]:
 def test_bad_inputs_converted_or_skipped_with_reasons(tmp_path, caplog):
   folder = tmp_path / "photos"
   expected = _bad_files(folder)
-  report = images_lib.ImportReport()
+  report = image_io.ImportReport()
   for name, outcome in expected.items():
     report.read += 1
     try:
-      arr = images_lib.read_image(folder / name, name, report)
-    except images_lib.SkipImage as e:
+      arr = image_io.read_image(folder / name, name, report)
+    except image_io.SkipImage as e:
       assert str(e).startswith(outcome), (name, str(e))
       report.skip(name, str(e))
       continue

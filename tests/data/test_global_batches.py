@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from data_records import Records
 from erasablemask_jax.data import builders
 from erasablemask_jax.data import global_batches
 from erasablemask_jax.data import labels
 from erasablemask_jax.data import pipeline
-from erasablemask_jax.train import trainer as trainer_lib
-from erasablemask_jax.train.input_pipeline import InMemorySource
+from erasablemask_jax.data import sources
+from erasablemask_jax.data.sources import InMemorySource
 
 N, S, B = 23, 8, 6  # 3 global batches per epoch, 5 records left over
 
@@ -36,8 +37,8 @@ def _hosts(make, count, steps):
 
 
 def _grain(arrays, seed=4):
-  return lambda index, count: pipeline.make_train_iterator(arrays, batch_size=B // count, seed=seed, image_size=S,
-                                                           process_index=index, process_count=count)
+  return lambda index, count: pipeline.make_train_iterator(Records(arrays), batch_size=B // count, seed=seed,
+                                                           image_size=S, process_index=index, process_count=count)
 
 
 def _assert_same(a, b):
@@ -88,7 +89,7 @@ def test_eval_iterator_hosts_cover_every_example_once_in_order():
   arrays = _arrays()
   seen = []
   for index in range(3):
-    it = pipeline.make_eval_iterator(arrays, batch_size=2, image_size=S, split="train", process_index=index,
+    it = pipeline.make_eval_iterator(Records(arrays), batch_size=2, image_size=S, split="train", process_index=index,
                                      process_count=3)
     batches = list(it)
     assert all(len(b["identity"]) > 0 for b in batches)
@@ -110,7 +111,7 @@ def test_grain_source_of_a_prepared_builder_across_hosts(tmp_path):
     data_dir, batch_size, shuffle_seed, flip, worker_count = str(d), 8, 2, True, 0
 
   def make(index, count):
-    return trainer_lib.GrainSource(Data, 16, index, count)
+    return sources.GrainSource(Data, 16, index, count)
 
   one = _hosts(make, 1, 4)  # 28 faces: 3 steps per epoch, so across an epoch boundary
   _assert_same(_hosts(make, 2, 4), one)
@@ -121,4 +122,4 @@ def test_grain_source_of_a_prepared_builder_across_hosts(tmp_path):
 
 def test_too_few_examples_for_one_global_batch():
   with pytest.raises(ValueError, match="cannot fill one global batch"):
-    pipeline.make_train_iterator(_arrays(5), batch_size=3, seed=0, image_size=S, process_count=2)
+    pipeline.make_train_iterator(Records(_arrays(5)), batch_size=3, seed=0, image_size=S, process_count=2)

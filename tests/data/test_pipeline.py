@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from data_records import Records
 from erasablemask_jax.data import labels
 from erasablemask_jax.data import pipeline
 
@@ -27,7 +28,7 @@ def _ids(batch):
 
 def test_batch_format_and_att_b_is_a_permutation():
   arrays = _arrays()
-  it = pipeline.make_train_iterator(arrays, batch_size=4, seed=0, image_size=S)
+  it = pipeline.make_train_iterator(Records(arrays), batch_size=4, seed=0, image_size=S)
   saw_flip = saw_noflip = False
   for _ in range(6):
     b = next(it)
@@ -47,7 +48,7 @@ def test_batch_format_and_att_b_is_a_permutation():
 def test_host_shards_cover_every_example_once(count):
   seen = []
   for index in range(count):
-    it = pipeline.make_eval_iterator(_arrays(), batch_size=5, image_size=S, process_index=index,
+    it = pipeline.make_eval_iterator(Records(_arrays()), batch_size=5, image_size=S, process_index=index,
                                      process_count=count)
     seen += [i for b in it for i in _ids(b)]
   assert sorted(seen) == list(range(N))
@@ -56,7 +57,7 @@ def test_host_shards_cover_every_example_once(count):
 def test_training_shards_are_disjoint_and_equal():
   per_host = []
   for index in range(3):
-    it = pipeline.make_train_iterator(_arrays(), batch_size=1, seed=3, image_size=S, process_index=index,
+    it = pipeline.make_train_iterator(Records(_arrays()), batch_size=1, seed=3, image_size=S, process_index=index,
                                       process_count=3, num_epochs=1)
     per_host.append([i for b in it for i in _ids(b)])
   assert len({len(p) for p in per_host}) == 1
@@ -65,8 +66,8 @@ def test_training_shards_are_disjoint_and_equal():
 
 
 def test_same_seed_same_batches_and_epochs_reshuffle():
-  a = pipeline.make_train_iterator(_arrays(), batch_size=N, seed=5, image_size=S, drop_remainder=False)
-  b = pipeline.make_train_iterator(_arrays(), batch_size=N, seed=5, image_size=S, drop_remainder=False)
+  a = pipeline.make_train_iterator(Records(_arrays()), batch_size=N, seed=5, image_size=S, drop_remainder=False)
+  b = pipeline.make_train_iterator(Records(_arrays()), batch_size=N, seed=5, image_size=S, drop_remainder=False)
   ea, eb = next(a), next(b)
   for k in ea:
     np.testing.assert_array_equal(ea[k], eb[k])
@@ -75,12 +76,12 @@ def test_same_seed_same_batches_and_epochs_reshuffle():
 
 
 def test_resumed_iterator_continues_the_sequence():
-  it = pipeline.make_train_iterator(_arrays(), batch_size=4, seed=11, image_size=S)
+  it = pipeline.make_train_iterator(Records(_arrays()), batch_size=4, seed=11, image_size=S)
   for _ in range(7):  # cross an epoch boundary (23 // 4 = 5 batches per epoch)
     next(it)
   state = it.get_state()
   want = [next(it) for _ in range(6)]
-  resumed = pipeline.make_train_iterator(_arrays(), batch_size=4, seed=11, image_size=S)
+  resumed = pipeline.make_train_iterator(Records(_arrays()), batch_size=4, seed=11, image_size=S)
   resumed.set_state(state)
   for w in want:
     g = next(resumed)
@@ -89,5 +90,5 @@ def test_resumed_iterator_continues_the_sequence():
 
 
 def test_resize_on_read():
-  it = pipeline.make_eval_iterator(_arrays(), batch_size=2, image_size=4, split="train")
+  it = pipeline.make_eval_iterator(Records(_arrays()), batch_size=2, image_size=4, split="train")
   assert next(it)["image"].shape == (2, 4, 4, 3)

@@ -20,6 +20,6 @@ def tiny_run(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def loaded_run(tiny_run):
-  from erasablemask_jax.evaluation import inference
+  from erasablemask_jax import inference
 
   return inference.load_run(tiny_run, batch_size=8)

@@ -6,7 +6,7 @@ from erasablemask_jax import fr
 from erasablemask_jax.data.pipeline import load_face_folder_arrays
 from erasablemask_jax.evaluation import report as report_lib
 from erasablemask_jax.metrics import recognition
-from erasablemask_jax.train.surrogates import load_surrogate
+from erasablemask_jax.fr.surrogates import load_surrogate
 
 SIZE = 112
 

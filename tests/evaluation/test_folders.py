@@ -9,11 +9,11 @@ from PIL import Image
 
 from evaluation_helpers import copy_faces
 from erasablemask_jax import cli
+from erasablemask_jax import inference
 from erasablemask_jax.data import labels
-from erasablemask_jax.evaluation import attributes
-from erasablemask_jax.evaluation import inference
-from erasablemask_jax.evaluation import sidecar
-from erasablemask_jax.train.writer import to_uint8
+from erasablemask_jax.image_io import to_uint8
+from erasablemask_jax.inference import attributes
+from erasablemask_jax.inference import sidecar
 
 FACES = ["deepface_img12.png", "deepface_img13.png", "deepface_img16.png", "facenet_paul_rudd.png"]
 
@@ -23,8 +23,8 @@ def _png(path) -> np.ndarray:
 
 
 def _square(path, size):
-  from erasablemask_jax.data import images
-  return images.square_resize(images.read_image(path), size)
+  from erasablemask_jax import image_io
+  return image_io.square_resize(image_io.read_image(path), size)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_protect_refuses_to_overwrite_without_force(protected, tiny_run, capsys)
 
 
 def test_protect_without_labels_uses_d_att(tmp_path, loaded_run):
-  from erasablemask_jax.evaluation import folders
+  from erasablemask_jax.inference import folders
   inp = copy_faces(tmp_path / "in", FACES[:2], with_csv=False)
   result = folders.protect_folder(loaded_run, inp, tmp_path / "out", attrs="bits:0000000000001", progress=False)
   assert len(result.written) == 2
@@ -166,7 +166,7 @@ def test_erase_restores_with_the_sidecar_attributes(protected, loaded_run, tmp_p
 
 def test_erase_missing_sidecar_is_skipped_or_given_source_attrs(protected, loaded_run, tmp_path, capsys):
   import shutil
-  from erasablemask_jax.evaluation import folders
+  from erasablemask_jax.inference import folders
   inp = tmp_path / "prot"
   shutil.copytree(protected["out"], inp)
   (inp / FACES[0].replace(".png", ".json")).unlink()

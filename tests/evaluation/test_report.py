@@ -10,6 +10,7 @@ import pytest
 
 from erasablemask_jax import cli
 from erasablemask_jax import fr
+from erasablemask_jax.evaluation import render
 from erasablemask_jax.evaluation import report as report_lib
 from erasablemask_jax.evaluation import sweep as sweep_lib
 from erasablemask_jax.metrics import availability
@@ -135,7 +136,7 @@ def test_rates_recomputed_from_saved_embeddings(first):
 
 def test_clean_embeddings_are_the_models_own(first, loaded_run):
   from erasablemask_jax.data.pipeline import load_face_folder_arrays
-  from erasablemask_jax.train.surrogates import load_surrogate
+  from erasablemask_jax.fr.surrogates import load_surrogate
   report = json.loads((first / "report.json").read_text())
   arrays = load_face_folder_arrays("bundled:sample_faces", loaded_run.image_size)
   index = [arrays["file"].index(f) for f in report["faces"]]
@@ -148,9 +149,9 @@ def test_clean_embeddings_are_the_models_own(first, loaded_run):
 def test_faces_are_scored_as_published_uint8(first, loaded_run):
   """x_adv is rounded to uint8 before FR and R; x_rec = round(R(round(x_adv))), as `protect` then `erase` would."""
   from erasablemask_jax.data.pipeline import load_face_folder_arrays
-  from erasablemask_jax.evaluation import attributes as attributes_lib
-  from erasablemask_jax.train.surrogates import load_surrogate
-  from erasablemask_jax.train.writer import to_uint8
+  from erasablemask_jax.inference import attributes as attributes_lib
+  from erasablemask_jax.fr.surrogates import load_surrogate
+  from erasablemask_jax.image_io import to_uint8
   report = json.loads((first / "report.json").read_text())
   assert report["att_a_source"] == "attributes.csv"
   arrays = load_face_folder_arrays("bundled:sample_faces", loaded_run.image_size)
@@ -193,9 +194,14 @@ def _numbers(report):
 
 
 def test_second_run_gives_identical_numbers(first, loaded_run, uncalibrated_copy, tmp_path):
+  """Through the two halves of `evaluate`: `compute_tables` writes nothing, `render.write_report` writes the folder."""
   models = report_lib.load_eval_models(["bundled:mobilefacenet"], [str(uncalibrated_copy)], loaded_run.config)
-  second = report_lib.evaluate(loaded_run, "bundled:sample_faces", models, tmp_path, transforms=TRANSFORMS.split(","),
-                               seed=7, identities=[2, 3, 4], max_faces=5, pgd_steps=3)
+  tables = report_lib.compute_tables(loaded_run, "bundled:sample_faces", models, transforms=TRANSFORMS.split(","),
+                                     seed=7, identities=[2, 3, 4], max_faces=5, pgd_steps=3)
+  assert not list(tmp_path.iterdir())
+  render.write_report(tmp_path, tables)
+  second = tables["report"]
+  assert _numbers(json.loads((tmp_path / "report.json").read_text())) == _numbers(second)
   assert _numbers(second) == _numbers(json.loads((first / "report.json").read_text()))
   for name in ("mobilefacenet_foamliu", "mfn_uncalibrated"):
     a, b = np.load(first / "embeddings" / f"{name}.npz"), np.load(tmp_path / "embeddings" / f"{name}.npz")

@@ -16,7 +16,7 @@ from erasablemask_jax.fr import calibration
 from erasablemask_jax.fr import thresholds
 from erasablemask_jax.fr import views
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
-from erasablemask_jax.train.surrogates import load_surrogate
+from erasablemask_jax.fr.surrogates import load_surrogate
 
 SAMPLE = builders.resolve_manual_dir("bundled:sample_faces")
 ARC = {"far_0.1": 0.15, "far_0.01": 0.27, "far_0.001": 0.35}

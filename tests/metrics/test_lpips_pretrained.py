@@ -16,7 +16,7 @@ import pytest
 
 from erasablemask_jax import cli
 from erasablemask_jax import convert
-from erasablemask_jax.data.images import read_image
+from erasablemask_jax.image_io import read_image
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import fid
 from erasablemask_jax.metrics import lpips

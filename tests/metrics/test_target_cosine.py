@@ -1,12 +1,12 @@
 """Several target images: a face's score is the mean of its per-target-image cosines, which is exactly `e @ t` for the
-trainer's target `t`, the mean of the targets' unit embeddings (`train.surrogates.target_embeddings`)."""
+trainer's target `t`, the mean of the targets' unit embeddings (`fr.surrogates.target_embeddings`)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from erasablemask_jax.metrics import recognition
-from erasablemask_jax.train import surrogates as surrogates_lib
+from erasablemask_jax.fr import surrogates as surrogates_lib
 
 
 def _unit(x):

@@ -8,17 +8,17 @@ import pytest
 
 import tiny
 from erasablemask_jax import convert
-from erasablemask_jax.data import images as images_lib
+from erasablemask_jax import image_io
 from erasablemask_jax.train import report as report_lib
 from erasablemask_jax.train import trainer as trainer_lib
-from erasablemask_jax.train.input_pipeline import InMemorySource
-from erasablemask_jax.train.surrogates import load_surrogate
+from erasablemask_jax.data.sources import InMemorySource
+from erasablemask_jax.fr.surrogates import load_surrogate
 
 pytest.importorskip("torch")
 
 
 def _faces(folder: pathlib.Path, names, size):
-  return np.stack([images_lib.square_resize(images_lib.read_image(folder / n, n), size) for n in names])
+  return np.stack([image_io.square_resize(image_io.read_image(folder / n, n), size) for n in names])
 
 
 def test_short_stage2_run_raises_whitebox_cosine(assets_dir, tmp_path):
@@ -39,7 +39,8 @@ def test_short_stage2_run_raises_whitebox_cosine(assets_dir, tmp_path):
   surrogates = [load_surrogate("bundled:mobilefacenet"), load_surrogate(str(xiao_dir))]
   trainer = trainer_lib.Trainer(config, tmp_path / "run", source=source, surrogates=surrogates, target_images=target)
   state = trainer.run()
-  report = report_lib.whitebox_report(trainer, state)
+  report = report_lib.whitebox_report(trainer.models, state, trainer.surrogates, trainer.targets,
+                                      config=trainer.config, workdir=trainer.workdir, **trainer.report_faces())
   gains = {spec: e["mean_cos"]["adv"] - e["mean_cos"]["clean"] for spec, e in report["surrogates"].items()}
   print({spec: e["mean_cos"] for spec, e in report["surrogates"].items()})
   # Only L_adv (and the L_perb hinge) drives E_adv here, so the gains are the attack's. An attack that is broken or

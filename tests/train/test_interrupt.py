@@ -10,6 +10,7 @@ import signal
 import pytest
 
 import tiny
+from erasablemask_jax.train import checkpoint as checkpoint_lib
 from erasablemask_jax.train import trainer as trainer_lib
 from erasablemask_jax.train.writer import MetricWriter
 
@@ -44,7 +45,7 @@ def test_ctrl_c_saves_the_step_and_a_rerun_resumes_with_one_metrics_row_per_step
   assert str(e.value) == (f"interrupted: saved a checkpoint at step 2 in {workdir / 'checkpoints'}; rerun the same "
                           "command to resume from it")
   assert isinstance(e.value, KeyboardInterrupt) and e.value.step == 2
-  assert trainer_lib.restore_run(workdir)[3] == 2
+  assert checkpoint_lib.restore_run(workdir)[3] == 2
   assert _steps(workdir) == [1, 2]
   # A killed run's rows after its last checkpoint (and a line cut short) are dropped on resume, then logged again.
   with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as f:

@@ -46,7 +46,8 @@ def reported(tmp_path_factory):
   trainer = trainer_lib.Trainer(config, tmp_path_factory.mktemp("run"), source=tiny.tiny_source(config, n=8),
                                 surrogates=surrogates, target_images=_target(config))
   state = trainer.init_state()
-  return trainer, report_lib.whitebox_report(trainer, state)
+  return trainer, report_lib.whitebox_report(trainer.models, state, trainer.surrogates, trainer.targets,
+                                             config=trainer.config, workdir=trainer.workdir, **trainer.report_faces())
 
 
 def test_each_surrogate_uses_its_views_threshold_with_its_label(reported):

@@ -38,6 +38,20 @@ def test_unchanged_or_fresh_workdirs_pass(tmp_path):
   assert resume.check_resume_config(tmp_path / "started", _changed(**{"model.gamma": 0.5})) == {}
 
 
+def test_a_run_saved_with_the_legacy_attack_fields_resumes(tmp_path):
+  """A config.json of a version with attack.first_order and attack.lr_inner = -1 ("the optimiser's lr")."""
+  saved = json.loads(load_config("smoke").to_json_best_effort())
+  saved["attack"].update(first_order=False, lr_inner=-1.0)
+  workdir = _workdir(tmp_path, load_config("smoke"))
+  (workdir / "config.json").write_text(json.dumps(saved))
+  assert resume.check_resume_config(workdir, load_config("smoke")) == {}
+  saved["attack"].update(first_order=True)
+  (workdir / "config.json").write_text(json.dumps(saved))
+  assert resume.check_resume_config(workdir, _changed(**{"attack.kind": "first_order"})) == {}
+  with pytest.raises(resume.ConfigChangeError, match="attack.kind"):
+    resume.check_resume_config(workdir, load_config("smoke"))
+
+
 def test_a_damaged_config_json_is_a_clear_error(tmp_path):
   workdir = _workdir(tmp_path, load_config("smoke"))
   (workdir / "config.json").write_text('{"model": {"gamma": 0.0')

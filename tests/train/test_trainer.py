@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import tiny
+from erasablemask_jax.train import mesh as mesh_lib
 from erasablemask_jax.train import trainer as trainer_lib
 
 RUN_TINY = pathlib.Path(__file__).with_name("run_tiny.py")
@@ -123,7 +124,7 @@ def test_batch_that_does_not_divide_is_a_clear_error():
     size = 8
 
   with pytest.raises(ValueError, match=r"data.batch_size=12 does not divide over 8 devices.*multiple of 8"):
-    trainer_lib.check_batch_divides(12, FakeMesh())
+    mesh_lib.check_batch_divides(12, FakeMesh())
   config = tiny.tiny_config_for_process_tests()
   config.data.batch_size = 6
   with pytest.raises(ValueError, match="does not divide over 4 hosts"):

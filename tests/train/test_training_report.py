@@ -12,7 +12,7 @@ import tiny
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
 from erasablemask_jax.train import report as report_lib
 from erasablemask_jax.train import trainer as trainer_lib
-from erasablemask_jax.train.writer import to_uint8
+from erasablemask_jax.image_io import to_uint8
 
 THRESHOLDS = {"far_0.01": 0.5, "far_0.1": 0.3}
 
@@ -31,7 +31,9 @@ def reported(tmp_path_factory):
   trainer = trainer_lib.Trainer(config, tmp_path_factory.mktemp("run"), source=tiny.tiny_source(config, n=8),
                                 surrogates=surrogates, target_images=tiny.tiny_target(config))
   state = trainer.init_state()
-  return trainer, state, report_lib.whitebox_report(trainer, state)
+  report = report_lib.whitebox_report(trainer.models, state, trainer.surrogates, trainer.targets,
+                                      config=trainer.config, workdir=trainer.workdir, **trainer.report_faces())
+  return trainer, state, report
 
 
 def _on_uint8_grid(x):

@@ -30,7 +30,7 @@ from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import steps as steps_lib
 from erasablemask_jax.train import trainer as trainer_lib
 from erasablemask_jax.train.state import begin_stage2, create_train_state, make_optimizer
-from erasablemask_jax.train.surrogates import target_embeddings
+from erasablemask_jax.fr.surrogates import target_embeddings
 
 NUM_ATTRS = 13
 TIGHT = 1e-5  # the step and its reference run the same float32 ops under separate jits

@@ -11,8 +11,8 @@ import numpy as np
 
 from configs import smoke
 from erasablemask_jax import fr
-from erasablemask_jax.train.input_pipeline import InMemorySource
-from erasablemask_jax.train.surrogates import Surrogate
+from erasablemask_jax.data.sources import InMemorySource
+from erasablemask_jax.fr.surrogates import Surrogate
 
 
 class TinyFR(nn.Module):

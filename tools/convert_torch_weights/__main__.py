@@ -12,6 +12,9 @@ import argparse
 import sys
 
 from erasablemask_jax import convert
+from erasablemask_jax.align import archs as _mtcnn_archs  # noqa: F401  (registers mtcnn_*)
+from erasablemask_jax.fr import archs as _fr_archs  # noqa: F401  (registers the face-recognition zoo)
+from erasablemask_jax.metrics import archs as _metric_archs  # noqa: F401  (registers lpips_*, fid_inception)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erasablemask_jax.data import images
+from erasablemask_jax import image_io
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -20,8 +20,8 @@ def _png(array: np.ndarray) -> bytes:
 @pytest.mark.parametrize("peak", [200, 65535])  # a dark 16-bit image (every value < 256) stays dark
 def test_16_bit_png_is_scaled_from_its_depth(peak):
   values = np.linspace(0, peak, 32 * 32).round().astype(np.uint16).reshape(32, 32)
-  report = images.ImportReport()
-  out = images.read_image(_png(values), "sixteen.png", report)
+  report = image_io.ImportReport()
+  out = image_io.read_image(_png(values), "sixteen.png", report)
   assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
   np.testing.assert_array_equal(out[..., 0], np.round(values / 257.0).astype(np.uint8))
   np.testing.assert_array_equal(out[..., 0], out[..., 2])
@@ -39,7 +39,7 @@ def test_exif_orientation_is_applied(orientation, undo):
   exif[0x0112] = orientation
   buf = io.BytesIO()
   Image.fromarray(np.ascontiguousarray(stored)).save(buf, format="PNG", exif=exif)
-  np.testing.assert_array_equal(images.read_image(buf.getvalue(), min_side=1), upright)
+  np.testing.assert_array_equal(image_io.read_image(buf.getvalue(), min_side=1), upright)
 
 
 def _png_header_claiming(side: int) -> bytes:
@@ -54,9 +54,9 @@ def _png_header_claiming(side: int) -> bytes:
 
 
 def test_a_decompression_bomb_is_skipped_from_its_header():
-  with pytest.raises(images.SkipImage, match=r"too large: Image size \(3600000000 pixels\) exceeds limit of \d+ "
+  with pytest.raises(image_io.SkipImage, match=r"too large: Image size \(3600000000 pixels\) exceeds limit of \d+ "
                                              r"pixels \(PIL's decompression-bomb limit\)"):
-    images.read_image(_png_header_claiming(60000), "bomb.png")
+    image_io.read_image(_png_header_claiming(60000), "bomb.png")
 
 
 def test_an_image_over_the_limit_but_under_twice_it_is_skipped_too(monkeypatch):
@@ -64,5 +64,5 @@ def test_an_image_over_the_limit_but_under_twice_it_is_skipped_too(monkeypatch):
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
   buf = io.BytesIO()
   Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(buf, format="PNG")  # 1600 pixels: between 1000 and 2000
-  with pytest.raises(images.SkipImage, match="too large: Image size \\(1600 pixels\\) exceeds limit of 1000 pixels"):
-    images.read_image(buf.getvalue(), "big.png")
+  with pytest.raises(image_io.SkipImage, match="too large: Image size \\(1600 pixels\\) exceeds limit of 1000 pixels"):
+    image_io.read_image(buf.getvalue(), "big.png")

@@ -1,4 +1,6 @@
-"""Reading face photos robustly: every odd file is converted to uint8 RGB or skipped, with the reason recorded.
+"""Image I/O: reading face photos robustly, and writing model outputs ([-1, 1] floats) as uint8 and PNG grids.
+
+Reading: every odd file is converted to uint8 RGB or skipped, with the reason recorded.
 
 Handled: truncated or corrupt files (skipped), EXIF orientation (applied), grayscale / palette / 1-bit (expanded to
 RGB), RGBA / LA / PA (composited on white), CMYK and YCbCr (converted), 16-bit modes (scaled from 0..65535 to 8 bit),
@@ -14,6 +16,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import pathlib
 import warnings
 
@@ -158,3 +161,18 @@ def encode_png(image: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG", compress_level=1)
   return buf.getvalue()
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] float -> uint8, rounding to nearest."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_image_grid(path: os.PathLike[str], columns: list[np.ndarray]) -> None:
+  """One row per image, one column per array of `columns` (each `(N, H, W, 3)` in [-1, 1]); written atomically."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  rows = [np.concatenate([to_uint8(c[i]) for c in columns], axis=1) for i in range(columns[0].shape[0])]
+  tmp = path.with_suffix(".tmp.png")
+  Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
+  os.replace(tmp, path)

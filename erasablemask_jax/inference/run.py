@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from erasablemask_jax.models import ErasableMask
+from erasablemask_jax.train.checkpoint import restore_run
 
 
 def params_fingerprint(state) -> str:
@@ -116,14 +117,12 @@ class Run:
 
 
 def load_run(workdir: str | os.PathLike[str], step: int | None = None, batch_size: int = 16) -> Run:
-  """Restores a run (`erasablemask_jax.train.trainer.restore_run`) for inference.
+  """Restores a run (`train.checkpoint.restore_run`) for inference.
 
   Raises:
     FileNotFoundError: `workdir` is not a trained run (no config.json or no checkpoint); the message says so.
   """
-  from erasablemask_jax.train import trainer  # pylint: disable=import-outside-toplevel
-
-  config, models, state, step = trainer.restore_run(workdir, step)
+  config, models, state, step = restore_run(workdir, step)
   return Run(workdir=pathlib.Path(workdir), config=config, models=models, state=state, step=int(step),
              fingerprint=params_fingerprint(state), batch_size=batch_size)
 

@@ -16,8 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from erasablemask_jax import fr
+from erasablemask_jax.fr import thresholds
 from erasablemask_jax.fr import views
+from erasablemask_jax.fr.recogniser import Recogniser, load, load_bundled
 
 VIEWS = ("", "flip")
 INPUT_CROPS = views.INPUT_CROPS
@@ -30,17 +31,21 @@ class Surrogate:
   """A face-recognition network as the attack sees it: a pure `apply(variables, x_in_minus1_1) -> embeddings`.
 
   `view` names the crop and resize of the generator's output it scores; the reports take its thresholds from that
-  view (`recogniser.find_threshold(far, view)`).
+  view (`taus`).
   """
 
   spec: str
-  recogniser: fr.Recogniser
+  recogniser: Recogniser
   apply: Callable[[Any, jax.Array], jax.Array]
   view: str | None = None  # `fr.views.view_name(input_crop, image_size)`; None when the image size was not given
 
   @property
   def variables(self):
     return self.recogniser.variables
+
+  def taus(self, fr_config, source: str | None = None) -> dict[str, thresholds.Threshold | None]:
+    """tau1 and tau2 of `fr_config` for the view this surrogate scores (`fr.thresholds.taus`)."""
+    return thresholds.taus(self.recogniser.card, fr_config, self.view, source)
 
   def embed(self, images_minus1_1: jax.Array) -> jax.Array:
     return jax.jit(self.apply)(self.variables, images_minus1_1)
@@ -54,12 +59,12 @@ def load_surrogate(spec: str, input_crop: str = "none", image_size: int | None =
   if mirror not in VIEWS:
     raise ValueError(f"FR model {spec!r}: unknown view {mirror!r}; use one of {[v for v in VIEWS if v]} or none")
   if source.startswith("bundled:"):
-    recogniser = fr.load_bundled(source.removeprefix("bundled:"))
+    recogniser = load_bundled(source.removeprefix("bundled:"))
   else:
     if not pathlib.Path(source).is_dir():
       raise FileNotFoundError(f"FR model {spec!r}: no converted FR directory at {source}; convert a checkpoint with "
                               "`python -m tools.convert_torch_weights` or use bundled:mobilefacenet")
-    recogniser = fr.load(source)
+    recogniser = load(source)
   return Surrogate(spec=spec, recogniser=recogniser, apply=views.view_apply(recogniser, input_crop, mirror == "flip"),
                    view=views.view_name(input_crop, image_size) if image_size else None)
 

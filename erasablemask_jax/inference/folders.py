@@ -1,6 +1,6 @@
 """`protect_folder` and `erase_folder`: the library behind `erasablemask protect` and `erasablemask erase`.
 
-Protect: every image under the input folder (recursive) is read (`data.images.read_image`: odd formats converted,
+Protect: every image under the input folder (recursive) is read (`image_io.read_image`: odd formats converted,
 unreadable or tiny files skipped with the reason), centre-cropped and resized to the run's resolution, protected in
 jitted batches, `x_adv = G(x, att_b; E_adv)`, and written as `OUT/<relative path>.png` with its sidecar
 `OUT/<relative path>.json`. Erase: every protected PNG is restored, `x_rec = R(x_adv, att_a)`, with `att_a` from its
@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from erasablemask_jax.data import images as images_lib
+from erasablemask_jax import image_io
 from erasablemask_jax.data import labels as labels_lib
-from erasablemask_jax.evaluation import attributes as attributes_lib
-from erasablemask_jax.evaluation import sidecar as sidecar_lib
-from erasablemask_jax.evaluation.inference import Run
-from erasablemask_jax.evaluation.inference import to_model_input
-from erasablemask_jax.train.writer import to_uint8
+from erasablemask_jax.image_io import to_uint8
+from erasablemask_jax.inference import attributes as attributes_lib
+from erasablemask_jax.inference import sidecar as sidecar_lib
+from erasablemask_jax.inference.run import Run
+from erasablemask_jax.inference.run import to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +67,21 @@ def _read_inputs(folder: pathlib.Path, image_size: int, result: FolderResult, su
                  ) -> list[dict[str, Any]]:
   """Readable images of `folder` as dicts {rel, image uint8 (S, S, 3), source_size}; the rest go to `skipped`."""
   items, claimed = [], {}
-  for path in images_lib.list_images(folder):
+  for path in image_io.list_images(folder):
     rel = str(path.relative_to(folder))
     stem = str(pathlib.Path(rel).with_suffix(""))
     if stem in claimed:
       result.skipped[rel] = f"its output name {stem}{suffix_out[0]} is already taken by {claimed[stem]}; rename it"
       continue
     try:
-      image = images_lib.read_image(path, rel)
-    except images_lib.SkipImage as e:
+      image = image_io.read_image(path, rel)
+    except image_io.SkipImage as e:
       result.skipped[rel] = str(e)
       log.warning("skipping %s: %s", rel, e)
       continue
     claimed[stem] = rel
     items.append({"rel": rel, "stem": stem, "source_size": image.shape[:2],
-                  "image": images_lib.square_resize(image, image_size)})
+                  "image": image_io.square_resize(image, image_size)})
   return items
 
 
@@ -216,8 +216,8 @@ def erase_folder(run: Run, in_dir: str | os.PathLike[str], out_dir: str | os.Pat
       result.skipped[rel] = f"not listed in --source-attrs {source_attrs}"
       continue
     try:
-      image = images_lib.read_image(path, rel)
-    except images_lib.SkipImage as e:
+      image = image_io.read_image(path, rel)
+    except image_io.SkipImage as e:
       result.skipped[rel] = str(e)
       continue
     if image.shape[:2] != (run.image_size, run.image_size):

@@ -1,13 +1,14 @@
-"""Batches for the trainer: host-local slices of one seeded global batch sequence, with a resumable position.
+"""The trainer's data: host-local slices of one seeded global batch sequence, with a resumable position.
 
-`InMemorySource` serves small sets that fit in host memory (the bundled sample, the shared test faces, a user's
-folder). Every host computes the same global batch sequence (`data.global_batches`: the order `permutation(seed,
-epoch)`, flips and `att_b`, a permutation of `att_a` within the global batch, AttGAN's scheme, drawn from `(seed, epoch,
-batch index)`) and takes its own contiguous slice of each global batch, so a run's global batches are the same on 1 host
-or many, and on 1 device or many. Its state is two integers; the trainer checkpoints it beside the train state so a
+`make_source(config, ...)` picks one of two sources, which serve the same sequence: `InMemorySource` for small sets
+that fit in host memory (the bundled sample, the shared test faces, a user's folder: `data.faces`), `GrainSource` for a
+prepared tfds builder (large data, read with grain by `data.pipeline`).
+
+`InMemorySource`: every host computes the same global batch sequence (`data.global_batches`: the order
+`permutation(seed, epoch)`, flips and `att_b`, a permutation of `att_a` within the global batch, AttGAN's scheme, drawn
+from `(seed, epoch, batch index)`) and takes its own contiguous slice of each global batch, so a run's global batches
+are the same on 1 host or many, and on 1 device or many. Its state is two integers; the trainer checkpoints it beside the train state so a
 resumed run sees the same data.
-
-Large datasets go through the tfds/grain pipeline of `erasablemask_jax.data`, which serves the same sequence.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import dataclasses
 import numpy as np
 
 from erasablemask_jax.data import global_batches
+from erasablemask_jax.data import pipeline
+from erasablemask_jax.data.faces import load_face_splits
 
 
 @dataclasses.dataclass
@@ -89,50 +92,42 @@ class InMemorySource:
             "identity": self.identity[index[local]].astype(np.int32)}
 
 
-@dataclasses.dataclass
-class FaceSplits:
-  """A small face folder split by identity: training faces, held-out evaluation faces and the target's faces."""
+class GrainSource:
+  """Adapts `erasablemask_jax.data.pipeline.make_train_iterator` (tfds builders, large data) to the trainer: this
+  host's slice of each global batch, att_b permuted over the global batch, the same batches on any number of hosts."""
 
-  train: dict[str, np.ndarray]
-  eval: dict[str, np.ndarray]
-  target: np.ndarray
+  def __init__(self, data_config, image_size: int, process_index: int, process_count: int):
+    per_host = data_config.batch_size // process_count
+    source = pipeline.open_source(data_config.data_dir, "train")
+    self.steps_per_epoch = len(source) // process_count // per_host
+    self._it = pipeline.make_train_iterator(
+        data_config.data_dir, batch_size=per_host, seed=data_config.shuffle_seed, image_size=image_size,
+        flip=data_config.flip, process_index=process_index, process_count=process_count,
+        worker_count=data_config.worker_count)
 
+  def __next__(self):
+    return next(self._it)
 
-def _subset(arrays: dict, mask: np.ndarray) -> dict[str, np.ndarray]:
-  return {"image": arrays["image"][mask], "att": arrays["att"][mask], "identity": arrays["identity"][mask],
-          "file": [f for f, m in zip(arrays["file"], mask) if m]}
+  def get_state(self) -> dict[str, str]:
+    state = self._it.get_state()
+    return {"grain": state.decode() if isinstance(state, bytes) else state}
 
-
-def load_face_splits(data_config, fr_config, image_size: int) -> FaceSplits:
-  """Reads `data.manual_dir` into memory and splits it: `fr.target = "identity:K"` takes identity K's faces as the
-  target (never trained on or evaluated); `data.eval_identities` are held out for evaluation; the rest trains."""
-  from erasablemask_jax.data.pipeline import load_face_folder_arrays
-
-  arrays = load_face_folder_arrays(data_config.manual_dir, image_size)
-  identity = arrays["identity"]
-  target_mask = np.zeros(len(identity), bool)
-  target = np.zeros((0, image_size, image_size, 3), np.uint8)
-  if fr_config.target.startswith("identity:"):
-    target_id = int(fr_config.target.split(":", 1)[1])
-    target_mask = identity == target_id
-    if not target_mask.any():
-      raise ValueError(f"fr.target={fr_config.target!r}: no face of identity {target_id} in {data_config.manual_dir}")
-    target = arrays["image"][target_mask]
-  elif fr_config.target:
-    target = read_faces(fr_config.target, image_size)
-  eval_mask = np.isin(identity, np.asarray(data_config.eval_identities, np.int32)) & ~target_mask
-  train_mask = ~eval_mask & ~target_mask
-  return FaceSplits(train=_subset(arrays, train_mask), eval=_subset(arrays, eval_mask), target=target)
+  def set_state(self, state: dict[str, str]) -> None:
+    self._it.set_state(state["grain"].encode())
 
 
-def read_faces(path: str, image_size: int) -> np.ndarray:
-  """uint8 `(N, S, S, 3)` from an image file or a folder of them (centre-cropped and resized)."""
-  import pathlib
+def make_source(config, process_index: int, process_count: int, train_arrays=None):
+  """The training data of `config.data` as a host-local batch iterator.
 
-  from erasablemask_jax.data import images as images_lib
-
-  p = pathlib.Path(path)
-  files = images_lib.list_images(p) if p.is_dir() else [p]
-  if not files or not all(f.is_file() for f in files):
-    raise FileNotFoundError(f"no face image at {path}; fr.target takes an image file, a folder, or 'identity:K'")
-  return np.stack([images_lib.square_resize(images_lib.read_image(f, str(f)), image_size) for f in files])
+  `data.data_dir` set: a prepared tfds builder read through grain (each host reads its slice of every global batch).
+  Otherwise the in-memory folder `data.manual_dir` (split by `load_face_splits`). Both serve the `data.global_batches`
+  sequence, so the global batches are independent of the number of hosts and devices.
+  """
+  if config.data.data_dir:
+    return GrainSource(config.data, config.image_size, process_index, process_count)
+  if train_arrays is None:
+    train_arrays = load_face_splits(config.data, config.fr, config.image_size).train
+  return InMemorySource(images=train_arrays["image"], attributes=train_arrays["att"],
+                        identity=train_arrays["identity"], global_batch_size=config.data.batch_size,
+                        seed=config.data.shuffle_seed, flip=config.data.flip, process_index=process_index,
+                        process_count=process_count)

@@ -1,4 +1,4 @@
-"""Rename tables between PyTorch state_dicts and Flax variable trees for the metric networks (LPIPS, InceptionV3).
+"""Rename tables between PyTorch state_dicts and Flax variable trees: the one rename style of every converter.
 
 A table is a tuple of `Rule`s. Each rule pairs a PyTorch key template with a Flax path template; `{name}` placeholders
 match one key segment (no `.` or `/`) and carry over. Conversion is pure numpy dict -> dict:
@@ -9,8 +9,9 @@ match one key segment (no `.` or `/`) and carry over. Conversion is pure numpy d
 
 A PyTorch key that no rule and no ignore pattern claims is kept as `unmapped/<key>`, and the result is merged with
 `convert.strict_merge` against the abstract variables of the Flax module (`jax.eval_shape(init)`): every unknown key,
-every missing path and every shape mismatch is named in one error. The same tables drive the converter registry
-(`erasablemask_jax.metrics.archs`).
+every missing path and every shape mismatch is named in one error. Tables are written out (LPIPS, FID InceptionV3,
+MTCNN) or generated from a state dict's tensors (`layout.torch_to_flax_flat`, the FR zoo), and drive the converter
+registry's `rename` functions.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from erasablemask_jax import convert
+from erasablemask_jax.convert.merge import strict_merge
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
@@ -100,22 +101,31 @@ def rename_flat(state_dict: Mapping[str, Any], rules: Iterable[Rule], ignore: It
     `{"params/net/features_0/kernel": array, ...}`; a key that no rule claims is kept as `unmapped/<key>` so that
     `convert.strict_merge` names it as unexpected rather than it being dropped silently.
   """
-  compiled = [(_template_regex(r.torch), r) for r in rules]
+  rules = list(rules)
+  literal: dict[str, int] = {}  # a rule without placeholders matches one key: looked up, not scanned
+  templates = []
+  for index, rule in enumerate(rules):
+    if _PLACEHOLDER.search(rule.torch):
+      templates.append((index, _template_regex(rule.torch)))
+    else:
+      literal.setdefault(rule.torch, index)
   ignore_re = [re.compile(p) for p in ignore]
   flat: dict[str, np.ndarray] = {}
   for key, value in state_dict.items():
     if any(p.fullmatch(key) for p in ignore_re):
       continue
-    for regex, rule in compiled:
-      m = regex.fullmatch(key)
-      if m:
-        path = rule.flax.format(**m.groupdict())
-        if path in flat:
-          raise ValueError(f"two checkpoint keys map to {path} (the second is {key}); pass one spelling only")
-        flat[path] = _to_flax(np.asarray(_numpy(value), np.float32), rule.kind)
-        break
-    else:
+    match = next(((i, m) for i, regex in templates if (m := regex.fullmatch(key))), None)
+    index = literal.get(key)
+    if index is not None and (match is None or index < match[0]):
+      match = (index, None)
+    if match is None:
       flat[f"unmapped/{key}"] = np.asarray(_numpy(value))
+      continue
+    rule = rules[match[0]]
+    path = rule.flax.format(**match[1].groupdict()) if match[1] else rule.flax
+    if path in flat:
+      raise ValueError(f"two checkpoint keys map to {path} (the second is {key}); pass one spelling only")
+    flat[path] = _to_flax(np.asarray(_numpy(value), np.float32), rule.kind)
   return flat
 
 
@@ -127,10 +137,10 @@ def torch_to_flax(state_dict: Mapping[str, Any], rules: Iterable[Rule], ignore: 
     A nested dict of numpy arrays with exactly the paths, shapes and dtypes of `abstract_variables`.
 
   Raises:
-    convert.StrictMergeError: naming every unknown checkpoint key (as `unmapped/...`), missing variable and shape
+    merge.StrictMergeError: naming every unknown checkpoint key (as `unmapped/...`), missing variable and shape
       mismatch in one message.
   """
-  return convert.strict_merge(rename_flat(state_dict, rules, ignore), abstract_variables, context=what)
+  return strict_merge(rename_flat(state_dict, rules, ignore), abstract_variables, context=what)
 
 
 def flax_to_torch(variables: Mapping[str, Any], rules: Iterable[Rule], what: str) -> dict[str, np.ndarray]:
