@@ -19,8 +19,8 @@ counts predict (a measured ratio more than 1.3x the predicted one means waste in
 `--compare-torch` also runs the same stage-2 step in PyTorch eager (`benchmarks/torch_reference.py`: same networks,
 weights and batch), alternating JAX and torch rounds so that both see the same machine load, and reports the ratio.
 
-    python benchmarks/step_throughput.py --image-size 128 --batch 4 --width 16 --compare-torch
-    python benchmarks/step_throughput.py --devices 4 --stages 2:meta_auxiliary   # simulated devices on CPU
+    python -m benchmarks.step_throughput --image-size 128 --batch 4 --width 16 --compare-torch
+    python -m benchmarks.step_throughput --devices 4 --stages 2:meta_auxiliary   # simulated devices on CPU
 
 Surrogates (`--fr`, comma-separated, K = their number or `--k`): `bundled:mobilefacenet` (the bundled weights),
 `random:ARCH` (random weights of any zoo architecture, e.g. `random:iresnet50`), each optionally `@flip` (the mirrored
@@ -48,6 +48,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from benchmarks import tiny_fr
 from configs import default as default_config
 from erasablemask_jax import fr
 from erasablemask_jax.attack import make_attack
@@ -77,6 +78,7 @@ class Settings:
   noise: bool = False  # the config's training noise pool on x_adv (off: identity, as the torch reference)
   devices: int = 1
   seed: int = 0
+  bf16: bool = False  # FR surrogates, D and R compute in bfloat16; E_adv, G and the inner step stay float32
 
 
 def make_config(s: Settings):
@@ -112,13 +114,10 @@ def _flipped(apply_fn, variables, x):
 
 def make_surrogate(spec: str, seed: int) -> Surrogate:
   """`bundled:NAME[@flip]`, `random:ARCH[@flip]` (random weights of a registered zoo architecture) or `tiny[@flip]`
-  (the 16x16 two-conv net of `tests/train/tiny.py`, for tests of this script)."""
+  (the 16x16 two-conv net of `benchmarks/tiny_fr.py`, for tests of this script)."""
   source, _, view = spec.partition("@")
   if source == "tiny":
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "train"))
-    import tiny  # pylint: disable=g-import-not-at-top
-
-    recogniser = tiny.tiny_surrogates(1, seed=seed)[0].recogniser
+    recogniser = tiny_fr.tiny_surrogates(1, seed=seed)[0].recogniser
     apply = recogniser.apply_fn if view != "flip" else functools.partial(_flipped, recogniser.apply_fn)
     return Surrogate(spec=spec, recogniser=recogniser, apply=apply)
   if not source.startswith("random:"):
@@ -131,6 +130,32 @@ def make_surrogate(spec: str, seed: int) -> Surrogate:
   recogniser = fr.from_variables(arch, variables)
   apply = recogniser.apply_fn if view != "flip" else functools.partial(_flipped, recogniser.apply_fn)
   return Surrogate(spec=spec, recogniser=recogniser, apply=apply)
+
+
+def bf16_models(models: ErasableMask) -> ErasableMask:
+  """`models` with D and R computing in bfloat16 (float32 parameters); G and E_adv unchanged (float32)."""
+  return dataclasses.replace(models, discriminator=models.discriminator.clone(dtype=jnp.bfloat16),
+                             restorer=models.restorer.clone(dtype=jnp.bfloat16))
+
+
+def bf16_surrogate(surrogate: Surrogate) -> Surrogate:
+  """`surrogate` whose network runs in bfloat16 (preprocessing and the normalised embedding in float32).
+
+  Its variables must be cast to bfloat16 by the caller (once, outside the step: `cast_floats`).
+  """
+  recogniser, flip = surrogate.recogniser, surrogate.spec.endswith("@flip")
+
+  def apply(variables, x):
+    x = x[:, :, ::-1, :] if flip else x
+    h = fr.preprocess(x, recogniser.preprocessing).astype(jnp.bfloat16)
+    return fr.l2_normalise(recogniser.module.apply(variables, h).astype(jnp.float32))
+
+  return dataclasses.replace(surrogate, apply=apply)
+
+
+def cast_floats(tree, dtype):
+  """Every floating-point leaf of `tree` cast to `dtype`."""
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 def _capture_grads() -> optax.GradientTransformation:
@@ -149,6 +174,8 @@ class Setup:
     self.lr_inner = s.lr_inner if s.lr_inner >= 0 else self.config.optim.lr
     self.num_attributes = len(self.config.attributes)
     self.models = ErasableMask.from_config(self.config.model, self.num_attributes)
+    if s.bf16:
+      self.models = bf16_models(self.models)
     self.tx = make_optimizer(self.config.optim)
     devices = jax.devices()
     if s.devices > len(devices):
@@ -164,6 +191,9 @@ class Setup:
     target = jnp.asarray(rng.uniform(-1, 1, (1, s.image_size, s.image_size, 3)), jnp.float32)
     self.targets = jax.device_put(target_embeddings(self.surrogates, target), self.replicated)
     self.fr_vars = jax.device_put([x.variables for x in self.surrogates], self.replicated)
+    if s.bf16:
+      self.surrogates = [bf16_surrogate(x) for x in self.surrogates]
+      self.fr_vars = jax.device_put(cast_floats(self.fr_vars, jnp.bfloat16), self.replicated)
     self._compiled = {}
     self.noise = None
     if s.noise:
@@ -326,35 +356,56 @@ def measure_interleaved(setup: Setup, kinds: list[str], rounds: int, steps: int)
           "median_s": {kind: statistics.median(t) for kind, t in times.items()}}
 
 
-def compare_torch(setup: Setup, kind: str, rounds: int, steps: int, warmup: int, torch_threads: int) -> dict[str, Any]:
-  """Alternates rounds of `steps` JAX steps and `steps` torch steps (same networks, weights, batch)."""
+def compare_torch(setup: Setup, kind: str, rounds: int, steps: int, warmup: int, torch_threads: int,
+                  formulations: tuple[str, ...] = ("naive", "best"), device: str = "cpu") -> dict[str, Any]:
+  """Alternates rounds of `steps` JAX steps and `steps` steps of each torch formulation (same networks, weights,
+  batch): "naive" (`TorchStage2`, create_graph=True) and "best" (`TorchStage2Best`, our algorithm through
+  torch.func), both on torch `device`; with `setup.settings.bf16` the best formulation runs its FR nets, D and R in
+  bfloat16 too (the naive one stays float32)."""
   import torch  # pylint: disable=g-import-not-at-top
-  import torch_reference  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  (torch is optional)
 
   torch.set_num_threads(torch_threads)
-  torch_step = torch_reference.from_setup(setup, kind)
-  t_batch = torch_reference.to_torch_batch(setup.host_batch())
+  dtype = torch.bfloat16 if setup.settings.bf16 else torch.float32
+  torch_steps = {f: torch_reference.from_setup(setup, kind, f, device, dtype) for f in formulations}
+  host = torch_reference.to_torch_batch(setup.host_batch())
+  t_batches = {f: step.prepare(host) for f, step in torch_steps.items()}  # on the device, outside the timed region
   compiled, extra, _ = setup.compiled(2, kind)
   state, batch = setup.state(2), setup.device_batch()
+
+  def torch_step(f):
+    start = time.perf_counter()
+    torch_steps[f].step(t_batches[f])
+    torch_steps[f].synchronize()
+    return time.perf_counter() - start
+
   for _ in range(warmup):
     state, _ = _timed_step(compiled, state, batch, extra)
-    torch_step.step(t_batch)
-  jax_times, torch_times, loads = [], [], []
+    for f in formulations:
+      torch_step(f)
+  jax_times, loads = [], []
+  torch_times = {f: [] for f in formulations}
   for _ in range(rounds):
     loads.append(os.getloadavg()[0])
     for _ in range(steps):
       state, seconds = _timed_step(compiled, state, batch, extra)
       jax_times.append(seconds)
-    for _ in range(steps):
-      start = time.perf_counter()
-      torch_step.step(t_batch)
-      torch_times.append(time.perf_counter() - start)
-  j, t = statistics.median(jax_times), statistics.median(torch_times)
-  per_round = [statistics.median(torch_times[i * steps:(i + 1) * steps]) /
-               statistics.median(jax_times[i * steps:(i + 1) * steps]) for i in range(rounds)]
-  return {"kind": kind, "jax_median_s": j, "torch_median_s": t, "torch_over_jax": t / j,
-          "torch_over_jax_per_round": per_round, "jax_times_s": jax_times, "torch_times_s": torch_times,
-          "torch_threads": torch_threads, "load_avg_1min_per_round": loads}
+    for f in formulations:
+      torch_times[f].extend(torch_step(f) for _ in range(steps))
+  j = statistics.median(jax_times)
+  out = {"kind": kind, "jax_median_s": j, "jax_times_s": jax_times, "torch_threads": torch_threads,
+         "torch_device": device, "load_avg_1min_per_round": loads, "bf16": setup.settings.bf16}
+  for f in formulations:
+    key = "torch" if f == "naive" else f"torch_{f}"
+    t = torch_times[f]
+    out[f"{key}_median_s"] = statistics.median(t)
+    out[f"{key}_over_jax"] = statistics.median(t) / j
+    out[f"{key}_over_jax_per_round"] = [statistics.median(t[i * steps:(i + 1) * steps]) /
+                                        statistics.median(jax_times[i * steps:(i + 1) * steps]) for i in range(rounds)]
+    out[f"{key}_times_s"] = t
+  if "best" in torch_steps:
+    out["torch_best_adam"] = torch_steps["best"].adam_kind
+  return out
 
 
 def versions() -> dict[str, str]:
@@ -433,6 +484,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--torch-rounds", type=int, default=3)
   ap.add_argument("--torch-steps", type=int, default=2, help="steps per framework per round")
   ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
+  ap.add_argument("--torch-formulations", default="naive,best",
+                  help="torch formulations to time: naive (create_graph=True) and/or best (torch.func HVP, "
+                       "channels_last, fused Adam)")
+  ap.add_argument("--torch-device", default="cpu", help="torch device of the comparison (cpu, cuda): use the device "
+                  "JAX runs on")
+  ap.add_argument("--bf16", action="store_true",
+                  help="FR nets, D and R compute in bfloat16 (E_adv, G and the inner step float32), JAX and torch best")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default="benchmarks/step_throughput.json")
   args = ap.parse_args(argv)
@@ -442,6 +500,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   for kind in args.torch_kinds.split(","):
     if kind not in KINDS:
       ap.error(f"--torch-kinds: unknown {kind!r}; choose from {KINDS}")
+  for name in args.torch_formulations.split(","):
+    if name not in ("naive", "best"):
+      ap.error(f"--torch-formulations: unknown {name!r}; choose from naive, best")
+  if args.torch_device not in ("cpu", "cuda") and not args.torch_device.startswith("cuda:"):
+    ap.error(f"--torch-device: {args.torch_device!r} is neither cpu nor cuda[:N]")
   return args
 
 
@@ -453,7 +516,7 @@ def main(argv=None) -> int:
   settings = Settings(image_size=args.image_size, batch=args.batch, width=args.width, layers=args.layers,
                       max_dim=args.max_dim, fc_dim=args.fc_dim, fr=tuple(args.fr.split(",")), k=args.k,
                       lr_inner=args.lr_inner, primaries=args.primaries, noise=args.noise, devices=args.devices,
-                      seed=args.seed)
+                      seed=args.seed, bf16=args.bf16)
   device = jax.devices()[0]
   setup = Setup(settings)
   n = args.matmul or (2048 if device.platform == "cpu" else 8192)
@@ -499,13 +562,17 @@ def main(argv=None) -> int:
          torch_results)  # the JAX rows are kept even if the torch comparison is interrupted
   if args.compare_torch:
     for kind in args.torch_kinds.split(","):
-      c = compare_torch(setup, kind, args.torch_rounds, args.torch_steps, args.warmup, args.torch_threads)
+      c = compare_torch(setup, kind, args.torch_rounds, args.torch_steps, args.warmup, args.torch_threads,
+                        tuple(args.torch_formulations.split(",")), args.torch_device)
       torch_results.append(c)
       _write(path, args, settings, setup, device, peak, peak_bf16, rows,
              ratios, torch_results)
-      print(f"stage2:{kind} JAX {c['jax_median_s']:.3f} s  PyTorch eager {c['torch_median_s']:.3f} s  "
-            f"JAX is {c['torch_over_jax']:.2f}x faster (per round: "
-            f"{', '.join(f'{x:.2f}' for x in c['torch_over_jax_per_round'])}; torch threads {c['torch_threads']})")
+      for key, label in (("torch", "PyTorch eager (naive)"), ("torch_best", "PyTorch best")):
+        if f"{key}_median_s" in c:
+          print(f"stage2:{kind} JAX {c['jax_median_s']:.3f} s  {label} {c[f'{key}_median_s']:.3f} s  "
+                f"torch/JAX {c[f'{key}_over_jax']:.2f}x (per round: "
+                f"{', '.join(f'{x:.2f}' for x in c[f'{key}_over_jax_per_round'])}; torch {c['torch_device']}, "
+                f"threads {c['torch_threads']})")
 
   _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios,
          torch_results)
@@ -514,5 +581,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
   sys.exit(main())
