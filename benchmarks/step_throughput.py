@@ -38,6 +38,7 @@ import pathlib
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -260,6 +261,20 @@ class Setup:
       self._compiled[key] = (compiled, extra, time.perf_counter() - start)
     return self._compiled[key]
 
+  def cold_compile_seconds(self, stage: int, kind: str | None = None) -> float:
+    """Wall time of lowering and compiling the step again with the persistent compilation cache off (a cold
+    compile, whatever `JAX_COMPILATION_CACHE_DIR` holds)."""
+    step, extra = self.jitted(stage, kind)
+    args = (self.state(stage), self.device_batch(), *extra)
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+      start = time.perf_counter()
+      step.lower(*args).compile()
+      return time.perf_counter() - start
+    finally:
+      jax.config.update("jax_enable_compilation_cache", enabled)
+
   def stage2_with_grads(self, kind: str, batch: dict[str, np.ndarray]):
     """One stage-2 step from `stage2_state()` on `batch`; returns `(metrics, {net: raw grads}, new_state)`."""
     tx = optax.chain(_capture_grads(), self.tx)
@@ -309,13 +324,28 @@ def _timed_step(compiled, state, batch, extra) -> tuple[Any, float]:
   return state, time.perf_counter() - start
 
 
-def measure_step(setup: Setup, stage: int, kind: str | None, warmup: int, steps: int) -> dict[str, Any]:
-  """Compile time, FLOPs, memory and steady-state times of one step (state donated between steps)."""
+def memory_analysis(compiled) -> dict[str, float]:
+  """XLA's buffer assignment of a compiled program, in MiB: arguments, outputs, temporaries, aliased (donated)
+  bytes, generated code, and XLA's own peak estimate where the backend reports one."""
+  m = compiled.memory_analysis()
+  fields = ("argument", "output", "temp", "alias", "generated_code")
+  out = {f"{f}_mib": getattr(m, f"{f}_size_in_bytes", float("nan")) / 2**20 for f in fields}
+  peak = getattr(m, "peak_memory_in_bytes", 0)
+  if peak:
+    out["peak_mib"] = peak / 2**20
+  return out
+
+
+def measure_step(setup: Setup, stage: int, kind: str | None, warmup: int, steps: int,
+                 cold_compile: bool = False) -> dict[str, Any]:
+  """Compile time (and, with `cold_compile`, a cold one), XLA's memory analysis, FLOPs, peak memory and
+  steady-state times of one step (state donated between steps)."""
   load_before = os.getloadavg()
   compiled, extra, compile_s = setup.compiled(stage, kind)
+  cold = {"compile_cold_s": setup.cold_compile_seconds(stage, kind)} if cold_compile else {}
   state = setup.state(stage)
   batch = setup.device_batch()
-  memory = compiled.memory_analysis()
+  memory = memory_analysis(compiled)
   for _ in range(warmup):
     state, _ = _timed_step(compiled, state, batch, extra)
   times = []
@@ -324,10 +354,11 @@ def measure_step(setup: Setup, stage: int, kind: str | None, warmup: int, steps:
     times.append(seconds)
   flops = _flops(compiled)
   median = statistics.median(times)
-  return {"stage": stage, "kind": kind, "compile_s": compile_s, "median_s": median, "min_s": min(times),
+  return {"stage": stage, "kind": kind, "compile_s": compile_s, **cold, "median_s": median, "min_s": min(times),
           "times_s": times, "images_per_s": setup.settings.batch / median, "flops": flops,
           "flops_per_s": flops * setup.settings.devices / median,
-          "xla_temp_mib": getattr(memory, "temp_size_in_bytes", float("nan")) / 2**20, **peak_memory_bytes(),
+          "xla_temp_mib": memory["temp_mib"], "xla_memory": memory, **peak_memory_bytes(),
+          "compilation_cache": bool(jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache),
           "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
 
 
@@ -406,6 +437,55 @@ def compare_torch(setup: Setup, kind: str, rounds: int, steps: int, warmup: int,
   if "best" in torch_steps:
     out["torch_best_adam"] = torch_steps["best"].adam_kind
   return out
+
+
+def profile_stage2(setup: Setup, kind: str, directory: pathlib.Path, steps: int, torch_formulations: tuple[str, ...],
+                   torch_device: str = "cpu", torch_threads: int = 1, top: int = 40) -> dict[str, Any]:
+  """Profiles `steps` stage-2 steps of JAX and of each torch formulation (after one warm-up step each).
+
+  Writes `DIR/jax/` (a `jax.profiler` trace: TensorBoard's xplane and a Perfetto `perfetto_trace.json.gz`),
+  `DIR/torch_<formulation>.txt` (the torch profiler's `key_averages()` table, top `top` ops by self time) and
+  `.json` (every op: name, count, self and total time), and `DIR/profile_meta.json` (steps and the wall seconds of
+  each profiled region). `python -m benchmarks.profile_summary DIR` prints the top ops and their share of the step.
+  """
+  directory.mkdir(parents=True, exist_ok=True)
+  compiled, extra, _ = setup.compiled(2, kind)
+  state, batch = setup.state(2), setup.device_batch()
+  state, _ = _timed_step(compiled, state, batch, extra)
+  meta = {"kind": kind, "steps": steps, "settings": dataclasses.asdict(setup.settings), "wall_s": {}}
+  with jax.profiler.trace(str(directory / "jax"), create_perfetto_trace=True):
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, _ = _timed_step(compiled, state, batch, extra)
+    meta["wall_s"]["jax"] = time.perf_counter() - start
+  if torch_formulations:
+    import torch  # pylint: disable=g-import-not-at-top
+    from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  (torch is optional)
+
+    torch.set_num_threads(torch_threads)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch_device.startswith("cuda"):
+      activities.append(torch.profiler.ProfilerActivity.CUDA)
+    dtype = torch.bfloat16 if setup.settings.bf16 else torch.float32
+    for f in torch_formulations:
+      step = torch_reference.from_setup(setup, kind, f, torch_device, dtype)
+      t_batch = step.prepare(torch_reference.to_torch_batch(setup.host_batch()))
+      step.step(t_batch)
+      step.synchronize()
+      with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+          step.step(t_batch)
+        step.synchronize()
+        meta["wall_s"][f"torch_{f}"] = time.perf_counter() - start
+      averages = prof.key_averages()
+      sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
+      (directory / f"torch_{f}.txt").write_text(averages.table(sort_by=sort, row_limit=top))
+      ops = [{"name": e.key, "count": e.count, "self_cpu_us": e.self_cpu_time_total, "cpu_us": e.cpu_time_total,
+              "self_device_us": getattr(e, "self_device_time_total", 0.0)} for e in averages]
+      (directory / f"torch_{f}.json").write_text(json.dumps(ops, indent=1))
+  (directory / "profile_meta.json").write_text(json.dumps(meta, indent=1))
+  return meta
 
 
 def versions() -> dict[str, str]:
@@ -492,6 +572,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--bf16", action="store_true",
                   help="FR nets, D and R compute in bfloat16 (E_adv, G and the inner step float32), JAX and torch best")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--cold-compile", action="store_true",
+                  help="also compile each step with the persistent compilation cache off (compile_cold_s)")
+  ap.add_argument("--isolate", action="store_true",
+                  help="measure each row in its own subprocess, so its peak RSS is that row's alone")
+  ap.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # an --isolate child: rows, nothing else
+  ap.add_argument("--profile", default="", metavar="DIR",
+                  help="profile the stage-2 step of the first --torch-kinds kind (JAX trace + torch profiler tables "
+                       "for --torch-formulations) into DIR; summarise with `python -m benchmarks.profile_summary DIR`")
+  ap.add_argument("--profile-steps", type=int, default=3)
   ap.add_argument("--out", default="benchmarks/step_throughput.json")
   args = ap.parse_args(argv)
   for stage in args.stages.split(","):
@@ -509,6 +598,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
   if args.devices > 1 and os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu") and jax.config.jax_platforms in (
       None, "", "cpu"):
@@ -528,18 +618,26 @@ def main(argv=None) -> int:
         f"{len(setup.surrogates)} ({', '.join(x.spec for x in setup.surrogates)})")
 
   rows: dict[str, dict] = {}
+  path = pathlib.Path(args.out)
   header = (f"{'step':<22}{'compile s':>10}{'median s':>10}{'img/s':>8}{'GFLOP':>9}{'GFLOP/s':>9}{'of peak':>8}"
             f"{'mem MiB':>9}{'temp MiB':>9}")
   print(header)
   for entry in args.stages.split(","):
     stage, _, kind = entry.partition(":")
-    r = measure_step(setup, int(stage), kind or None, args.warmup, args.steps)
+    if args.isolate and not args.row_only:
+      r = _isolated_row(argv, entry, path)
+    else:
+      r = measure_step(setup, int(stage), kind or None, args.warmup, args.steps, args.cold_compile)
     r["fraction_of_peak"] = r["flops_per_s"] / (peak["flops_per_s"] * settings.devices)
     name = _row_name(int(stage), kind or None)
     rows[name] = r
     mem = r.get("rss_peak_mib", r.get("device_peak_mib"))
     print(f"{name:<22}{r['compile_s']:>10.1f}{r['median_s']:>10.3f}{r['images_per_s']:>8.2f}{r['flops'] / 1e9:>9.1f}"
-          f"{r['flops_per_s'] / 1e9:>9.1f}{r['fraction_of_peak']:>8.1%}{mem:>9.0f}{r['xla_temp_mib']:>9.0f}")
+          f"{r['flops_per_s'] / 1e9:>9.1f}{r['fraction_of_peak']:>8.1%}{mem:>9.0f}{r['xla_temp_mib']:>9.0f}"
+          + (f"   cold compile {r['compile_cold_s']:.1f} s" if "compile_cold_s" in r else ""))
+  if args.row_only:
+    _write(path, args, settings, setup, device, peak, peak_bf16, rows, {}, [])
+    return 0
 
   kinds = [name.partition(":")[2] for name in rows if name.startswith("stage2:")]
   interleaved = None
@@ -557,7 +655,6 @@ def main(argv=None) -> int:
             f"measured/predicted {r['time_over_flop_prediction']:.2f}")
 
   torch_results = []
-  path = pathlib.Path(args.out)
   _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios,
          torch_results)  # the JAX rows are kept even if the torch comparison is interrupted
   if args.compare_torch:
@@ -574,10 +671,33 @@ def main(argv=None) -> int:
                 f"{', '.join(f'{x:.2f}' for x in c[f'{key}_over_jax_per_round'])}; torch {c['torch_device']}, "
                 f"threads {c['torch_threads']})")
 
+  if args.profile:
+    meta = profile_stage2(setup, args.torch_kinds.split(",")[0], pathlib.Path(args.profile), args.profile_steps,
+                          tuple(args.torch_formulations.split(",")) if args.compare_torch else (), args.torch_device,
+                          args.torch_threads)
+    print(f"profiles in {args.profile} (wall s: {meta['wall_s']}); summary: python -m benchmarks.profile_summary "
+          f"{args.profile}")
+
   _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios,
          torch_results)
   print(f"wrote {path}")
   return 0
+
+
+def _isolated_row(argv: list[str], entry: str, path: pathlib.Path) -> dict[str, Any]:
+  """Runs this script on the one stage `entry` in a subprocess (same arguments) and returns its row, whose peak RSS
+  is then that step's alone."""
+  out = path.resolve().with_name(f"{path.stem}.isolated-{entry.replace(':', '-')}.json")
+  cmd = [sys.executable, "-m", "benchmarks.step_throughput", *argv, "--stages", entry, "--out", str(out),
+         "--row-only", "--interleave-rounds", "0"]
+  proc = subprocess.run(cmd, cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                        check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"isolated row {entry} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  (row,) = json.loads(out.read_text())["rows"].values()
+  out.unlink()
+  row["isolated"] = True
+  return row
 
 
 if __name__ == "__main__":
