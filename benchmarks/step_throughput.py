@@ -52,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from benchmarks import tiny_fr
 from configs import default as default_config
 from erasablemask_jax import fr
+from erasablemask_jax.fr import fold
 from erasablemask_jax.attack import make_attack
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import steps as steps_lib
@@ -80,6 +81,7 @@ class Settings:
   devices: int = 1
   seed: int = 0
   bf16: bool = False  # FR surrogates, D and R compute in bfloat16; E_adv, G and the inner step stay float32
+  fold_bn: bool = False  # the frozen FR nets' inference BatchNorms folded into their convolutions (fr.fold)
 
 
 def make_config(s: Settings):
@@ -139,17 +141,17 @@ def bf16_models(models: ErasableMask) -> ErasableMask:
                              restorer=models.restorer.clone(dtype=jnp.bfloat16))
 
 
-def bf16_surrogate(surrogate: Surrogate) -> Surrogate:
-  """`surrogate` whose network runs in bfloat16 (preprocessing and the normalised embedding in float32).
-
-  Its variables must be cast to bfloat16 by the caller (once, outside the step: `cast_floats`).
-  """
+def rebuilt_surrogate(surrogate: Surrogate, net_apply=None, dtype=jnp.float32) -> Surrogate:
+  """`surrogate` (its view: plain or `@flip`) with the network applied by `net_apply(variables, x)` (default: the
+  module's own) in `dtype` (preprocessing and the normalised embedding stay float32). With bfloat16 the caller casts
+  the variables once, outside the step (`cast_floats`)."""
   recogniser, flip = surrogate.recogniser, surrogate.spec.endswith("@flip")
+  net_apply = net_apply or recogniser.module.apply
 
   def apply(variables, x):
     x = x[:, :, ::-1, :] if flip else x
-    h = fr.preprocess(x, recogniser.preprocessing).astype(jnp.bfloat16)
-    return fr.l2_normalise(recogniser.module.apply(variables, h).astype(jnp.float32))
+    h = fr.preprocess(x, recogniser.preprocessing).astype(dtype)
+    return fr.l2_normalise(net_apply(variables, h).astype(jnp.float32))
 
   return dataclasses.replace(surrogate, apply=apply)
 
@@ -192,9 +194,17 @@ class Setup:
     target = jnp.asarray(rng.uniform(-1, 1, (1, s.image_size, s.image_size, 3)), jnp.float32)
     self.targets = jax.device_put(target_embeddings(self.surrogates, target), self.replicated)
     self.fr_vars = jax.device_put([x.variables for x in self.surrogates], self.replicated)
-    if s.bf16:
-      self.surrogates = [bf16_surrogate(x) for x in self.surrogates]
-      self.fr_vars = jax.device_put(cast_floats(self.fr_vars, jnp.bfloat16), self.replicated)
+    if s.fold_bn or s.bf16:
+      fr_vars, rebuilt = [], []
+      for x in self.surrogates:
+        variables, net_apply = x.variables, None
+        if s.fold_bn:
+          example = jnp.zeros((1, *x.recogniser.input_size, 3), jnp.float32)
+          variables, net_apply = fold.fold_batchnorm(x.recogniser.module, variables, example)
+        fr_vars.append(cast_floats(variables, jnp.bfloat16) if s.bf16 else variables)
+        rebuilt.append(rebuilt_surrogate(x, net_apply, jnp.bfloat16 if s.bf16 else jnp.float32))
+      self.surrogates = rebuilt
+      self.fr_vars = jax.device_put(fr_vars, self.replicated)
     self._compiled = {}
     self.noise = None
     if s.noise:
@@ -439,6 +449,42 @@ def compare_torch(setup: Setup, kind: str, rounds: int, steps: int, warmup: int,
   return out
 
 
+VARIANTS = {
+    "linearize": {"primaries": "linearize"},
+    "vmap": {"primaries": "vmap"},
+    "scan": {"primaries": "scan"},
+    "fold_bn": {"fold_bn": True},
+    "bf16": {"bf16": True},
+}
+
+
+def compare_variants(setup: Setup, names: list[str], rounds: int, steps: int) -> dict[str, Any]:
+  """The stage-2 meta-auxiliary step of `setup` and of each variant (`VARIANTS`: another `--primaries`, folded
+  BatchNorm, bf16) in alternating rounds of `steps` steps; each variant's median and its time over the base's."""
+  setups = {"base": setup, **{n: Setup(dataclasses.replace(setup.settings, **VARIANTS[n])) for n in names}}
+  programs = {n: x.compiled(2, "meta_auxiliary") for n, x in setups.items()}
+  states = {n: x.state(2) for n, x in setups.items()}
+  batches = {n: x.device_batch() for n, x in setups.items()}
+  times = {n: [] for n in setups}
+
+  def run(n):
+    compiled, extra, _ = programs[n]
+    states[n], seconds = _timed_step(compiled, states[n], batches[n], extra)
+    return seconds
+
+  for n in setups:
+    run(n)
+  for _ in range(rounds):
+    for n in setups:
+      times[n].extend(run(n) for _ in range(steps))
+  medians = {n: statistics.median(t) for n, t in times.items()}
+  return {"rounds": rounds, "steps": steps, "times_s": times, "median_s": medians,
+          "over_base": {n: medians[n] / medians["base"] for n in names},
+          "compile_s": {n: p[2] for n, p in programs.items()},
+          "flops": {n: _flops(p[0]) for n, p in programs.items()},
+          "xla_memory": {n: memory_analysis(p[0]) for n, p in programs.items()}}
+
+
 def profile_stage2(setup: Setup, kind: str, directory: pathlib.Path, steps: int, torch_formulations: tuple[str, ...],
                    torch_device: str = "cpu", torch_threads: int = 1, top: int = 40) -> dict[str, Any]:
   """Profiles `steps` stage-2 steps of JAX and of each torch formulation (after one warm-up step each).
@@ -528,6 +574,7 @@ def _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios, t
       "versions": versions(),
       "settings": {**dataclasses.asdict(settings), "surrogates": [x.spec for x in setup.surrogates],
                    "lr_inner_used": setup.lr_inner, "warmup": args.warmup, "steps": args.steps,
+                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
                    "command": " ".join(sys.argv)},
       "peak_matmul": peak, **({"peak_matmul_bf16": peak_bf16} if peak_bf16 else {}),
       "rows": rows, "ratios": ratios, "torch": torch_results,
@@ -581,6 +628,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="profile the stage-2 step of the first --torch-kinds kind (JAX trace + torch profiler tables "
                        "for --torch-formulations) into DIR; summarise with `python -m benchmarks.profile_summary DIR`")
   ap.add_argument("--profile-steps", type=int, default=3)
+  ap.add_argument("--fold-bn", action="store_true", help="fold the frozen FR nets' BatchNorms into their convs")
+  ap.add_argument("--compare-variants", default="",
+                  help=f"comma-separated variants of the stage-2 meta-auxiliary step timed against this setting in "
+                       f"alternating rounds (--interleave-rounds x --steps): {', '.join(VARIANTS)}")
+  ap.add_argument("--xla-cpu-flags", default="", help="appended to XLA_FLAGS before the backend starts (e.g. "
+                  "--xla_cpu_use_onednn=true); see --list-xla-cpu-flags and benchmarks/xla_cpu_flags.py")
+  ap.add_argument("--list-xla-cpu-flags", action="store_true",
+                  help="print the XLA:CPU flags this jaxlib knows (oneDNN, XNNPACK, ...) and exit")
   ap.add_argument("--out", default="benchmarks/step_throughput.json")
   args = ap.parse_args(argv)
   for stage in args.stages.split(","):
@@ -589,6 +644,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   for kind in args.torch_kinds.split(","):
     if kind not in KINDS:
       ap.error(f"--torch-kinds: unknown {kind!r}; choose from {KINDS}")
+  for name in filter(None, args.compare_variants.split(",")):
+    if name not in VARIANTS:
+      ap.error(f"--compare-variants: unknown {name!r}; choose from {', '.join(VARIANTS)}")
   for name in args.torch_formulations.split(","):
     if name not in ("naive", "best"):
       ap.error(f"--torch-formulations: unknown {name!r}; choose from naive, best")
@@ -600,13 +658,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
+  if args.list_xla_cpu_flags:
+    from benchmarks import xla_cpu_flags  # pylint: disable=g-import-not-at-top
+    xla_cpu_flags.print_discovered()
+    return 0
+  if args.xla_cpu_flags:  # read when the backend starts, which is below
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_cpu_flags}".strip()
   if args.devices > 1 and os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu") and jax.config.jax_platforms in (
       None, "", "cpu"):
     jax.config.update("jax_num_cpu_devices", args.devices)  # before the backend starts; ignored by GPU/TPU
   settings = Settings(image_size=args.image_size, batch=args.batch, width=args.width, layers=args.layers,
                       max_dim=args.max_dim, fc_dim=args.fc_dim, fr=tuple(args.fr.split(",")), k=args.k,
                       lr_inner=args.lr_inner, primaries=args.primaries, noise=args.noise, devices=args.devices,
-                      seed=args.seed, bf16=args.bf16)
+                      seed=args.seed, bf16=args.bf16, fold_bn=args.fold_bn)
   device = jax.devices()[0]
   setup = Setup(settings)
   n = args.matmul or (2048 if device.platform == "cpu" else 8192)
@@ -653,6 +717,12 @@ def main(argv=None) -> int:
     if r and name != "interleaved":
       print(f"{name:<28} measured {r['time_ratio']:.2f}x ({r['timing']})   FLOP-predicted {r['flop_ratio']:.2f}x   "
             f"measured/predicted {r['time_over_flop_prediction']:.2f}")
+
+  variants = args.compare_variants.split(",") if args.compare_variants else []
+  if variants:
+    ratios["variants"] = v = compare_variants(setup, variants, max(args.interleave_rounds, 1), args.steps)
+    print("variants of stage2:meta_auxiliary (alternating rounds): base " + f"{v['median_s']['base']:.3f} s; " +
+          ", ".join(f"{n} {v['median_s'][n]:.3f} s ({v['over_base'][n]:.2f}x)" for n in variants))
 
   torch_results = []
   _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios,
