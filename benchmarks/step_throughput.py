@@ -625,8 +625,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="measure each row in its own subprocess, so its peak RSS is that row's alone")
   ap.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # an --isolate child: rows, nothing else
   ap.add_argument("--profile", default="", metavar="DIR",
-                  help="profile the stage-2 step of the first --torch-kinds kind (JAX trace + torch profiler tables "
-                       "for --torch-formulations) into DIR; summarise with `python -m benchmarks.profile_summary DIR`")
+                  help="profile the stage-2 step of the first --torch-kinds kind (JAX trace, and torch profiler tables "
+                       "for --torch-formulations when torch is installed) into DIR; summarise with "
+                       "`python -m benchmarks.profile_summary DIR`")
   ap.add_argument("--profile-steps", type=int, default=3)
   ap.add_argument("--fold-bn", action="store_true", help="fold the frozen FR nets' BatchNorms into their convs")
   ap.add_argument("--compare-variants", default="",
@@ -743,7 +744,7 @@ def main(argv=None) -> int:
 
   if args.profile:
     meta = profile_stage2(setup, args.torch_kinds.split(",")[0], pathlib.Path(args.profile), args.profile_steps,
-                          tuple(args.torch_formulations.split(",")) if args.compare_torch else (), args.torch_device,
+                          tuple(args.torch_formulations.split(",")) if _have_torch() else (), args.torch_device,
                           args.torch_threads)
     print(f"profiles in {args.profile} (wall s: {meta['wall_s']}); summary: python -m benchmarks.profile_summary "
           f"{args.profile}")
@@ -752,6 +753,14 @@ def main(argv=None) -> int:
          torch_results)
   print(f"wrote {path}")
   return 0
+
+
+def _have_torch() -> bool:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
 
 
 def _isolated_row(argv: list[str], entry: str, path: pathlib.Path) -> dict[str, Any]:
