@@ -62,6 +62,7 @@ def fit_joint(points: list[dict], key: str) -> dict[str, float]:
 
 def plot(points: list[dict], fits: dict, base: dict, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -79,6 +80,7 @@ def plot(points: list[dict], fits: dict, base: dict, path: pathlib.Path) -> None
       ax.loglog(xs, ys[0] * (xs / xs[0]) ** b, "--", color=ax.lines[-1].get_color(), alpha=0.6)
     ax.set_xlabel(axis)
     ax.set_xticks(xs, [str(int(v)) for v in xs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
   fig.suptitle("JAX stage-2 meta-auxiliary step: cost growth (others at " +
