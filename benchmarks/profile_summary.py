@@ -2,7 +2,7 @@
 
 JAX: the Perfetto trace (`DIR/jax/**/perfetto_trace.json.gz`), each event's self time (its duration minus that of
 the events nested in it on the same thread), summed by name with XLA's numeric suffixes removed (`fusion.12` ->
-`fusion`, or `--keep-suffix`). torch: the profiler's `key_averages()` (`DIR/torch_<formulation>.json`), self CPU
+`fusion`, or `--keep-suffix`), Python-tracer events (`$file:line ...`) left out. torch: the profiler's `key_averages()` (`DIR/torch_<formulation>.json`), self CPU
 time (self device time on CUDA). For each op: milliseconds per step, its share of all ops' self time (`busy`) and
 of the step's wall time (`of step`; over 100% in sum when ops run on several threads at once).
 
@@ -27,7 +27,8 @@ def _self_times(events: list[dict[str, Any]], keep_suffix: bool) -> dict[str, fl
   """Summed self time (us) by event name of complete ("X") trace events, nesting per (pid, tid)."""
   by_thread = collections.defaultdict(list)
   for e in events:
-    if e.get("ph") == "X" and "dur" in e:
+    # "$file:line name" events are the Python tracer's (the benchmark's own Python, e.g. stop_trace), not step ops.
+    if e.get("ph") == "X" and "dur" in e and not str(e.get("name", "")).startswith("$"):
       by_thread[(e.get("pid"), e.get("tid"))].append(e)
   totals: dict[str, float] = collections.defaultdict(float)
   for thread in by_thread.values():
