@@ -48,15 +48,22 @@ def _self_times(events: list[dict[str, Any]], keep_suffix: bool) -> dict[str, fl
   return totals
 
 
-def jax_ops(directory: pathlib.Path, keep_suffix: bool = False) -> dict[str, float]:
-  """Self time in us by op name from the newest Perfetto trace under `directory/jax`."""
+def _runtime(name: str) -> bool:
+  """The JAX/PjRt runtime's own events (dispatch, waiting for the thunks), not ops of the program."""
+  return "::" in name or name.startswith(("PjitFunction", "Pjit", "ExecuteHelper"))
+
+
+def jax_ops(directory: pathlib.Path, keep_suffix: bool = False, runtime: bool = False) -> dict[str, float]:
+  """Self time in us by op name from the newest Perfetto trace under `directory/jax` (runtime events dropped
+  unless `runtime`)."""
   traces = sorted((directory / "jax").rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
   if not traces:
     raise FileNotFoundError(f"no perfetto_trace.json.gz under {directory / 'jax'}; run step_throughput.py --profile")
   with gzip.open(traces[-1], "rt") as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
-  return _self_times(events, keep_suffix)
+  totals = _self_times(events, keep_suffix)
+  return totals if runtime else {k: v for k, v in totals.items() if not _runtime(k)}
 
 
 def torch_ops(path: pathlib.Path) -> dict[str, float]:
@@ -81,6 +88,7 @@ def main(argv=None) -> int:
   ap.add_argument("directory")
   ap.add_argument("--top", type=int, default=15)
   ap.add_argument("--keep-suffix", action="store_true", help="do not merge XLA ops that differ by a numeric suffix")
+  ap.add_argument("--runtime", action="store_true", help="keep the JAX runtime's own events (dispatch, waits)")
   ap.add_argument("--json", default="", help="also write the summary here")
   args = ap.parse_args(argv)
   directory = pathlib.Path(args.directory)
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
   if not meta_path.is_file():
     ap.error(f"{meta_path} not found: profile first with `python -m benchmarks.step_throughput --profile {directory}`")
   meta = json.loads(meta_path.read_text())
-  sources = {"jax": lambda: jax_ops(directory, args.keep_suffix)}
+  sources = {"jax": lambda: jax_ops(directory, args.keep_suffix, args.runtime)}
   for path in sorted(directory.glob("torch_*.json")):
     sources[path.stem] = lambda path=path: torch_ops(path)
   summary = {}
