@@ -4,7 +4,7 @@ Needs the `bench` extra for the PyTorch sides (`pip install -e ".[bench]"`: torc
 quiet machine, from the repository root; each benchmark writes its JSON where benchmarks/README.md says, and this
 script reads those files back for the table (so `--summary-only` re-prints the table of an earlier run).
 
-    python -m benchmarks.run_all                 # everything (~2.5-4 h on the 2-core CPU VM)
+    python -m benchmarks.run_all                 # everything (~4-7 h on the 2-core CPU VM, a guess)
     python -m benchmarks.run_all --list          # the commands, with rough durations, without running them
     python -m benchmarks.run_all --only step_cpu128,paper_width_b4
     python -m benchmarks.run_all --summary-only
@@ -55,7 +55,7 @@ def _paper(batch: int) -> Bench:
                 "--stages", "2:meta_auxiliary", "--warmup", "1", "--steps", "3", "--interleave-rounds", "0",
                 "--compare-torch", "--torch-formulations", "best", "--torch-rounds", "3", "--torch-steps", "1",
                 "--out", f"benchmarks/step_throughput_cpu128_w64_b{batch}.json"),
-               f"benchmarks/step_throughput_cpu128_w64_b{batch}.json", "15-30" if batch == 4 else "25-50",
+               f"benchmarks/step_throughput_cpu128_w64_b{batch}.json", "30-60" if batch == 4 else "60-120",
                tuple(CACHE.items()))
 
 
@@ -77,7 +77,7 @@ BENCHES = (
            "--profile", "benchmarks/profile_cpu128", "--profile-steps", "3",
            "--out", "benchmarks/step_throughput_profile.json"),
           "benchmarks/step_throughput_profile.json", "5-10", tuple(CACHE.items())),
-    Bench("cost_sweep", "cost_sweep", ("--out", "benchmarks/cost_sweep.json"), "benchmarks/cost_sweep.json", "20-40",
+    Bench("cost_sweep", "cost_sweep", ("--out", "benchmarks/cost_sweep.json"), "benchmarks/cost_sweep.json", "40-90",
           tuple(CACHE.items())),
     Bench("bf16_meta_grad", "bf16_meta_grad", ("--out", "benchmarks/bf16_meta_grad.json"),
           "benchmarks/bf16_meta_grad.json", "3-6", tuple(CACHE.items())),
