@@ -1,8 +1,8 @@
 """Embeddings per second of each FR architecture: Flax (jitted) vs PyTorch (eager), same weights and inputs.
 
-    python benchmarks/fr_throughput.py [--archs mobilefacenet,iresnet50] [--batch 8] [--iters 3] [--out FILE.json]
+    python -m benchmarks.fr_throughput [--archs mobilefacenet,iresnet50] [--batch 8] [--iters 3] [--out FILE.json]
 
-Weights are random (converted from the PyTorch reference models of `tests/fr/fr_torch_reference.py`); the maximum
+Weights are random (converted from the PyTorch reference models of `benchmarks/torch_nets.py`); the maximum
 absolute difference of the L2-normalised embeddings is reported beside the timings. Prints a table and writes JSON
 (machine, versions, settings, numbers).
 """
@@ -19,7 +19,6 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "fr"))
 
 DEFAULT_ARCHS = ("mobilefacenet", "mobilefacenet_sphereface", "iresnet18", "iresnet50", "iresnet100", "ir_50",
                  "ir_se_50", "ir_152", "inception_resnet_v1")
@@ -27,7 +26,7 @@ DEFAULT_ARCHS = ("mobilefacenet", "mobilefacenet_sphereface", "iresnet18", "ires
 
 def bench(arch: str, batch: int, iters: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
-  import fr_torch_reference as ref  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_nets as ref  # pylint: disable=g-import-not-at-top
   from erasablemask_jax import convert, fr  # pylint: disable=g-import-not-at-top
   spec = convert.get_arch(arch)
   model = ref.randomise(ref.build(arch), 0, spec.input_shape)

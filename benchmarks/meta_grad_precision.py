@@ -7,7 +7,7 @@ and reports the relative L2 gap of E_adv's raw gradient, beside the size of the 
 second- and first-order float64 gradients). A float32-vs-float64 gap as large as the JAX-vs-torch one says that gap is
 float32 sensitivity of the problem, not a difference between the implementations.
 
-    python benchmarks/meta_grad_precision.py --lr-inner 0.5,0.05
+    python -m benchmarks.meta_grad_precision --lr-inner 0.5,0.05
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import step_throughput as st  # noqa: E402
+from benchmarks import step_throughput as st  # noqa: E402
 
 from erasablemask_jax.models import ErasableMask  # noqa: E402
 from erasablemask_jax.train import steps as steps_lib  # noqa: E402

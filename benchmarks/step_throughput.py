@@ -19,8 +19,8 @@ counts predict (a measured ratio more than 1.3x the predicted one means waste in
 `--compare-torch` also runs the same stage-2 step in PyTorch eager (`benchmarks/torch_reference.py`: same networks,
 weights and batch), alternating JAX and torch rounds so that both see the same machine load, and reports the ratio.
 
-    python benchmarks/step_throughput.py --image-size 128 --batch 4 --width 16 --compare-torch
-    python benchmarks/step_throughput.py --devices 4 --stages 2:meta_auxiliary   # simulated devices on CPU
+    python -m benchmarks.step_throughput --image-size 128 --batch 4 --width 16 --compare-torch
+    python -m benchmarks.step_throughput --devices 4 --stages 2:meta_auxiliary   # simulated devices on CPU
 
 Surrogates (`--fr`, comma-separated, K = their number or `--k`): `bundled:mobilefacenet` (the bundled weights),
 `random:ARCH` (random weights of any zoo architecture, e.g. `random:iresnet50`), each optionally `@flip` (the mirrored
@@ -38,6 +38,7 @@ import pathlib
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -48,8 +49,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from benchmarks import tiny_fr
 from configs import default as default_config
 from erasablemask_jax import fr
+from erasablemask_jax.fr import fold
 from erasablemask_jax.attack import make_attack
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import steps as steps_lib
@@ -77,6 +80,8 @@ class Settings:
   noise: bool = False  # the config's training noise pool on x_adv (off: identity, as the torch reference)
   devices: int = 1
   seed: int = 0
+  bf16: bool = False  # FR surrogates, D and R compute in bfloat16; E_adv, G and the inner step stay float32
+  fold_bn: bool = False  # the frozen FR nets' inference BatchNorms folded into their convolutions (fr.fold)
 
 
 def make_config(s: Settings):
@@ -114,13 +119,10 @@ def _flipped(apply_fn, variables, x):
 
 def make_surrogate(spec: str, seed: int) -> Surrogate:
   """`bundled:NAME[@flip]`, `random:ARCH[@flip]` (random weights of a registered zoo architecture) or `tiny[@flip]`
-  (the 16x16 two-conv net of `tests/train/tiny.py`, for tests of this script)."""
+  (the 16x16 two-conv net of `benchmarks/tiny_fr.py`, for tests of this script)."""
   source, _, view = spec.partition("@")
   if source == "tiny":
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "train"))
-    import tiny  # pylint: disable=g-import-not-at-top
-
-    recogniser = tiny.tiny_surrogates(1, seed=seed)[0].recogniser
+    recogniser = tiny_fr.tiny_surrogates(1, seed=seed)[0].recogniser
     apply = recogniser.apply_fn if view != "flip" else functools.partial(_flipped, recogniser.apply_fn)
     return Surrogate(spec=spec, recogniser=recogniser, apply=apply)
   if not source.startswith("random:"):
@@ -133,6 +135,32 @@ def make_surrogate(spec: str, seed: int) -> Surrogate:
   recogniser = fr.from_variables(arch, variables)
   apply = recogniser.apply_fn if view != "flip" else functools.partial(_flipped, recogniser.apply_fn)
   return Surrogate(spec=spec, recogniser=recogniser, apply=apply)
+
+
+def bf16_models(models: ErasableMask) -> ErasableMask:
+  """`models` with D and R computing in bfloat16 (float32 parameters); G and E_adv unchanged (float32)."""
+  return dataclasses.replace(models, discriminator=models.discriminator.clone(dtype=jnp.bfloat16),
+                             restorer=models.restorer.clone(dtype=jnp.bfloat16))
+
+
+def rebuilt_surrogate(surrogate: Surrogate, net_apply=None, dtype=jnp.float32) -> Surrogate:
+  """`surrogate` (its view: plain or `@flip`) with the network applied by `net_apply(variables, x)` (default: the
+  module's own) in `dtype` (preprocessing and the normalised embedding stay float32). With bfloat16 the caller casts
+  the variables once, outside the step (`cast_floats`)."""
+  recogniser, flip = surrogate.recogniser, surrogate.spec.endswith("@flip")
+  net_apply = net_apply or recogniser.module.apply
+
+  def apply(variables, x):
+    x = x[:, :, ::-1, :] if flip else x
+    h = fr.preprocess(x, recogniser.preprocessing).astype(dtype)
+    return fr.l2_normalise(net_apply(variables, h).astype(jnp.float32))
+
+  return dataclasses.replace(surrogate, apply=apply)
+
+
+def cast_floats(tree, dtype):
+  """Every floating-point leaf of `tree` cast to `dtype`."""
+  return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 def _capture_grads() -> optax.GradientTransformation:
@@ -151,6 +179,8 @@ class Setup:
     self.lr_inner = self.config.attack.lr_inner
     self.num_attributes = len(self.config.attributes)
     self.models = ErasableMask.from_config(self.config.model, self.num_attributes)
+    if s.bf16:
+      self.models = bf16_models(self.models)
     self.tx = make_optimizer(self.config.optim)
     devices = jax.devices()
     if s.devices > len(devices):
@@ -166,6 +196,17 @@ class Setup:
     target = jnp.asarray(rng.uniform(-1, 1, (1, s.image_size, s.image_size, 3)), jnp.float32)
     self.targets = jax.device_put(target_embeddings(self.surrogates, target), self.replicated)
     self.fr_vars = jax.device_put([x.variables for x in self.surrogates], self.replicated)
+    if s.fold_bn or s.bf16:
+      fr_vars, rebuilt = [], []
+      for x in self.surrogates:
+        variables, net_apply = x.variables, None
+        if s.fold_bn:
+          example = jnp.zeros((1, *x.recogniser.input_size, 3), jnp.float32)
+          variables, net_apply = fold.fold_batchnorm(x.recogniser.module, variables, example)
+        fr_vars.append(cast_floats(variables, jnp.bfloat16) if s.bf16 else variables)
+        rebuilt.append(rebuilt_surrogate(x, net_apply, jnp.bfloat16 if s.bf16 else jnp.float32))
+      self.surrogates = rebuilt
+      self.fr_vars = jax.device_put(fr_vars, self.replicated)
     self._compiled = {}
     self.noise = None
     if s.noise:
@@ -232,6 +273,20 @@ class Setup:
       self._compiled[key] = (compiled, extra, time.perf_counter() - start)
     return self._compiled[key]
 
+  def cold_compile_seconds(self, stage: int, kind: str | None = None) -> float:
+    """Wall time of lowering and compiling the step again with the persistent compilation cache off (a cold
+    compile, whatever `JAX_COMPILATION_CACHE_DIR` holds)."""
+    step, extra = self.jitted(stage, kind)
+    args = (self.state(stage), self.device_batch(), *extra)
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+      start = time.perf_counter()
+      step.lower(*args).compile()
+      return time.perf_counter() - start
+    finally:
+      jax.config.update("jax_enable_compilation_cache", enabled)
+
   def stage2_with_grads(self, kind: str, batch: dict[str, np.ndarray]):
     """One stage-2 step from `stage2_state()` on `batch`; returns `(metrics, {net: raw grads}, new_state)`."""
     tx = optax.chain(_capture_grads(), self.tx)
@@ -281,13 +336,28 @@ def _timed_step(compiled, state, batch, extra) -> tuple[Any, float]:
   return state, time.perf_counter() - start
 
 
-def measure_step(setup: Setup, stage: int, kind: str | None, warmup: int, steps: int) -> dict[str, Any]:
-  """Compile time, FLOPs, memory and steady-state times of one step (state donated between steps)."""
+def memory_analysis(compiled) -> dict[str, float]:
+  """XLA's buffer assignment of a compiled program, in MiB: arguments, outputs, temporaries, aliased (donated)
+  bytes, generated code, and XLA's own peak estimate where the backend reports one."""
+  m = compiled.memory_analysis()
+  fields = ("argument", "output", "temp", "alias", "generated_code")
+  out = {f"{f}_mib": getattr(m, f"{f}_size_in_bytes", float("nan")) / 2**20 for f in fields}
+  peak = getattr(m, "peak_memory_in_bytes", 0)
+  if peak:
+    out["peak_mib"] = peak / 2**20
+  return out
+
+
+def measure_step(setup: Setup, stage: int, kind: str | None, warmup: int, steps: int,
+                 cold_compile: bool = False) -> dict[str, Any]:
+  """Compile time (and, with `cold_compile`, a cold one), XLA's memory analysis, FLOPs, peak memory and
+  steady-state times of one step (state donated between steps)."""
   load_before = os.getloadavg()
   compiled, extra, compile_s = setup.compiled(stage, kind)
+  cold = {"compile_cold_s": setup.cold_compile_seconds(stage, kind)} if cold_compile else {}
   state = setup.state(stage)
   batch = setup.device_batch()
-  memory = compiled.memory_analysis()
+  memory = memory_analysis(compiled)
   for _ in range(warmup):
     state, _ = _timed_step(compiled, state, batch, extra)
   times = []
@@ -296,10 +366,11 @@ def measure_step(setup: Setup, stage: int, kind: str | None, warmup: int, steps:
     times.append(seconds)
   flops = _flops(compiled)
   median = statistics.median(times)
-  return {"stage": stage, "kind": kind, "compile_s": compile_s, "median_s": median, "min_s": min(times),
+  return {"stage": stage, "kind": kind, "compile_s": compile_s, **cold, "median_s": median, "min_s": min(times),
           "times_s": times, "images_per_s": setup.settings.batch / median, "flops": flops,
           "flops_per_s": flops * setup.settings.devices / median,
-          "xla_temp_mib": getattr(memory, "temp_size_in_bytes", float("nan")) / 2**20, **peak_memory_bytes(),
+          "xla_temp_mib": memory["temp_mib"], "xla_memory": memory, **peak_memory_bytes(),
+          "compilation_cache": bool(jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache),
           "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
 
 
@@ -328,35 +399,146 @@ def measure_interleaved(setup: Setup, kinds: list[str], rounds: int, steps: int)
           "median_s": {kind: statistics.median(t) for kind, t in times.items()}}
 
 
-def compare_torch(setup: Setup, kind: str, rounds: int, steps: int, warmup: int, torch_threads: int) -> dict[str, Any]:
-  """Alternates rounds of `steps` JAX steps and `steps` torch steps (same networks, weights, batch)."""
+def compare_torch(setup: Setup, kind: str, rounds: int, steps: int, warmup: int, torch_threads: int,
+                  formulations: tuple[str, ...] = ("naive", "best"), device: str = "cpu") -> dict[str, Any]:
+  """Alternates rounds of `steps` JAX steps and `steps` steps of each torch formulation (same networks, weights,
+  batch): "naive" (`TorchStage2`, create_graph=True) and "best" (`TorchStage2Best`, our algorithm through
+  torch.func), both on torch `device`; with `setup.settings.bf16` the best formulation runs its FR nets, D and R in
+  bfloat16 too (the naive one stays float32)."""
   import torch  # pylint: disable=g-import-not-at-top
-  import torch_reference  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  (torch is optional)
 
   torch.set_num_threads(torch_threads)
-  torch_step = torch_reference.from_setup(setup, kind)
-  t_batch = torch_reference.to_torch_batch(setup.host_batch())
+  dtype = torch.bfloat16 if setup.settings.bf16 else torch.float32
+  torch_steps = {f: torch_reference.from_setup(setup, kind, f, device, dtype) for f in formulations}
+  host = torch_reference.to_torch_batch(setup.host_batch())
+  t_batches = {f: step.prepare(host) for f, step in torch_steps.items()}  # on the device, outside the timed region
   compiled, extra, _ = setup.compiled(2, kind)
   state, batch = setup.state(2), setup.device_batch()
+
+  def torch_step(f):
+    start = time.perf_counter()
+    torch_steps[f].step(t_batches[f])
+    torch_steps[f].synchronize()
+    return time.perf_counter() - start
+
   for _ in range(warmup):
     state, _ = _timed_step(compiled, state, batch, extra)
-    torch_step.step(t_batch)
-  jax_times, torch_times, loads = [], [], []
+    for f in formulations:
+      torch_step(f)
+  jax_times, loads = [], []
+  torch_times = {f: [] for f in formulations}
   for _ in range(rounds):
     loads.append(os.getloadavg()[0])
     for _ in range(steps):
       state, seconds = _timed_step(compiled, state, batch, extra)
       jax_times.append(seconds)
+    for f in formulations:
+      torch_times[f].extend(torch_step(f) for _ in range(steps))
+  j = statistics.median(jax_times)
+  out = {"kind": kind, "jax_median_s": j, "jax_times_s": jax_times, "torch_threads": torch_threads,
+         "torch_device": device, "load_avg_1min_per_round": loads, "bf16": setup.settings.bf16}
+  for f in formulations:
+    key = "torch" if f == "naive" else f"torch_{f}"
+    t = torch_times[f]
+    out[f"{key}_median_s"] = statistics.median(t)
+    out[f"{key}_over_jax"] = statistics.median(t) / j
+    out[f"{key}_over_jax_per_round"] = [statistics.median(t[i * steps:(i + 1) * steps]) /
+                                        statistics.median(jax_times[i * steps:(i + 1) * steps]) for i in range(rounds)]
+    out[f"{key}_times_s"] = t
+  if "best" in torch_steps:
+    out["torch_best_adam"] = torch_steps["best"].adam_kind
+  # The torch baseline a goal should use: the faster formulation of this run (best-effort is not always faster:
+  # at tiny sizes torch.func's per-op overhead outweighs what it saves).
+  fastest = min(formulations, key=lambda f: statistics.median(torch_times[f]))
+  out["torch_fastest"] = fastest
+  out["torch_fastest_over_jax"] = statistics.median(torch_times[fastest]) / j
+  return out
+
+
+VARIANTS = {
+    "linearize": {"primaries": "linearize"},
+    "vmap": {"primaries": "vmap"},
+    "scan": {"primaries": "scan"},
+    "fold_bn": {"fold_bn": True},
+    "bf16": {"bf16": True},
+}
+
+
+def compare_variants(setup: Setup, names: list[str], rounds: int, steps: int) -> dict[str, Any]:
+  """The stage-2 meta-auxiliary step of `setup` and of each variant (`VARIANTS`: another `--primaries`, folded
+  BatchNorm, bf16) in alternating rounds of `steps` steps; each variant's median and its time over the base's."""
+  setups = {"base": setup, **{n: Setup(dataclasses.replace(setup.settings, **VARIANTS[n])) for n in names}}
+  programs = {n: x.compiled(2, "meta_auxiliary") for n, x in setups.items()}
+  states = {n: x.state(2) for n, x in setups.items()}
+  batches = {n: x.device_batch() for n, x in setups.items()}
+  times = {n: [] for n in setups}
+
+  def run(n):
+    compiled, extra, _ = programs[n]
+    states[n], seconds = _timed_step(compiled, states[n], batches[n], extra)
+    return seconds
+
+  for n in setups:
+    run(n)
+  for _ in range(rounds):
+    for n in setups:
+      times[n].extend(run(n) for _ in range(steps))
+  medians = {n: statistics.median(t) for n, t in times.items()}
+  return {"rounds": rounds, "steps": steps, "times_s": times, "median_s": medians,
+          "over_base": {n: medians[n] / medians["base"] for n in names},
+          "compile_s": {n: p[2] for n, p in programs.items()},
+          "flops": {n: _flops(p[0]) for n, p in programs.items()},
+          "xla_memory": {n: memory_analysis(p[0]) for n, p in programs.items()}}
+
+
+def profile_stage2(setup: Setup, kind: str, directory: pathlib.Path, steps: int, torch_formulations: tuple[str, ...],
+                   torch_device: str = "cpu", torch_threads: int = 1, top: int = 40) -> dict[str, Any]:
+  """Profiles `steps` stage-2 steps of JAX and of each torch formulation (after one warm-up step each).
+
+  Writes `DIR/jax/` (a `jax.profiler` trace: TensorBoard's xplane and a Perfetto `perfetto_trace.json.gz`),
+  `DIR/torch_<formulation>.txt` (the torch profiler's `key_averages()` table, top `top` ops by self time) and
+  `.json` (every op: name, count, self and total time), and `DIR/profile_meta.json` (steps and the wall seconds of
+  each profiled region). `python -m benchmarks.profile_summary DIR` prints the top ops and their share of the step.
+  """
+  directory.mkdir(parents=True, exist_ok=True)
+  compiled, extra, _ = setup.compiled(2, kind)
+  state, batch = setup.state(2), setup.device_batch()
+  state, _ = _timed_step(compiled, state, batch, extra)
+  meta = {"kind": kind, "steps": steps, "settings": dataclasses.asdict(setup.settings), "wall_s": {}}
+  with jax.profiler.trace(str(directory / "jax"), create_perfetto_trace=True):
+    start = time.perf_counter()
     for _ in range(steps):
-      start = time.perf_counter()
-      torch_step.step(t_batch)
-      torch_times.append(time.perf_counter() - start)
-  j, t = statistics.median(jax_times), statistics.median(torch_times)
-  per_round = [statistics.median(torch_times[i * steps:(i + 1) * steps]) /
-               statistics.median(jax_times[i * steps:(i + 1) * steps]) for i in range(rounds)]
-  return {"kind": kind, "jax_median_s": j, "torch_median_s": t, "torch_over_jax": t / j,
-          "torch_over_jax_per_round": per_round, "jax_times_s": jax_times, "torch_times_s": torch_times,
-          "torch_threads": torch_threads, "load_avg_1min_per_round": loads}
+      state, _ = _timed_step(compiled, state, batch, extra)
+    meta["wall_s"]["jax"] = time.perf_counter() - start
+  if torch_formulations:
+    import torch  # pylint: disable=g-import-not-at-top
+    from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top  (torch is optional)
+
+    torch.set_num_threads(torch_threads)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch_device.startswith("cuda"):
+      activities.append(torch.profiler.ProfilerActivity.CUDA)
+    dtype = torch.bfloat16 if setup.settings.bf16 else torch.float32
+    for f in torch_formulations:
+      step = torch_reference.from_setup(setup, kind, f, torch_device, dtype)
+      t_batch = step.prepare(torch_reference.to_torch_batch(setup.host_batch()))
+      step.step(t_batch)
+      step.synchronize()
+      with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+          step.step(t_batch)
+        step.synchronize()
+        meta["wall_s"][f"torch_{f}"] = time.perf_counter() - start
+      averages = prof.key_averages()
+      sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
+      (directory / f"torch_{f}.txt").write_text(averages.table(sort_by=sort, row_limit=top))
+      ops = [{"name": e.key, "count": e.count, "self_cpu_us": e.self_cpu_time_total, "cpu_us": e.cpu_time_total,
+              "self_device_us": getattr(e, "self_device_time_total", 0.0)} for e in averages]
+      (directory / f"torch_{f}.json").write_text(json.dumps(ops, indent=1))
+  (directory / "profile_meta.json").write_text(json.dumps(meta, indent=1))
+  return meta
 
 
 def versions() -> dict[str, str]:
@@ -399,6 +581,7 @@ def _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios, t
       "versions": versions(),
       "settings": {**dataclasses.asdict(settings), "surrogates": [x.spec for x in setup.surrogates],
                    "lr_inner_used": setup.lr_inner, "warmup": args.warmup, "steps": args.steps,
+                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
                    "command": " ".join(sys.argv)},
       "peak_matmul": peak, **({"peak_matmul_bf16": peak_bf16} if peak_bf16 else {}),
       "rows": rows, "ratios": ratios, "torch": torch_results,
@@ -435,7 +618,32 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--torch-rounds", type=int, default=3)
   ap.add_argument("--torch-steps", type=int, default=2, help="steps per framework per round")
   ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
+  ap.add_argument("--torch-formulations", default="naive,best",
+                  help="torch formulations to time: naive (create_graph=True) and/or best (torch.func HVP, "
+                       "channels_last, fused Adam)")
+  ap.add_argument("--torch-device", default="cpu", help="torch device of the comparison (cpu, cuda): use the device "
+                  "JAX runs on")
+  ap.add_argument("--bf16", action="store_true",
+                  help="FR nets, D and R compute in bfloat16 (E_adv, G and the inner step float32), JAX and torch best")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--cold-compile", action="store_true",
+                  help="also compile each step with the persistent compilation cache off (compile_cold_s)")
+  ap.add_argument("--isolate", action="store_true",
+                  help="measure each row in its own subprocess, so its peak RSS is that row's alone")
+  ap.add_argument("--row-only", action="store_true", help=argparse.SUPPRESS)  # an --isolate child: rows, nothing else
+  ap.add_argument("--profile", default="", metavar="DIR",
+                  help="profile the stage-2 step of the first --torch-kinds kind (JAX trace, and torch profiler tables "
+                       "for --torch-formulations when torch is installed) into DIR; summarise with "
+                       "`python -m benchmarks.profile_summary DIR`")
+  ap.add_argument("--profile-steps", type=int, default=3)
+  ap.add_argument("--fold-bn", action="store_true", help="fold the frozen FR nets' BatchNorms into their convs")
+  ap.add_argument("--compare-variants", default="",
+                  help=f"comma-separated variants of the stage-2 meta-auxiliary step timed against this setting in "
+                       f"alternating rounds (--interleave-rounds x --steps): {', '.join(VARIANTS)}")
+  ap.add_argument("--xla-cpu-flags", default="", help="appended to XLA_FLAGS before the backend starts (e.g. "
+                  "--xla_cpu_use_onednn=true); see --list-xla-cpu-flags and benchmarks/xla_cpu_flags.py")
+  ap.add_argument("--list-xla-cpu-flags", action="store_true",
+                  help="print the XLA:CPU flags this jaxlib knows (oneDNN, XNNPACK, ...) and exit")
   ap.add_argument("--out", default="benchmarks/step_throughput.json")
   args = ap.parse_args(argv)
   for stage in args.stages.split(","):
@@ -444,18 +652,33 @@ def parse_args(argv=None) -> argparse.Namespace:
   for kind in args.torch_kinds.split(","):
     if kind not in KINDS:
       ap.error(f"--torch-kinds: unknown {kind!r}; choose from {KINDS}")
+  for name in filter(None, args.compare_variants.split(",")):
+    if name not in VARIANTS:
+      ap.error(f"--compare-variants: unknown {name!r}; choose from {', '.join(VARIANTS)}")
+  for name in args.torch_formulations.split(","):
+    if name not in ("naive", "best"):
+      ap.error(f"--torch-formulations: unknown {name!r}; choose from naive, best")
+  if args.torch_device not in ("cpu", "cuda") and not args.torch_device.startswith("cuda:"):
+    ap.error(f"--torch-device: {args.torch_device!r} is neither cpu nor cuda[:N]")
   return args
 
 
 def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
+  if args.list_xla_cpu_flags:
+    from benchmarks import xla_cpu_flags  # pylint: disable=g-import-not-at-top
+    xla_cpu_flags.print_discovered()
+    return 0
+  if args.xla_cpu_flags:  # read when the backend starts, which is below
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_cpu_flags}".strip()
   if args.devices > 1 and os.environ.get("JAX_PLATFORMS", "cpu") in ("", "cpu") and jax.config.jax_platforms in (
       None, "", "cpu"):
     jax.config.update("jax_num_cpu_devices", args.devices)  # before the backend starts; ignored by GPU/TPU
   settings = Settings(image_size=args.image_size, batch=args.batch, width=args.width, layers=args.layers,
                       max_dim=args.max_dim, fc_dim=args.fc_dim, fr=tuple(args.fr.split(",")), k=args.k,
                       lr_inner=args.lr_inner, primaries=args.primaries, noise=args.noise, devices=args.devices,
-                      seed=args.seed)
+                      seed=args.seed, bf16=args.bf16, fold_bn=args.fold_bn)
   device = jax.devices()[0]
   setup = Setup(settings)
   n = args.matmul or (2048 if device.platform == "cpu" else 8192)
@@ -467,18 +690,26 @@ def main(argv=None) -> int:
         f"{len(setup.surrogates)} ({', '.join(x.spec for x in setup.surrogates)})")
 
   rows: dict[str, dict] = {}
+  path = pathlib.Path(args.out)
   header = (f"{'step':<22}{'compile s':>10}{'median s':>10}{'img/s':>8}{'GFLOP':>9}{'GFLOP/s':>9}{'of peak':>8}"
             f"{'mem MiB':>9}{'temp MiB':>9}")
   print(header)
   for entry in args.stages.split(","):
     stage, _, kind = entry.partition(":")
-    r = measure_step(setup, int(stage), kind or None, args.warmup, args.steps)
+    if args.isolate and not args.row_only:
+      r = _isolated_row(argv, entry, path)
+    else:
+      r = measure_step(setup, int(stage), kind or None, args.warmup, args.steps, args.cold_compile)
     r["fraction_of_peak"] = r["flops_per_s"] / (peak["flops_per_s"] * settings.devices)
     name = _row_name(int(stage), kind or None)
     rows[name] = r
     mem = r.get("rss_peak_mib", r.get("device_peak_mib"))
     print(f"{name:<22}{r['compile_s']:>10.1f}{r['median_s']:>10.3f}{r['images_per_s']:>8.2f}{r['flops'] / 1e9:>9.1f}"
-          f"{r['flops_per_s'] / 1e9:>9.1f}{r['fraction_of_peak']:>8.1%}{mem:>9.0f}{r['xla_temp_mib']:>9.0f}")
+          f"{r['flops_per_s'] / 1e9:>9.1f}{r['fraction_of_peak']:>8.1%}{mem:>9.0f}{r['xla_temp_mib']:>9.0f}"
+          + (f"   cold compile {r['compile_cold_s']:.1f} s" if "compile_cold_s" in r else ""))
+  if args.row_only:
+    _write(path, args, settings, setup, device, peak, peak_bf16, rows, {}, [])
+    return 0
 
   kinds = [name.partition(":")[2] for name in rows if name.startswith("stage2:")]
   interleaved = None
@@ -495,19 +726,35 @@ def main(argv=None) -> int:
       print(f"{name:<28} measured {r['time_ratio']:.2f}x ({r['timing']})   FLOP-predicted {r['flop_ratio']:.2f}x   "
             f"measured/predicted {r['time_over_flop_prediction']:.2f}")
 
+  variants = args.compare_variants.split(",") if args.compare_variants else []
+  if variants:
+    ratios["variants"] = v = compare_variants(setup, variants, max(args.interleave_rounds, 1), args.steps)
+    print("variants of stage2:meta_auxiliary (alternating rounds): base " + f"{v['median_s']['base']:.3f} s; " +
+          ", ".join(f"{n} {v['median_s'][n]:.3f} s ({v['over_base'][n]:.2f}x)" for n in variants))
+
   torch_results = []
-  path = pathlib.Path(args.out)
   _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios,
          torch_results)  # the JAX rows are kept even if the torch comparison is interrupted
   if args.compare_torch:
     for kind in args.torch_kinds.split(","):
-      c = compare_torch(setup, kind, args.torch_rounds, args.torch_steps, args.warmup, args.torch_threads)
+      c = compare_torch(setup, kind, args.torch_rounds, args.torch_steps, args.warmup, args.torch_threads,
+                        tuple(args.torch_formulations.split(",")), args.torch_device)
       torch_results.append(c)
       _write(path, args, settings, setup, device, peak, peak_bf16, rows,
              ratios, torch_results)
-      print(f"stage2:{kind} JAX {c['jax_median_s']:.3f} s  PyTorch eager {c['torch_median_s']:.3f} s  "
-            f"JAX is {c['torch_over_jax']:.2f}x faster (per round: "
-            f"{', '.join(f'{x:.2f}' for x in c['torch_over_jax_per_round'])}; torch threads {c['torch_threads']})")
+      for key, label in (("torch", "PyTorch eager (naive)"), ("torch_best", "PyTorch best")):
+        if f"{key}_median_s" in c:
+          print(f"stage2:{kind} JAX {c['jax_median_s']:.3f} s  {label} {c[f'{key}_median_s']:.3f} s  "
+                f"torch/JAX {c[f'{key}_over_jax']:.2f}x (per round: "
+                f"{', '.join(f'{x:.2f}' for x in c[f'{key}_over_jax_per_round'])}; torch {c['torch_device']}, "
+                f"threads {c['torch_threads']})")
+
+  if args.profile:
+    meta = profile_stage2(setup, args.torch_kinds.split(",")[0], pathlib.Path(args.profile), args.profile_steps,
+                          tuple(args.torch_formulations.split(",")) if _have_torch() else (), args.torch_device,
+                          args.torch_threads)
+    print(f"profiles in {args.profile} (wall s: {meta['wall_s']}); summary: python -m benchmarks.profile_summary "
+          f"{args.profile}")
 
   _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios,
          torch_results)
@@ -515,6 +762,29 @@ def main(argv=None) -> int:
   return 0
 
 
+def _have_torch() -> bool:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def _isolated_row(argv: list[str], entry: str, path: pathlib.Path) -> dict[str, Any]:
+  """Runs this script on the one stage `entry` in a subprocess (same arguments) and returns its row, whose peak RSS
+  is then that step's alone."""
+  out = path.resolve().with_name(f"{path.stem}.isolated-{entry.replace(':', '-')}.json")
+  cmd = [sys.executable, "-m", "benchmarks.step_throughput", *argv, "--stages", entry, "--out", str(out),
+         "--row-only", "--interleave-rounds", "0"]
+  proc = subprocess.run(cmd, cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                        check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"isolated row {entry} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  (row,) = json.loads(out.read_text())["rows"].values()
+  out.unlink()
+  row["isolated"] = True
+  return row
+
+
 if __name__ == "__main__":
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
   sys.exit(main())

@@ -1,7 +1,7 @@
 """The stage-2 meta-auxiliary training step in PyTorch eager, as a PyTorch implementation of the paper would write it.
 
 Same networks as `erasablemask_jax.models` (AttGAN encoder / decoder with clean-branch injection, E_adv, R, D with
-InstanceNorm and two FC heads), the same FR surrogates (the torch definitions of `tests/fr/fr_torch_reference.py`),
+InstanceNorm and two FC heads), the same FR surrogates (the torch definitions of `benchmarks/torch_nets.py`),
 the same losses (Eq. 3-13) and the same weights: `flax_to_torch_state_dict` is the converter in reverse.
 
 The step (Eq. 15, Algorithm 1), with theta = E_adv's parameters, G frozen, x_adv = G_dec(fuse(G_enc(x), E_adv(x)),
@@ -15,13 +15,12 @@ att_b) computed once with its autograd graph:
 
 Usage (the equality check on one batch; timings are `benchmarks/step_throughput.py --compare-torch`):
 
-    python benchmarks/torch_reference.py [--image-size 64 --batch 2 --width 8 --lr-inner 0.5]
+    python -m benchmarks.torch_reference [--image-size 64 --batch 2 --width 8 --lr-inner 0.5]
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import step_throughput
+from benchmarks import torch_nets  # torch definitions of the FR zoo with the published key names
 from erasablemask_jax import convert
 from erasablemask_jax.fr import Preprocessing
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests" / "fr"))
-import fr_torch_reference  # noqa: E402  (torch definitions of the FR zoo with the published key names)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # AttGAN networks in torch, attribute names equal to the Flax module names (so the module path maps one to one).
@@ -268,7 +266,7 @@ def _same_pad(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
 
 
 class TinyFR(nn.Module):
-  """Torch twin of `tests/train/tiny.py`'s `TinyFR` (two 3x3/2 SAME convs with ReLU, a Dense on the NHWC flatten)."""
+  """Torch twin of `benchmarks/tiny_fr.py`'s `TinyFR` (two 3x3/2 SAME convs with ReLU, a Dense on the NHWC flatten)."""
 
   def __init__(self, size: int, features: int = 8, embedding: int = 16):
     super().__init__()
@@ -289,7 +287,7 @@ def build_fr(arch: str, variables: Mapping[str, Any], input_size: Sequence[int] 
     model = TinyFR(input_size[0])
     nchw = {"Dense_0": (model.Conv_1.out_channels, model.out_hw, model.out_hw)}
   else:
-    model = fr_torch_reference.build(arch)
+    model = torch_nets.build(arch)
     nchw = next((v for prefix, v in _NCHW_DENSE.items() if arch.startswith(prefix)), {})
   if arch == "inception_resnet_v1":  # the classifier head is not part of the embedder
     model.logits = nn.Identity()
@@ -302,7 +300,7 @@ def build_fr(arch: str, variables: Mapping[str, Any], input_size: Sequence[int] 
 class TorchSurrogate(nn.Module):
   """`x in [-1, 1] NCHW -> L2-normalised embedding`: crop, antialiased bilinear resize, mean/std, the network.
 
-  Mirrors `erasablemask_jax.fr.preprocess` (and the `@flip` view of `train.surrogates`).
+  Mirrors `erasablemask_jax.fr.preprocess` (and the `@flip` view of `fr.surrogates`).
   """
 
   def __init__(self, net: nn.Module, prep: Preprocessing, flip: bool = False):
@@ -372,6 +370,25 @@ class TorchStage2:
                                         eps=1e-8)
     self.opt = {"d": adam(self.d), "e_adv": adam(self.e_adv), "r": adam(self.r)}
     self.last_grads: dict[str, dict[str, torch.Tensor]] = {}
+    self.device = torch.device("cpu")
+
+  def place(self, device: str, memory_format: torch.memory_format = torch.preserve_format,
+            fr_dtype: torch.dtype | None = None) -> None:
+    """Moves every network, target and weight to `device` (parameters in place, so the optimisers stay valid)."""
+    self.device = torch.device(device)
+    for name in ("g", "e_adv", "r", "d"):
+      getattr(self, name).to(device=self.device, memory_format=memory_format)
+    self.surrogates = [s.to(device=self.device, dtype=fr_dtype, memory_format=memory_format) for s in self.surrogates]
+    self.targets = [t.to(self.device) for t in self.targets]
+    self.w = self.w.to(self.device)
+
+  def prepare(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch on the step's device (outside the timed step)."""
+    return {k: v.to(self.device) for k, v in batch.items()}
+
+  def synchronize(self) -> None:
+    if self.device.type == "cuda":
+      torch.cuda.synchronize(self.device)
 
   def code(self, att: torch.Tensor) -> torch.Tensor:
     return (2.0 * att - 1.0) * self.thres_int
@@ -403,7 +420,7 @@ class TorchStage2:
         aux = sum(self.w[q] * self.fr_loss(q, x_p) for q in range(num) if q != p) / (num - 1)
         total = total + l_pri[p] + aux
       total = total / (2 * num)
-    eps = torch.as_tensor(self.loss.epsilon, dtype=total.dtype)
+    eps = torch.as_tensor(self.loss.epsilon, dtype=total.dtype, device=total.device)
     return torch.where(total > eps, total, eps), torch.stack(l_pri).detach()
 
   def step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -461,6 +478,223 @@ class TorchStage2:
     return {k: float(v.detach()) for k, v in metrics.items()}
 
 
+class TorchStage2Best(TorchStage2):
+  """The same stage-2 step as the JAX one, written as a PyTorch performance engineer would (`--compare-torch`'s
+  "torch best").
+
+  The algorithm is ours, not the naive reference's: the meta-gradient is assembled from first-order pieces and one
+  forward-over-reverse Hessian-vector product per primary (`torch.func.jvp` of `torch.func.grad`, as
+  `erasablemask_jax.attack.meta_auxiliary` does with `jax.jvp` of `jax.grad`):
+
+    grad L_adv = [sum_p g_p + a_p - lr H_p a_p] / (2K)   (masked by the hinge of Eq. 12),
+
+  with g_p = grad l_p(G(theta)) from the one x_adv graph, a_p = grad of the auxiliary loss at theta - lr g_p and
+  H_p a_p = jvp(grad l_p(G(.)), theta, a_p). The rest of E's loss is one `backward()` through that x_adv graph, and
+  l_adv * grad L_adv is added to E_adv's `.grad` in place.
+
+  Beyond the algorithm: theta-independent work is done once per step (G_enc(x), the whole clean branch of G_dec and
+  with it x_edit, and the e/rec metric reuses G_enc(x)); every network and image is `channels_last`; Adam is
+  `torch.optim.Adam(fused=True)` (foreach where fused is unavailable); E_adv inside the attack is a pure function
+  (`F.batch_norm` without running statistics, so the transforms capture no buffers and only the outer x_adv updates
+  E_adv's statistics, as in JAX); the step returns tensors (no `float()` synchronisation, no gradient copies:
+  `last_grads` holds references to the `.grad` tensors, valid until the next step). `dtype` runs the FR surrogates,
+  D and R in that dtype (the frozen FR weights cast once; D and R under `torch.autocast`, float32 parameters and
+  Adam), while E_adv, G and the inner step stay float32.
+  """
+
+  def __init__(self, *args, device: str = "cpu", dtype: torch.dtype = torch.float32, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.dtype = dtype
+    self.place(device, torch.channels_last, dtype)
+    m = self.opt["d"].defaults
+    self.opt = {name: self._adam(getattr(self, name), m) for name in ("d", "e_adv", "r")}
+
+  def _adam(self, net: nn.Module, defaults: Mapping[str, Any]) -> torch.optim.Optimizer:
+    kwargs = dict(lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"])
+    try:
+      return torch.optim.Adam(net.parameters(), fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # fused not supported for this device/dtype
+      return torch.optim.Adam(net.parameters(), foreach=True, **kwargs)
+
+  @property
+  def adam_kind(self) -> str:
+    return "fused" if self.opt["e_adv"].defaults.get("fused") else "foreach"
+
+  def _autocast(self):
+    return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+  def prepare(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch on the device, images `channels_last` (outside the timed step)."""
+    return {"image": batch["image"].to(self.device).contiguous(memory_format=torch.channels_last),
+            "att_a": batch["att_a"].to(self.device), "att_b": batch["att_b"].to(self.device)}
+
+  # ---------------------------------------------------------------------------------------------------------------
+  # G(theta) as a pure function, with the theta-independent parts precomputed.
+
+  def _perturb(self, theta: Mapping[str, torch.Tensor], x: torch.Tensor, track: bool) -> list[torch.Tensor]:
+    """E_adv(x) with parameters `theta` on batch statistics; `track` also updates E_adv's running statistics."""
+    enc, out = self.e_adv, []
+    for i in range(enc.num_layers):
+      bn = getattr(enc, f"enc_layers_{i}_bn")
+      x = F.conv2d(x, theta[f"enc_layers_{i}_conv.weight"], stride=2, padding=1)
+      x = F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
+                       theta[f"enc_layers_{i}_bn.weight"], theta[f"enc_layers_{i}_bn.bias"], training=True,
+                       momentum=bn.momentum, eps=bn.eps)
+      x = F.leaky_relu(x, 0.2)
+      out.append(x)
+    return out
+
+  def _fixed(self, x: torch.Tensor, code_b: torch.Tensor) -> dict[str, Any]:
+    """Everything of G(theta) that does not depend on theta: G_enc(x), each clean-branch layer output, the attribute
+    tiles each concatenation needs (channels_last)."""
+    dec = self.g.dec
+    ft = self.g.enc(x)
+    tiles = {}
+
+    def concat(i, h, zs):
+      if i < dec.shortcut_layers:
+        h = torch.cat([h, zs[dec.num_layers - 2 - i]], dim=1)
+      if i < dec.inject_layers:
+        size = h.shape[2]
+        if size not in tiles:
+          tiles[size] = tile(code_b, size).contiguous(memory_format=torch.channels_last)
+        h = torch.cat([h, tiles[size]], dim=1)
+      return h
+
+    size = ft[-1].shape[2]
+    tiles[size] = tile(code_b, size).contiguous(memory_format=torch.channels_last)
+    c = torch.cat([ft[-1], tiles[size]], dim=1)
+    clean = []
+    for i in range(dec.num_layers):
+      c = dec._layer(i, c)  # pylint: disable=protected-access
+      clean.append(c)
+      if i < dec.num_layers - 1:
+        c = concat(i, c, ft)
+    return {"ft": ft, "clean": clean, "tiles": tiles}
+
+  def generate(self, theta: Mapping[str, torch.Tensor], x: torch.Tensor, fixed: Mapping[str, Any],
+               track: bool = False) -> torch.Tensor:
+    """x_adv = G_dec(fuse(G_enc(x), E_adv(x; theta)), att_b) with the clean branch read from `fixed`."""
+    dec, ft, clean, tiles = self.g.dec, fixed["ft"], fixed["clean"], fixed["tiles"]
+    fs = [lerp(p, f, self.beta) for f, p in zip(ft, self._perturb(theta, x, track))]
+    h = torch.cat([fs[-1], tiles[fs[-1].shape[2]]], dim=1)
+    for i in range(dec.num_layers):
+      h = lerp(dec._layer(i, h), clean[i], self.gamma)  # pylint: disable=protected-access
+      if i < dec.num_layers - 1:
+        if i < dec.shortcut_layers:
+          h = torch.cat([h, fs[dec.num_layers - 2 - i]], dim=1)
+        if i < dec.inject_layers:
+          h = torch.cat([h, tiles[h.shape[2]]], dim=1)
+    return h
+
+  def fr_loss(self, k: int, x: torch.Tensor) -> torch.Tensor:
+    return 1.0 - torch.mean(self.surrogates[k](x.to(self.dtype)).float() @ self.targets[k])
+
+  # ---------------------------------------------------------------------------------------------------------------
+
+  def attack_grad(self, theta, x_adv, x, fixed) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """`(L_adv, l_pri (K,), grad of L_adv w.r.t. theta)` by the first-order pieces and one HVP per primary."""
+    num = len(self.surrogates)
+    names, params = list(theta), list(theta.values())
+    flat = dict(zip(names, (t.detach() for t in params)))
+    l_pri = [self.fr_loss(k, x_adv) for k in range(num)]
+    if self.kind == "ensemble":
+      total = torch.stack(l_pri).mean()
+      grads = torch.autograd.grad(total, params, retain_graph=True)
+      grad = dict(zip(names, grads))
+    else:
+      grad = None
+      for p in range(num):
+        g_p = dict(zip(names, torch.autograd.grad(l_pri[p], params, retain_graph=True)))
+        theta_p = {n: flat[n] - self.lr_inner * g_p[n] for n in names}
+
+        def aux(t, p=p):
+          x_p = self.generate(t, x, fixed)
+          return sum(self.w[q] * self.fr_loss(q, x_p) for q in range(num) if q != p) / (num - 1)
+
+        a_p, l_aux = torch.func.grad_and_value(aux)(theta_p)
+        step = {n: g_p[n] + a_p[n] for n in names}
+        if self.kind == "meta_auxiliary":
+          inner = torch.func.grad(lambda t, p=p: self.fr_loss(p, self.generate(t, x, fixed)))
+          _, hvp = torch.func.jvp(inner, (flat,), (a_p,))
+          for n in names:
+            step[n].sub_(hvp[n], alpha=self.lr_inner)
+        if grad is None:
+          grad = step
+        else:
+          for n in names:
+            grad[n].add_(step[n])
+        total = l_aux if p == 0 else total + l_aux
+      total = (torch.stack(l_pri).sum() + total) / (2 * num)
+      for n in names:
+        grad[n].div_(2 * num)
+    eps = torch.as_tensor(self.loss.epsilon, dtype=total.dtype, device=total.device)
+    active = total > eps
+    for n in names:
+      grad[n].mul_(active)
+    return torch.where(active, total, eps).detach(), torch.stack(l_pri).detach(), grad
+
+  def step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One step on a `prepare`d batch; returns the metrics as (device) tensors."""
+    x, att_a, att_b = batch["image"], batch["att_a"], batch["att_b"]
+    w = self.loss
+    code_a, code_b = self.code(att_a), self.code(att_b)
+    theta = dict(self.e_adv.named_parameters())
+    with torch.no_grad():
+      fixed = self._fixed(x, code_b)
+      x_edit = fixed["clean"][-1]
+      rec = torch.mean(torch.abs(self.g.dec(fixed["ft"], code_a) - x))
+    x_adv = self.generate(theta, x, fixed, track=True)
+    with self._autocast():
+      real_logit, real_att = self.d(x)
+      fake_logit, _ = self.d(x_adv.detach())
+    real_logit, real_att, fake_logit = real_logit.float(), real_att.float(), fake_logit.float()
+    l_d = torch.mean(_bce(real_logit, torch.ones_like(real_logit)) + _bce(fake_logit, torch.zeros_like(fake_logit)))
+    l_att_d = torch.mean(_bce(real_att, att_a))
+    d_total = l_d + w.l_att_d * l_att_d
+    self.opt["d"].zero_grad(set_to_none=True)
+    d_total.backward()
+    self.opt["d"].step()
+
+    for p in self.d.parameters():
+      p.requires_grad_(False)
+    with self._autocast():
+      logit, att_logits = self.d(x_adv)
+      x_rec = self.r(x_adv, code_a)
+    x_rec = x_rec.float()
+    terms = {
+        "att": torch.mean(_bce(att_logits.float(), att_b)),
+        "g": torch.mean(_bce(logit.float(), torch.ones_like(logit, dtype=torch.float32))),
+        "perb": torch.mean(torch.clamp(_l2_per_image(x_adv, x_edit), min=w.sigma1)),
+        "era": torch.mean(_l2_per_image(x_rec, x)),
+    }
+    l_pri, attack_grad = None, None
+    if self.surrogates:
+      terms["adv"], l_pri, attack_grad = self.attack_grad(theta, x_adv, x, fixed)
+    rest = sum(getattr(w, f"l_{k}") * v for k, v in terms.items() if k != "adv")
+    total = rest + (w.l_adv * terms["adv"] if "adv" in terms else 0.0)
+    self.opt["e_adv"].zero_grad(set_to_none=True)
+    self.opt["r"].zero_grad(set_to_none=True)
+    rest.backward()
+    for p in self.d.parameters():
+      p.requires_grad_(True)
+    if attack_grad is not None:
+      for n, p in theta.items():
+        p.grad.add_(attack_grad[n], alpha=w.l_adv)
+    for name in ("d", "e_adv", "r"):
+      self.last_grads[name] = {n: p.grad for n, p in getattr(self, name).named_parameters()}
+    self.opt["e_adv"].step()
+    self.opt["r"].step()
+
+    metrics = {"d/adv": l_d, "d/att": l_att_d, "d/total": d_total, **{f"e/{k}": v for k, v in terms.items()},
+               "e/total": total, "e/rec": rec}
+    if l_pri is not None:
+      for k in range(len(self.surrogates)):
+        metrics[f"fr/{k}/cos"] = 1.0 - l_pri[k]
+    return {k: v.detach() for k, v in metrics.items()}
+
+
+
 def to_torch_batch(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
   """NHWC JAX/numpy batch -> NCHW torch tensors."""
   return {"image": torch.from_numpy(np.ascontiguousarray(np.asarray(batch["image"], np.float32).transpose(0, 3, 1, 2))),
@@ -468,8 +702,20 @@ def to_torch_batch(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
           "att_b": torch.from_numpy(np.asarray(batch["att_b"], np.float32))}
 
 
-def from_setup(setup, kind: str = "meta_auxiliary") -> TorchStage2:
-  """The torch twin of a `step_throughput.Setup` (same configs, same stage-2 variables, surrogates and targets)."""
+FORMULATIONS = ("naive", "best")
+
+
+def from_setup(setup, kind: str = "meta_auxiliary", formulation: str = "naive", device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> TorchStage2:
+  """The torch twin of a `step_throughput.Setup` (same configs, same stage-2 variables, surrogates and targets).
+
+  Args:
+    setup: the JAX benchmark setup.
+    kind: the attack kind.
+    formulation: "naive" (`TorchStage2`, float32) or "best" (`TorchStage2Best`).
+    device: torch device ("cpu", "cuda").
+    dtype: the "best" formulation's FR / D / R compute dtype.
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
   state = jax.device_get(setup.stage2_state())
@@ -478,9 +724,25 @@ def from_setup(setup, kind: str = "meta_auxiliary") -> TorchStage2:
   for s in setup.surrogates:
     net = build_fr(s.recogniser.card["arch"], jax.device_get(s.variables), s.recogniser.input_size)
     surrogates.append(TorchSurrogate(net, s.recogniser.preprocessing, flip=s.spec.endswith("@flip")))
-  return TorchStage2(setup.config.model, setup.config.loss, setup.config.optim, len(setup.config.attributes),
-                     setup.config.image_size, variables, surrogates, jax.device_get(setup.targets),
-                     np.asarray(state.adaptive.w), kind=kind, lr_inner=setup.lr_inner)
+  if formulation not in FORMULATIONS:
+    raise ValueError(f"unknown torch formulation {formulation!r}; choose from {FORMULATIONS}")
+  args = (setup.config.model, setup.config.loss, setup.config.optim, len(setup.config.attributes),
+          setup.config.image_size, variables, surrogates, jax.device_get(setup.targets), np.asarray(state.adaptive.w))
+  if formulation == "best":
+    return TorchStage2Best(*args, kind=kind, lr_inner=setup.lr_inner, device=device, dtype=dtype)
+  naive = TorchStage2(*args, kind=kind, lr_inner=setup.lr_inner)
+  if device != "cpu":
+    naive.place(device)
+  return naive
+
+
+def run_step(torch_step: TorchStage2, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+  """One step of either formulation on a CPU NCHW batch; metrics as floats (for checks, not for timing)."""
+  return {k: float(v) for k, v in torch_step.step(torch_step.prepare(batch)).items()}
+
+
+def _grads_numpy(torch_step: TorchStage2, net: str) -> dict[str, np.ndarray]:
+  return {k: v.detach().float().cpu().numpy() for k, v in torch_step.last_grads[net].items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -491,7 +753,7 @@ def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def compare_step(setup, kind: str = "meta_auxiliary") -> dict[str, Any]:
+def compare_step(setup, kind: str = "meta_auxiliary", formulation: str = "naive", device: str = "cpu") -> dict[str, Any]:
   """Runs one stage-2 step in JAX and in torch from the same state on the same batch; compares everything.
 
   The JAX step runs with `optax.chain(capture, adam)`, where `capture` stores the raw gradients in the optimiser
@@ -501,37 +763,39 @@ def compare_step(setup, kind: str = "meta_auxiliary") -> dict[str, Any]:
     `{"metrics": {name: (jax, torch)}, "grad_rel_err": {net: relative L2 error}, "grad_rel_err_first_order":
     torch's first-order vs second-order E_adv gradient (how large a missing Hessian term would look),
     "param_max_abs_err": {net: max |jax - torch| after the Adam step}, "update_rel_err": {net: relative L2 error of
-    the Adam update}}`. Adam's first update is nearly `lr * sign(grad)`, so a gradient entry at rounding level may
+    the Adam update}}`, for the torch `formulation` ("naive" or "best", on `device`). Adam's first update is nearly `lr * sign(grad)`, so a gradient entry at rounding level may
     flip sign: compare updates in L2, not elementwise.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  torch_step = from_setup(setup, kind)
-  old = {net: {k: p.detach().clone() for k, p in getattr(torch_step, net).named_parameters()}
+  torch_step = from_setup(setup, kind, formulation, device)
+  old = {net: {k: p.detach().cpu().clone() for k, p in getattr(torch_step, net).named_parameters()}
          for net in ("d", "e_adv", "r")}
   batch = setup.host_batch()
   jax_metrics, grads, new_state = setup.stage2_with_grads(kind, batch)
-  t_metrics = torch_step.step(to_torch_batch(batch))
+  t_metrics = run_step(torch_step, to_torch_batch(batch))
   out = {"metrics": {k: (float(v), t_metrics[k]) for k, v in jax_metrics.items() if k in t_metrics},
          "grad_rel_err": {}, "param_max_abs_err": {}, "update_rel_err": {}}
   for net in ("d", "e_adv", "r"):
     module = getattr(torch_step, net)
     mapped = flax_to_torch_state_dict(module, {"params": grads[net]}, params_only=True)
-    flat_t = np.concatenate([torch_step.last_grads[net][k].numpy().ravel() for k in sorted(mapped)])
+    t_grads = _grads_numpy(torch_step, net)
+    flat_t = np.concatenate([t_grads[k].ravel() for k in sorted(mapped)])
     flat_j = np.concatenate([mapped[k].numpy().ravel() for k in sorted(mapped)])
     out["grad_rel_err"][net] = _rel_err(flat_j, flat_t)
     new_params = flax_to_torch_state_dict(module, {"params": jax.device_get(getattr(new_state, net).params)},
                                           params_only=True)
-    tp = dict(module.named_parameters())
+    tp = {k: v.detach().cpu() for k, v in module.named_parameters()}
     out["param_max_abs_err"][net] = max(float((new_params[k] - tp[k].detach()).abs().max()) for k in new_params)
     delta_j = np.concatenate([(new_params[k] - old[net][k]).numpy().ravel() for k in sorted(new_params)])
     delta_t = np.concatenate([(tp[k].detach() - old[net][k]).numpy().ravel() for k in sorted(new_params)])
     out["update_rel_err"][net] = _rel_err(delta_j, delta_t)
   if kind == "meta_auxiliary":  # what the same check reads when the Hessian term is dropped (torch, first order)
-    first = from_setup(setup, "first_order")
-    first.step(to_torch_batch(batch))
-    fo = np.concatenate([first.last_grads["e_adv"][k].numpy().ravel() for k in sorted(first.last_grads["e_adv"])])
-    so = np.concatenate([torch_step.last_grads["e_adv"][k].numpy().ravel() for k in sorted(first.last_grads["e_adv"])])
+    first = from_setup(setup, "first_order", formulation, device)
+    run_step(first, to_torch_batch(batch))
+    fo_grads, so_grads = _grads_numpy(first, "e_adv"), _grads_numpy(torch_step, "e_adv")
+    fo = np.concatenate([fo_grads[k].ravel() for k in sorted(fo_grads)])
+    so = np.concatenate([so_grads[k].ravel() for k in sorted(fo_grads)])
     out["grad_rel_err_first_order"] = _rel_err(fo, so)
   return out
 
@@ -546,21 +810,32 @@ def main(argv=None) -> int:
   ap.add_argument("--kind", default="meta_auxiliary", choices=("meta_auxiliary", "first_order", "ensemble"))
   ap.add_argument("--lr-inner", type=float, default=0.5,
                   help="large enough that the Hessian term is visible in the gradient")
+  ap.add_argument("--formulation", default="naive,best", help=f"comma-separated torch formulations {FORMULATIONS}")
+  ap.add_argument("--torch-device", default="cpu", help="torch device (cpu, cuda)")
   args = ap.parse_args(argv)
-  import step_throughput  # pylint: disable=g-import-not-at-top
-
+  for name in args.formulation.split(","):
+    if name not in FORMULATIONS:
+      ap.error(f"--formulation: unknown {name!r}; choose from {FORMULATIONS}")
   setup = step_throughput.Setup(step_throughput.Settings(
       image_size=args.image_size, batch=args.batch, width=args.width, layers=args.layers, fc_dim=4 * args.width,
       fr=tuple(args.fr.split(",")), lr_inner=args.lr_inner))
-  result = compare_step(setup, args.kind)
-  for k, (a, b) in result["metrics"].items():
-    print(f"{k:<12} jax {a:>14.7g}  torch {b:>14.7g}  rel {abs(a - b) / max(abs(b), 1e-12):.1e}")
-  for net, err in result["grad_rel_err"].items():
-    print(f"grad {net:<6} relative L2 error {err:.2e}   Adam update relative L2 error "
-          f"{result['update_rel_err'][net]:.1e}")
-  if "grad_rel_err_first_order" in result:
-    print(f"(E_adv gradient without the Hessian term differs by {result['grad_rel_err_first_order']:.2e})")
+  for name in args.formulation.split(","):
+    result = compare_step(setup, args.kind, name, args.torch_device)
+    print(f"--- torch {name} formulation vs JAX")
+    for k, (a, b) in result["metrics"].items():
+      print(f"{k:<12} jax {a:>14.7g}  torch {b:>14.7g}  rel {abs(a - b) / max(abs(b), 1e-12):.1e}")
+    print(f"losses: max rel diff {max_rel_metric_diff(result):.2e}")
+    for net, err in result["grad_rel_err"].items():
+      print(f"grad {net:<6} relative L2 error {err:.2e}   Adam update relative L2 error "
+            f"{result['update_rel_err'][net]:.1e}")
+    if "grad_rel_err_first_order" in result:
+      print(f"(E_adv gradient without the Hessian term differs by {result['grad_rel_err_first_order']:.2e})")
   return 0
+
+
+def max_rel_metric_diff(result: Mapping[str, Any]) -> float:
+  """The largest relative difference of the losses and metrics of a `compare_step` result."""
+  return max(abs(a - b) / max(abs(b), 1e-12) for a, b in result["metrics"].values())
 
 
 if __name__ == "__main__":

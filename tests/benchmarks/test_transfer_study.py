@@ -7,15 +7,11 @@ trains stage 1 once and stages 2-3 for two attack kinds on the MobileFace V2 bla
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import transfer_study  # noqa: E402
+from benchmarks import transfer_study
 
 pytestmark = [pytest.mark.assets, pytest.mark.slow]
 RATES = ("asr", "esr", "irr", "smr")

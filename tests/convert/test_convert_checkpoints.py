@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,6 @@ from erasablemask_jax import fr  # pylint: disable=wrong-import-position
 from tools.convert_torch_weights.__main__ import main as convert_main  # pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.torch
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "fr"))  # fr_torch_reference
 
 
 def _tiny_state():
@@ -74,7 +71,7 @@ def test_strict_merge_names_every_problem():
 
 @pytest.fixture(name="foam_like_checkpoint")
 def _foam_like_checkpoint(tmp_path):
-  import fr_torch_reference as ref  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_nets as ref  # pylint: disable=g-import-not-at-top
   model = ref.randomise(ref.build("mobilefacenet"), 0, (112, 112, 3))
   path = tmp_path / "mfn.pth"
   torch.save(model.state_dict(), path)

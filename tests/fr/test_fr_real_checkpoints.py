@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import fr_torch_reference as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import torch_nets as ref  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from erasablemask_jax import fr  # pylint: disable=wrong-import-position
 from erasablemask_jax.fr import calibration  # pylint: disable=wrong-import-position

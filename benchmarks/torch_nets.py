@@ -1,8 +1,12 @@
-"""Independent PyTorch reference definitions with the published state-dict key names, for parity tests.
+"""Independent PyTorch reference definitions of the FR zoo with the published state-dict key names.
+
+Used by the parity and conversion tests (`tests/fr`, `tests/convert`) and the PyTorch sides of the benchmarks
+(`benchmarks.torch_reference`, `benchmarks.fr_throughput`).
 
 Written from the public architectures (insightface arcface_torch `iresnet.py`, face.evoLVe `model_irse.py`,
 facenet-pytorch `inception_resnet_v1.py`, foamliu `mobilefacenet.py`, Xiaoccer `core/model.py`); forward passes
-return the raw (unnormalised) embeddings. Import only after `pytest.importorskip("torch")`.
+return the raw (unnormalised) embeddings. Needs torch (the `convert` or `bench` extra); tests import it only after
+`pytest.importorskip("torch")`.
 """
 
 from __future__ import annotations
