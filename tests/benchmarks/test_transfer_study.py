@@ -74,3 +74,37 @@ def test_other_settings_refused(study, capsys):
   _, args, _ = study
   assert transfer_study.main(args + ["--eval-identities", "2"]) == 2
   assert "other settings" in capsys.readouterr().err
+
+
+def test_score_run_scores_a_trained_run_with_every_real_model(study):
+  """benchmarks/score_run.py on the tiny meta-auxiliary run: the run's own held-out faces and target, each real model
+  calibrated on the run's view (the same thresholds the study found), the rates what the per-face cosines say."""
+  from benchmarks import score_run
+
+  work, _, result = study
+  out = work / "scored.json"
+  run = work / "meta_auxiliary_bb-mobileface_v2_tiny"
+  assert score_run.main([str(run), "--cache", str(work), "--max-identities", "8", "--bootstrap", "50",
+                         "--out", str(out)]) == 0
+  scored = json.loads(out.read_text())
+  assert scored["whitebox"] == ["xiaoccer", "foamliu"] and scored["faces"] > 0
+  assert scored["calibration"] == result["calibration"]
+  study_run = next(r for r in result["runs"] if r["attack"] == "meta_auxiliary")
+  for model, m in scored["metrics"].items():
+    assert m["whitebox"] == (model != "mobileface_v2")
+    assert m["irr"] == pytest.approx(np.mean(np.asarray(m["cos_rec_source"]) > m["tau1"]), abs=1e-9)
+    assert m["asr"] == pytest.approx(np.mean(np.asarray(m["cos_adv"]) > m["tau1"]), abs=1e-9)
+    # The same run, faces and thresholds as the study's own evaluation of it.
+    assert m["cos_adv"] == pytest.approx(study_run["metrics"][model]["cos_adv"], abs=1e-4)
+  clean = next(r for r in result["runs"] if r["attack"] == "clean")
+  for model, c in scored["clean"].items():  # the unprotected faces, as the study's clean baseline scored them
+    assert c["cos_target_mean"] == pytest.approx(clean["metrics"][model]["cos_adv_mean"], abs=1e-4)
+    assert c["asr"] == clean["metrics"][model]["asr"]
+
+
+def test_score_run_refuses_a_folder_that_is_not_a_run(study, capsys):
+  from benchmarks import score_run
+
+  work, _, _ = study
+  assert score_run.main([str(work / "models"), "--cache", str(work), "--out", str(work / "x.json")]) == 2
+  assert "not a training run" in capsys.readouterr().err and not (work / "x.json").exists()
