@@ -4,7 +4,7 @@ Needs the `bench` extra for the PyTorch sides (`pip install -e ".[bench]"`: torc
 quiet machine, from the repository root; each benchmark writes its JSON where benchmarks/README.md says, and this
 script reads those files back for the table (so `--summary-only` re-prints the table of an earlier run).
 
-    python -m benchmarks.run_all                 # everything (~4-7 h on the 2-core CPU VM, a guess)
+    python -m benchmarks.run_all                 # everything (hours on the 2-core CPU VM; step_cpu128 took 5.6 min)
     python -m benchmarks.run_all --list          # the commands, with rough durations, without running them
     python -m benchmarks.run_all --only step_cpu128,paper_width_b4
     python -m benchmarks.run_all --summary-only
@@ -61,7 +61,7 @@ def _paper(batch: int) -> Bench:
 
 BENCHES = (
     Bench("step_cpu128", "step_throughput", _STEP_README + ("--out", "benchmarks/step_throughput_cpu128.json"),
-          "benchmarks/step_throughput_cpu128.json", "20-30", tuple(CACHE.items())),
+          "benchmarks/step_throughput_cpu128.json", "5-10", tuple(CACHE.items())),  # run E: 5.6 min
     _paper(4),
     _paper(8),
     Bench("headroom_variants", "step_throughput",

@@ -439,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--ablation-steps", type=int, default=60, help="stage-2 steps of an ablation")
   p.add_argument("--ablation-kind", default="meta_auxiliary", choices=KINDS)
   p.add_argument("--ablation-fold", default="mobileface_v2", choices=list(MODELS))
+  p.add_argument("--extend-stage3", type=int, default=0, metavar="N",
+                 help="with --ablation NAME: copy the finished study run of --ablation-kind / --ablation-fold, train "
+                      "its stage 3 to N steps and evaluate it as a study run (metrics under 'ablations')")
   args = p.parse_args(argv)
   if not CELEBA.is_dir():
     print(f"error: {CELEBA} not found; the study needs ../shared/assets beside the checkout", file=sys.stderr)
@@ -480,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
               "calibration": calibrate_views(specs, faces, views.view_name(probe.fr.input_crop, size)), "runs": [], "timing": {}}
     save(result, out)
 
+  if args.ablation and args.extend_stage3:
+    return extend_stage3(args, settings, result, out, workdir, faces_dir, specs, target_id, eval_ids)
   if args.ablation:
     return ablation(args, settings, result, out, workdir, faces_dir, specs, target_id, eval_ids)
 
@@ -556,6 +561,40 @@ def ablation(args, settings: Settings, result: dict, out: pathlib.Path, workdir:
       "curve": rows}
   save(result, out)
   print(json.dumps({k: v for k, v in result["ablations"][args.ablation].items() if k != "curve"}, indent=1))
+  return 0
+
+
+def extend_stage3(args, settings: Settings, result: dict, out: pathlib.Path, workdir: pathlib.Path,
+                  faces_dir: pathlib.Path, specs: dict[str, str], target_id: int, eval_ids: list[int]) -> int:
+  """A finished study run with a longer stage 3 (R alone), evaluated on the held-out faces like the run itself."""
+  from erasablemask_jax.data.faces import load_face_splits
+
+  suffix = "_tiny" if args.tiny else ""
+  source = workdir / f"{args.ablation_kind}_bb-{args.ablation_fold}{suffix}"
+  if not any(r["attack"] == args.ablation_kind and r["blackbox"] == [args.ablation_fold] for r in result["runs"]):
+    print(f"error: the study has no finished {args.ablation_kind} run of the {args.ablation_fold} fold to extend; "
+          "run the study first", file=sys.stderr)
+    return 2
+  whitebox = [m for m in MODELS if m != args.ablation_fold]
+  base = base_config(settings, faces_dir, target_id, eval_ids, [specs[m] for m in whitebox])
+  if args.extend_stage3 <= base.schedule.stage3_steps:
+    print(f"error: --extend-stage3 {args.extend_stage3} does not lengthen stage 3 ({base.schedule.stage3_steps} "
+          "steps in the study)", file=sys.stderr)
+    return 2
+  changed = dataclasses.replace(settings, overrides=settings.overrides + (f"schedule.stage3_steps={args.extend_stage3}",))
+  config = base_config(changed, faces_dir, target_id, eval_ids, [specs[m] for m in whitebox])
+  seconds = train_run(config, workdir / f"ablation_{args.ablation}", source, args.ablation_kind)
+  splits = load_face_splits(config.data, config.fr, config.image_size)
+  scorer = Scorer(specs, config.fr.input_crop, config.image_size, splits.target, result["calibration"],
+                  config.fr.tau1_far, config.fr.tau2_far, settings.bootstrap, settings.seed)
+  entry, _ = evaluate_run(workdir / f"ablation_{args.ablation}", scorer, splits.eval, whitebox)
+  result.setdefault("ablations", {})[args.ablation] = {
+      "kind": args.ablation_kind, "surrogates": whitebox, "blackbox": [args.ablation_fold],
+      "overrides": [f"schedule.stage3_steps={args.extend_stage3}"], "from_run": source.name, "train_s": seconds,
+      "loadavg": list(os.getloadavg()), **entry,
+      "curve": [r for r in curve(workdir / f"ablation_{args.ablation}") if r.get("stage") == 3]}
+  save(result, out)
+  print(json.dumps({m: {k: v[k] for k in ("asr", "esr", "irr", "smr")} for m, v in entry["metrics"].items()}, indent=1))
   return 0
 
 

@@ -108,3 +108,22 @@ def test_score_run_refuses_a_folder_that_is_not_a_run(study, capsys):
   work, _, _ = study
   assert score_run.main([str(work / "models"), "--cache", str(work), "--out", str(work / "x.json")]) == 2
   assert "not a training run" in capsys.readouterr().err and not (work / "x.json").exists()
+
+
+def test_extend_stage3_ablation_trains_r_longer_and_evaluates(study):
+  """`--ablation NAME --extend-stage3 N`: a copy of a finished run with stage 3 trained to N steps, scored like a run;
+  the study's own runs are untouched and a stage 3 that is not longer is refused."""
+  work, args, before = study
+  extended = args + ["--ablation", "s3", "--extend-stage3", "4", "--ablation-kind", "meta_auxiliary"]
+  assert transfer_study.main(extended) == 0
+  after = json.loads((work / "study.json").read_text())
+  entry = after["ablations"]["s3"]
+  original = next(r for r in before["runs"] if r["attack"] == "meta_auxiliary")
+  assert entry["step"] == original["step"] + 2 and entry["from_run"] == "meta_auxiliary_bb-mobileface_v2_tiny"
+  assert [r["step"] for r in entry["curve"]][-1] == entry["step"] and all(r["stage"] == 3 for r in entry["curve"])
+  for m in entry["metrics"].values():
+    assert m["irr"] == pytest.approx(np.mean(np.asarray(m["cos_rec_source"]) > m["tau1"]), abs=1e-9)
+    # Stage 3 trains R alone: the protected faces are the original run's.
+  assert entry["metrics"]["xiaoccer"]["cos_adv"] == pytest.approx(original["metrics"]["xiaoccer"]["cos_adv"], abs=1e-5)
+  assert after["runs"] == before["runs"]
+  assert transfer_study.main(args + ["--ablation", "s3b", "--extend-stage3", "2"]) == 2
