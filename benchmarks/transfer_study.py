@@ -531,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
       bar.update(1)
   bar.close()
   result["timing"]["last_invocation_s"] = time.time() - started
+  result["paired_difference_meta_auxiliary"] = paired_differences(result, settings.bootstrap, settings.seed)
   save(result, out)
   figures(result, out, last_images)
   print(summary(result))
@@ -598,6 +599,26 @@ def extend_stage3(args, settings: Settings, result: dict, out: pathlib.Path, wor
   return 0
 
 
+def paired_differences(result: dict, reps: int, seed: int) -> dict[str, Any]:
+  """Per fold and FR model, meta_auxiliary's per-face cos(x_adv, target) minus each other attack kind's on the same
+  faces: the mean, its bootstrap 95% CI over faces and how many faces meta_auxiliary moved further."""
+  out: dict[str, Any] = {"what": "per-face cos(x_adv, target) of meta_auxiliary minus the other kind, same faces, "
+                                 f"bootstrap 95% CI over faces ({reps} resamples, seed {seed})"}
+  runs = {(r["blackbox"][0], r["attack"]): r for r in result["runs"]}
+  for (bb, kind), meta in runs.items():
+    if kind != "meta_auxiliary":
+      continue
+    for other in ("ensemble", "first_order"):
+      if (bb, other) not in runs:
+        continue
+      for model, m in meta["metrics"].items():
+        d = np.asarray(m["cos_adv"]) - np.asarray(runs[bb, other]["metrics"][model]["cos_adv"])
+        out.setdefault(f"bb-{bb}", {})[f"{model}_vs_{other}"] = {
+            "mean": float(d.mean()), "ci95": bootstrap_ci(d, reps, seed), "faces_meta_higher": int((d > 0).sum()),
+            "n": int(d.size)}
+  return out
+
+
 def summary(result: dict) -> str:
   """A Markdown table: per fold and attack, black-box and white-box ASR/ESR/IRR/SMR and the black-box cosine."""
   pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
@@ -612,6 +633,12 @@ def summary(result: dict) -> str:
     lines.append(f"| {bb} | {r['attack']} | {pct(m['asr'])} | {pct(m['esr'])} | {pct(m['irr'])} | {pct(m['smr'])} | "
                  f"{m['cos_adv_mean']:.3f} [{m['cos_adv_ci95'][0]:.3f}, {m['cos_adv_ci95'][1]:.3f}] | {pct(wb_asr)} | "
                  f"{pct(wb_irr)} | {pct(m['jpeg50']['asr'])} |")
+  for fold, pairs in result.get("paired_difference_meta_auxiliary", {}).items():
+    if fold == "what":
+      continue
+    for pair, d in pairs.items():
+      lines.append(f"{fold}: meta_auxiliary - {pair.replace('_vs_', ' vs ')} cos(adv, t): {d['mean']:+.4f} "
+                   f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], higher on {d['faces_meta_higher']} of {d['n']} faces")
   return "\n".join(lines)
 
 

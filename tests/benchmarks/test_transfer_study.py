@@ -55,6 +55,15 @@ def test_json_layout_and_rates(study):
   assert all(m["smr"] == 1.0 and m["irr"] is None for m in runs["clean"]["metrics"].values())
   assert all(m["irr"] is None for m in runs["pgd"]["metrics"].values())
   assert (work / "study.png").is_file() and (work / "study_faces.png").is_file()
+  # meta_auxiliary against the ensemble, face by face, on every model.
+  paired = result["paired_difference_meta_auxiliary"]["bb-mobileface_v2"]
+  assert set(paired) == {f"{m}_vs_ensemble" for m in result["calibration"]}
+  for model in result["calibration"]:
+    d = np.asarray(runs["meta_auxiliary"]["metrics"][model]["cos_adv"]) - np.asarray(
+        runs["ensemble"]["metrics"][model]["cos_adv"])
+    p = paired[f"{model}_vs_ensemble"]
+    assert p["mean"] == pytest.approx(d.mean(), abs=1e-9) and p["n"] == d.size
+    assert p["ci95"][0] <= p["mean"] <= p["ci95"][1] and p["faces_meta_higher"] == int((d > 0).sum())
 
 
 def test_rerun_skips_finished_runs(study, monkeypatch):
