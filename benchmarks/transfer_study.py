@@ -457,8 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: unknown fold or kind {unknown}; folds: {list(MODELS)}, kinds: {list(KINDS)}", file=sys.stderr)
     return 2
   workdir, out = pathlib.Path(args.workdir), pathlib.Path(args.out)
+  probe = base_config(settings, pathlib.Path("."), 0, [], [])
+  # What the runs train, resolved from the config file and the overrides: a study whose config file has changed since
+  # its JSON was written is another study, not one to resume.
+  key = {**settings.key(), "schedule": {k: int(v) for k, v in probe.schedule.items() if k.endswith("_steps")}}
   result = json.loads(out.read_text()) if out.is_file() else None
-  if result is not None and result["settings"]["study"] != json.loads(json.dumps(settings.key())):
+  if result is not None and result["settings"]["study"] != json.loads(json.dumps(key)):
     print(f"error: {out} holds a study with other settings ({result['settings']['study']}); pass another --out or "
           "move it away to start a new one", file=sys.stderr)
     return 2
@@ -469,14 +473,13 @@ def main(argv: list[str] | None = None) -> int:
   from erasablemask_jax.data.faces import load_face_splits
 
   started = time.time()
-  probe = base_config(settings, pathlib.Path("."), 0, [], [])
   size = probe.image_size
   faces_dir = prepare_faces(workdir, size, settings.max_identities)
   faces = load_face_folder_arrays(faces_dir, size)
   specs = prepare_models(workdir)
   target_id, eval_ids = split(faces, settings.eval_identities, settings.seed)
   if result is None:
-    result = {"settings": {"study": settings.key(), "image_size": size, "target_identity": target_id,
+    result = {"settings": {"study": key, "image_size": size, "target_identity": target_id,
                            "eval_identities": eval_ids, "n_faces": int(len(faces["identity"])),
                            "n_identities": int(len(np.unique(faces["identity"]))), "models": specs,
                            "machine": machine(), "command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))},

@@ -80,8 +80,12 @@ def test_rerun_skips_finished_runs(study, monkeypatch):
 
 
 def test_other_settings_refused(study, capsys):
-  _, args, _ = study
+  _, args, result = study
+  assert result["settings"]["study"]["schedule"] == {"stage1_steps": 2, "stage2_steps": 2, "stage3_steps": 2}
   assert transfer_study.main(args + ["--eval-identities", "2"]) == 2
+  assert "other settings" in capsys.readouterr().err
+  # The same flags under another schedule (a changed config file, or an override) are another study too.
+  assert transfer_study.main(args + ["--override", "schedule.stage3_steps=3"]) == 2
   assert "other settings" in capsys.readouterr().err
 
 
