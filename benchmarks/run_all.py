@@ -66,14 +66,14 @@ BENCHES = (
     _paper(8),
     Bench("headroom_variants", "step_throughput",
           ("--image-size", "128", "--batch", "4", "--width", "16", "--stages", "2:meta_auxiliary", "--warmup", "2",
-           "--steps", "3", "--interleave-rounds", "4", "--compare-variants", "linearize,fold_bn,bf16",
+           "--steps", "3", "--interleave-rounds", "4", "--no-fold-bn", "--compare-variants", "linearize,fold_bn,bf16",
            "--out", "benchmarks/step_throughput_headroom.json"),
           "benchmarks/step_throughput_headroom.json", "10-15", tuple(CACHE.items())),
     Bench("xla_cpu_flags", "xla_cpu_flags", ("--rounds", "2", "--out", "benchmarks/xla_cpu_flags.json"),
           "benchmarks/xla_cpu_flags.json", "20-30"),
     Bench("profile_cpu128", "step_throughput",
           ("--image-size", "128", "--batch", "4", "--width", "16", "--stages", "2:meta_auxiliary", "--warmup", "1",
-           "--steps", "2", "--interleave-rounds", "0", "--torch-formulations", "naive,best",
+           "--steps", "2", "--interleave-rounds", "0", "--torch-formulations", "naive,best", "--no-fold-bn",
            "--profile", "benchmarks/profile_cpu128", "--profile-steps", "3",
            "--out", "benchmarks/step_throughput_profile.json"),
           "benchmarks/step_throughput_profile.json", "5-10", tuple(CACHE.items())),
@@ -81,6 +81,9 @@ BENCHES = (
           tuple(CACHE.items())),
     Bench("bf16_meta_grad", "bf16_meta_grad", ("--out", "benchmarks/bf16_meta_grad.json"),
           "benchmarks/bf16_meta_grad.json", "3-6", tuple(CACHE.items())),
+    Bench("fold_bn_meta_grad", "bf16_meta_grad",
+          ("--variant", "fold_bn", "--out", "benchmarks/fold_bn_meta_grad.json"),
+          "benchmarks/fold_bn_meta_grad.json", "2-4", tuple(CACHE.items())),
     Bench("jpeg_throughput", "jpeg_throughput", ("--out", "benchmarks/jpeg_throughput.json"),
           "benchmarks/jpeg_throughput.json", "3-5"),
     Bench("fr_throughput", "fr_throughput", ("--out", "benchmarks/fr_throughput.json"),
@@ -123,6 +126,8 @@ GOALS = (
          lambda r: _torch_row(r)["torch_over_jax"], 1.3),
     Goal("step_cpu128", "second order <= 1.5x first order (interleaved)",
          lambda r: r["ratios"]["second_over_first_order"]["time_ratio"], 1.5, "le"),
+    Goal("fold_bn_meta_grad", "folded BatchNorm moves E_adv's gradient <= 0.1x the Hessian term",
+         lambda r: r["rows"][0]["grad_rel_err"]["e_adv"] / r["rows"][0]["hessian_term_rel_f32"], 0.1, "le"),
     Goal("paper_width_b4", "JAX >= 1.0x best torch at width 64, batch 4",
          lambda r: _torch_row(r)["torch_best_over_jax"], 1.0),
     Goal("paper_width_b8", "JAX >= 1.0x best torch at width 64, batch 8",
@@ -148,7 +153,7 @@ def _info(bench: Bench, report: dict | None) -> str:
                        if k != "base" and x.get("over_base"))
     if bench.name == "cost_sweep":
       return ", ".join(f"{a} exp {e['median_s']:.2f}" for a, e in report["exponents"].items())
-    if bench.name == "bf16_meta_grad":
+    if bench.name.endswith("_meta_grad"):
       row = report["rows"][0]
       return f"E_adv grad rel. err {row['grad_rel_err']['e_adv']:.2e} (Hessian term {row['hessian_term_rel_f32']:.2e})"
     if bench.name.startswith("step") or bench.name.startswith("paper"):

@@ -52,7 +52,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from benchmarks import tiny_fr
 from configs import default as default_config
 from erasablemask_jax import fr
-from erasablemask_jax.fr import fold
 from erasablemask_jax.attack import make_attack
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import steps as steps_lib
@@ -81,7 +80,7 @@ class Settings:
   devices: int = 1
   seed: int = 0
   bf16: bool = False  # FR surrogates, D and R compute in bfloat16; E_adv, G and the inner step stay float32
-  fold_bn: bool = False  # the frozen FR nets' inference BatchNorms folded into their convolutions (fr.fold)
+  fold_bn: bool = True  # the frozen FR nets' BatchNorms folded into their convolutions (config.fr.fold_batchnorm)
 
 
 def make_config(s: Settings):
@@ -200,9 +199,9 @@ class Setup:
       fr_vars, rebuilt = [], []
       for x in self.surrogates:
         variables, net_apply = x.variables, None
-        if s.fold_bn:
-          example = jnp.zeros((1, *x.recogniser.input_size, 3), jnp.float32)
-          variables, net_apply = fold.fold_batchnorm(x.recogniser.module, variables, example)
+        if s.fold_bn:  # as the trainer's load_surrogate(fold_batchnorm=True); x keeps the unfolded net for torch
+          folded = x.recogniser.fold_batchnorm()
+          variables, net_apply = folded.variables, folded.net_apply
         fr_vars.append(cast_floats(variables, jnp.bfloat16) if s.bf16 else variables)
         rebuilt.append(rebuilt_surrogate(x, net_apply, jnp.bfloat16 if s.bf16 else jnp.float32))
       self.surrogates = rebuilt
@@ -461,6 +460,7 @@ VARIANTS = {
     "vmap": {"primaries": "vmap"},
     "scan": {"primaries": "scan"},
     "fold_bn": {"fold_bn": True},
+    "unfold_bn": {"fold_bn": False},
     "bf16": {"bf16": True},
 }
 
@@ -636,7 +636,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "for --torch-formulations when torch is installed) into DIR; summarise with "
                        "`python -m benchmarks.profile_summary DIR`")
   ap.add_argument("--profile-steps", type=int, default=3)
-  ap.add_argument("--fold-bn", action="store_true", help="fold the frozen FR nets' BatchNorms into their convs")
+  ap.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
+                  help="fold the frozen FR nets' BatchNorms into their convs, as the trainer does by default "
+                       "(config.fr.fold_batchnorm; the torch 'best' formulation then folds them too); --no-fold-bn "
+                       "keeps them")
   ap.add_argument("--compare-variants", default="",
                   help=f"comma-separated variants of the stage-2 meta-auxiliary step timed against this setting in "
                        f"alternating rounds (--interleave-rounds x --steps): {', '.join(VARIANTS)}")

@@ -297,6 +297,19 @@ def build_fr(arch: str, variables: Mapping[str, Any], input_size: Sequence[int] 
   return model.eval()
 
 
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+  """`net` (eval, frozen) with each BatchNorm that follows a convolution folded into it: torch.fx's own conv-BN fusion
+  (`torch.fx.experimental.optimization.fuse`), the twin of `erasablemask_jax.fr.fold` for the "best" formulation."""
+  from torch.fx.experimental import optimization  # pylint: disable=g-import-not-at-top
+
+  if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):  # pylint: disable=protected-access
+    return net  # nothing to fold (and `TinyFR`'s shape-dependent padding is not fx-traceable)
+  folded = optimization.fuse(net)
+  for p in folded.parameters():
+    p.requires_grad_(False)
+  return folded.eval()
+
+
 class TorchSurrogate(nn.Module):
   """`x in [-1, 1] NCHW -> L2-normalised embedding`: crop, antialiased bilinear resize, mean/std, the network.
 
@@ -712,7 +725,8 @@ def from_setup(setup, kind: str = "meta_auxiliary", formulation: str = "naive", 
   Args:
     setup: the JAX benchmark setup.
     kind: the attack kind.
-    formulation: "naive" (`TorchStage2`, float32) or "best" (`TorchStage2Best`).
+    formulation: "naive" (`TorchStage2`, float32) or "best" (`TorchStage2Best`; with the FR nets' BatchNorms folded
+      when `setup.settings.fold_bn`, as the JAX step's).
     device: torch device ("cpu", "cuda").
     dtype: the "best" formulation's FR / D / R compute dtype.
   """
@@ -723,6 +737,8 @@ def from_setup(setup, kind: str = "meta_auxiliary", formulation: str = "naive", 
   surrogates = []
   for s in setup.surrogates:
     net = build_fr(s.recogniser.card["arch"], jax.device_get(s.variables), s.recogniser.input_size)
+    if formulation == "best" and setup.settings.fold_bn:  # folded where the JAX step folds them
+      net = fold_batchnorm(net)
     surrogates.append(TorchSurrogate(net, s.recogniser.preprocessing, flip=s.spec.endswith("@flip")))
   if formulation not in FORMULATIONS:
     raise ValueError(f"unknown torch formulation {formulation!r}; choose from {FORMULATIONS}")

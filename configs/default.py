@@ -94,6 +94,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # peers' published LFW thresholds of its architecture (ir_152, ir_se_50, inception_resnet_v1; valid for the peers'
   # original weights), labelled "peer default, not calibrated here". `fr.thresholds` has the rule.
   config.fr.threshold_source = "calibrated"
+  # Train against the surrogates with each inference BatchNorm folded into the convolution before it (`fr.fold`): the
+  # same networks up to float rounding, and a 0.88x meta-auxiliary step on CPU (benchmarks/README.md, "Headroom").
+  config.fr.fold_batchnorm = True
 
   # Noise pool: one member per batch (identity included) on x_adv before the FR models (stage 2) and before R (stage 3).
   config.noise = ml_collections.ConfigDict()

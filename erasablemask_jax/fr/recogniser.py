@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,7 @@ import numpy as np
 
 from erasablemask_jax import convert
 from erasablemask_jax.fr import archs as _archs  # noqa: F401  (registers the architectures `load` looks up)
+from erasablemask_jax.fr import fold
 from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr.preprocess import Preprocessing
 from erasablemask_jax.fr.preprocess import preprocess
@@ -37,10 +38,13 @@ def l2_normalise(e: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
   return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), eps)
 
 
-def embed_apply(module: nn.Module, prep: Preprocessing, variables: Mapping[str, Any], images: jnp.ndarray,
-                normalise: bool = True) -> jnp.ndarray:
-  """Pure embedding function: [-1, 1] NHWC images -> (L2-normalised) embeddings `(N, D)`."""
-  e = module.apply(variables, preprocess(images, prep))
+def embed_apply(net: nn.Module | Callable[[Mapping[str, Any], jnp.ndarray], jnp.ndarray], prep: Preprocessing,
+                variables: Mapping[str, Any], images: jnp.ndarray, normalise: bool = True) -> jnp.ndarray:
+  """Pure embedding function: [-1, 1] NHWC images -> (L2-normalised) embeddings `(N, D)`.
+
+  `net` is the Flax module, or a pure `net(variables, preprocessed)` that replaces its `apply` (`fr.fold`)."""
+  net_apply = net.apply if isinstance(net, nn.Module) else net
+  e = net_apply(variables, preprocess(images, prep))
   return l2_normalise(e) if normalise else e
 
 
@@ -55,18 +59,34 @@ class Recogniser:
     preprocessing: the parsed `Preprocessing`.
     apply_fn: `apply_fn(variables, images_minus1_1) -> L2-normalised embeddings`, pure and differentiable.
     raw_apply_fn: the same without the final normalisation.
+    net_apply: `net_apply(variables, preprocessed) -> raw embeddings`: `module.apply`, or the folded network's.
+    folded: whether the inference BatchNorms that follow convolutions are folded into them (`fold_batchnorm`).
   """
 
   def __init__(self, module: nn.Module, variables: Mapping[str, Any], card: Mapping[str, Any],
-               directory: pathlib.Path | None = None):
+               directory: pathlib.Path | None = None,
+               net_apply: Callable[[Mapping[str, Any], jnp.ndarray], jnp.ndarray] | None = None):
+    """`net_apply(variables, preprocessed)` replaces `module.apply` (the folded network of `fold_batchnorm`)."""
     self.module = module
     self.variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
     self.card = dict(card)
     self.directory = directory
     self.preprocessing = Preprocessing.from_card(card)
-    self.apply_fn = functools.partial(embed_apply, module, self.preprocessing)
-    self.raw_apply_fn = functools.partial(embed_apply, module, self.preprocessing, normalise=False)
+    self.folded = net_apply is not None
+    self.net_apply = module.apply if net_apply is None else net_apply
+    self.apply_fn = functools.partial(embed_apply, self.net_apply, self.preprocessing)
+    self.raw_apply_fn = functools.partial(embed_apply, self.net_apply, self.preprocessing, normalise=False)
     self._jit_raw = jax.jit(self.raw_apply_fn)
+
+  def fold_batchnorm(self) -> Recogniser:
+    """This network with each inference BatchNorm that follows a convolution folded into it (`fr.fold`): the same
+    function up to float rounding, with fewer elementwise passes in the attack's gradients (the trainer's default,
+    `config.fr.fold_batchnorm`). Returns `self` when already folded."""
+    if self.folded:
+      return self
+    example = jnp.zeros((1, *self.input_size, 3), jnp.float32)
+    variables, net_apply = fold.fold_batchnorm(self.module, self.variables, example)
+    return Recogniser(self.module, variables, self.card, self.directory, net_apply=net_apply)
 
   @property
   def name(self) -> str:

@@ -51,9 +51,11 @@ class Surrogate:
     return jax.jit(self.apply)(self.variables, images_minus1_1)
 
 
-def load_surrogate(spec: str, input_crop: str = "none", image_size: int | None = None) -> Surrogate:
+def load_surrogate(spec: str, input_crop: str = "none", image_size: int | None = None,
+                   fold_batchnorm: bool = False) -> Surrogate:
   """`DIR`, `bundled:NAME`, each optionally `@flip`; `input_crop` as `config.fr.input_crop`; `image_size` the side of
-  the faces it will score (names its view)."""
+  the faces it will score (names its view); `fold_batchnorm` as `config.fr.fold_batchnorm` (`Recogniser.fold_batchnorm`:
+  the same function, faster to differentiate)."""
   views.check_input_crop(input_crop)
   source, _, mirror = spec.partition("@")
   if mirror not in VIEWS:
@@ -65,6 +67,8 @@ def load_surrogate(spec: str, input_crop: str = "none", image_size: int | None =
       raise FileNotFoundError(f"FR model {spec!r}: no converted FR directory at {source}; convert a checkpoint with "
                               "`python -m tools.convert_torch_weights` or use bundled:mobilefacenet")
     recogniser = load(source)
+  if fold_batchnorm:
+    recogniser = recogniser.fold_batchnorm()
   return Surrogate(spec=spec, recogniser=recogniser, apply=views.view_apply(recogniser, input_crop, mirror == "flip"),
                    view=views.view_name(input_crop, image_size) if image_size else None)
 

@@ -12,6 +12,9 @@ no longer describes the checkpoints. So a resume compares the saved config with 
   steps would be rerun on a state that has moved on);
 - report-only (`fr.threshold_source`, `fr.tau1_far`, `fr.tau2_far`: which thresholds the closing report uses; a run
   saved before such a key existed has none): accepted without asking;
+- numerics-only (`fr.fold_batchnorm`: the same surrogate networks computed another way, equal up to float rounding;
+  runs saved before it existed computed them unfolded): accepted without asking, logged; the steps after such a change
+  are no longer bit-identical to an uninterrupted run's;
 - everything else (losses, optimiser, attack, data, noise, seed, ...) changes what the remaining steps train, so the
   run would no longer be the one its config describes: refused; train it in a new (or copied) workdir.
 
@@ -38,6 +41,7 @@ CONFIG_FILE = "config.json"
 ARCHITECTURE_KEYS = ("model", "image_size", "attributes", "fr.surrogates")
 SAFE_KEYS = ("train", "mesh")
 REPORT_KEYS = ("fr.threshold_source", "fr.tau1_far", "fr.tau2_far")
+NUMERICS_KEYS = ("fr.fold_batchnorm",)
 _ABSENT = "(absent)"
 
 log = logging.getLogger(__name__)
@@ -92,7 +96,7 @@ def check_resume_config(workdir: str | os.PathLike[str], config: ml_collections.
   changes = config_changes(saved, current)
   problems = {k: _problem(k, saved, current, step, workdir) for k in changes}
   refused = {k: why for k, why in problems.items()
-             if why is not None or not (allow_changes or _under(k, REPORT_KEYS))}
+             if why is not None or not (allow_changes or _under(k, REPORT_KEYS + NUMERICS_KEYS))}
   if refused:
     listed = ", ".join(f"{k} {_short(changes[k][0])} -> {_short(changes[k][1])}" + (f" ({why})" if why else "")
                        for k, why in refused.items())
@@ -126,7 +130,7 @@ def _problem(key: str, saved: dict[str, Any], current: dict[str, Any], step: int
   """Why changing `key` is unsafe, or None for a safe change."""
   if _under(key, ARCHITECTURE_KEYS):
     return "the architecture: the checkpoint cannot be restored into it"
-  if _under(key, SAFE_KEYS + REPORT_KEYS):
+  if _under(key, SAFE_KEYS + REPORT_KEYS + NUMERICS_KEYS):
     return None
   stage = re.fullmatch(r"schedule\.stage([123])_(steps|epochs)", key)
   if stage:

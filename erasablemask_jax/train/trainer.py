@@ -140,7 +140,8 @@ class Trainer:
     self.tx = make_optimizer(config.optim)
 
     self.surrogates = surrogates if surrogates is not None else [
-        load_surrogate(s, config.fr.input_crop, config.image_size) for s in config.fr.surrogates]
+        load_surrogate(s, config.fr.input_crop, config.image_size, config.fr.get("fold_batchnorm", False))
+        for s in config.fr.surrogates]
     if self.surrogates:
       if target_images is None:
         target_images = self.splits.target if self.splits else read_faces(config.fr.target, config.image_size)

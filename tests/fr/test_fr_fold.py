@@ -10,6 +10,7 @@ import numpy as np
 from erasablemask_jax import fr
 from erasablemask_jax.fr import fold
 from erasablemask_jax.fr.layers import DepthwiseConv, torch_batch_norm
+from erasablemask_jax.fr.surrogates import load_surrogate
 
 
 class _Net(nn.Module):
@@ -52,3 +53,17 @@ def test_fold_bundled_mobilefacenet_same_embeddings_and_gradients():
   g_ref = jax.grad(lambda y: jnp.sum(recogniser.module.apply(recogniser.variables, y) @ t))(x)
   g_fold = jax.grad(lambda y: jnp.sum(apply(folded, y) @ t))(x)
   np.testing.assert_allclose(g_fold, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_folded_surrogate_is_the_same_view_of_the_same_network():
+  """`load_surrogate(..., fold_batchnorm=True)` (the trainer's default): the mirrored ArcFace-box view of the folded
+  network gives the embeddings and input gradients of the unfolded one; folding twice is folding once."""
+  plain = load_surrogate("bundled:mobilefacenet@flip", "loose_to_arcface", 64)
+  folded = load_surrogate("bundled:mobilefacenet@flip", "loose_to_arcface", 64, fold_batchnorm=True)
+  assert folded.recogniser.folded and not plain.recogniser.folded and folded.view == plain.view
+  assert folded.recogniser.fold_batchnorm() is folded.recogniser
+  x = jax.random.uniform(jax.random.key(4), (2, 64, 64, 3), minval=-1.0, maxval=1.0)
+  np.testing.assert_allclose(folded.embed(x), plain.embed(x), rtol=0, atol=1e-4)
+  t = plain.embed(x[:1])[0]
+  grads = [jax.grad(lambda y, s=s: jnp.sum(s.apply(s.variables, y) @ t))(x) for s in (plain, folded)]
+  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-5)

@@ -72,3 +72,12 @@ def test_calibration_reproduces_reference_figures(converted):
     assert abs(res["auc"] - auc) < 0.003, res["auc"]
     assert abs(res["tar_at_far"]["far_0.01"] - tar) < 0.02, res["tar_at_far"]
     assert res["far_achieved"]["far_0.01"] <= 0.01
+
+
+def test_folded_batchnorm_gives_the_same_embeddings(converted):
+  """The trainer's default `fr.fold_batchnorm`: the real network with its BatchNorms folded, on real crops."""
+  _, _, recogniser, _, images = converted
+  x = images[::30]  # 10 crops
+  folded = recogniser.fold_batchnorm()
+  assert folded.folded and not folded.variables.get("batch_stats")
+  np.testing.assert_allclose(folded.embed(x), recogniser.embed(x), rtol=0, atol=1e-4)

@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -152,6 +153,18 @@ def test_matches_numpy_graph_executor(real, assets_dir):
   want = want / np.linalg.norm(want, axis=1, keepdims=True)
   got = recogniser.embed(images)
   assert np.abs(got - want).max() < 1e-4, np.abs(got - want).max()
+
+
+@pytest.mark.assets
+def test_folded_batchnorm_gives_the_same_embeddings(real, assets_dir):
+  """The trainer's default `fr.fold_batchnorm` on the MXNet graph (BatchNorms after convolutions, and others)."""
+  _, recogniser = real
+  folded = recogniser.fold_batchnorm()
+  assert folded.folded and not recogniser.folded
+  assert len(jax.tree.leaves(folded.variables)) < len(jax.tree.leaves(recogniser.variables))
+  paths = calibration.prepare_pairs(assets_dir / FACES, assets_dir / IDENTITIES)["paths"][::75]
+  images = np.stack(calibration.load_faces(paths))
+  np.testing.assert_allclose(folded.embed(images), recogniser.embed(images), rtol=0, atol=1e-4)
 
 
 @pytest.mark.assets

@@ -99,7 +99,7 @@ def test_unknown_threshold_source_is_refused_before_training(tmp_path):
                         target_images=_target(config))
 
 
-def test_resuming_an_older_run_accepts_the_report_only_threshold_keys(tmp_path):
+def test_resuming_an_older_run_accepts_the_report_only_and_numerics_keys(tmp_path):
   """A run saved before `fr.threshold_source` existed resumes without --allow-config-change, and so does a change of
   which thresholds the report uses; a training change is still refused."""
   from erasablemask_jax.config import load_config
@@ -107,11 +107,12 @@ def test_resuming_an_older_run_accepts_the_report_only_threshold_keys(tmp_path):
 
   saved = load_config("smoke").to_dict()
   del saved["fr"]["threshold_source"]
+  del saved["fr"]["fold_batchnorm"]  # nor `fr.fold_batchnorm` (numerics only: the same networks)
   workdir = tmp_path / "run"
   (workdir / "checkpoints" / "3").mkdir(parents=True)
   (workdir / "config.json").write_text(json.dumps(saved))
   config = load_config("smoke", ["--config.fr.threshold_source=peer_default", "--config.fr.tau2_far=0.01"])
   changes = resume.check_resume_config(workdir, config)
-  assert set(changes) == {"fr.threshold_source", "fr.tau2_far"}
+  assert set(changes) == {"fr.threshold_source", "fr.tau2_far", "fr.fold_batchnorm"}
   with pytest.raises(resume.ConfigChangeError, match="loss.l_adv"):
     resume.check_resume_config(workdir, load_config("smoke", ["--config.loss.l_adv=1.0"]))
