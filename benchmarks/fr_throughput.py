@@ -1,18 +1,23 @@
 """Embeddings per second of each FR architecture: Flax (jitted) vs PyTorch (eager), same weights and inputs.
 
-    python -m benchmarks.fr_throughput [--archs mobilefacenet,iresnet50] [--batch 8] [--iters 3] [--out FILE.json]
+    python -m benchmarks.fr_throughput [--archs mobilefacenet,iresnet50] [--batch 8] [--rounds 5] [--iters 3]
 
 Weights are random (converted from the PyTorch reference models of `benchmarks/torch_nets.py`); the maximum
-absolute difference of the L2-normalised embeddings is reported beside the timings. Prints a table and writes JSON
-(machine, versions, settings, numbers).
+absolute difference of the L2-normalised embeddings is reported beside the timings. Per architecture, Flax and torch
+are timed in `--rounds` interleaved rounds (the order alternating each round; `--iters` calls per framework per round,
+their mean time per call is the round's), and each rate is the median over rounds; torch runs on `--threads` threads
+(default: all cores, as XLA uses). Prints a table and writes JSON (machine, load average, versions, settings, every
+round).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -24,7 +29,15 @@ DEFAULT_ARCHS = ("mobilefacenet", "mobilefacenet_sphereface", "iresnet18", "ires
                  "ir_se_50", "ir_152", "inception_resnet_v1")
 
 
-def bench(arch: str, batch: int, iters: int) -> dict:
+def _per_call_s(fn, iters: int) -> float:
+  t = time.perf_counter()
+  for _ in range(iters):
+    fn()
+  return (time.perf_counter() - t) / iters
+
+
+def bench(arch: str, batch: int, iters: int, rounds: int = 1) -> dict:
+  """One architecture: compile, check the embeddings agree, then `rounds` interleaved rounds of Flax and torch."""
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_nets as ref  # pylint: disable=g-import-not-at-top
   from erasablemask_jax import convert, fr  # pylint: disable=g-import-not-at-top
@@ -42,19 +55,27 @@ def bench(arch: str, batch: int, iters: int) -> dict:
   t = time.perf_counter()
   e = fn(rec.variables, x).block_until_ready()
   compile_s = time.perf_counter() - t
-  t = time.perf_counter()
-  for _ in range(iters):
-    e = fn(rec.variables, x).block_until_ready()
-  flax_s = (time.perf_counter() - t) / iters
   with torch.no_grad():
-    model(xt)
-    t = time.perf_counter()
-    for _ in range(iters):
-      et = model(xt)
-    torch_s = (time.perf_counter() - t) / iters
+    et = model(xt)
   et = et.numpy() / np.linalg.norm(et.numpy(), axis=1, keepdims=True)
+
+  def run_flax():
+    fn(rec.variables, x).block_until_ready()
+
+  def run_torch():
+    with torch.no_grad():
+      model(xt)
+
+  runs = {"flax": run_flax, "torch": run_torch}
+  seconds = {"flax": [], "torch": []}
+  for r in range(rounds):
+    for name in (("flax", "torch") if r % 2 == 0 else ("torch", "flax")):
+      seconds[name].append(_per_call_s(runs[name], iters))
+  flax_s, torch_s = statistics.median(seconds["flax"]), statistics.median(seconds["torch"])
   return {"arch": arch, "batch": batch, "flax_compile_s": compile_s, "flax_emb_per_s": batch / flax_s,
-          "torch_emb_per_s": batch / torch_s, "max_abs_diff": float(np.abs(np.asarray(e) - et).max())}
+          "torch_emb_per_s": batch / torch_s, "flax_over_torch": torch_s / flax_s,
+          "flax_s_per_round": seconds["flax"], "torch_s_per_round": seconds["torch"],
+          "max_abs_diff": float(np.abs(np.asarray(e) - et).max())}
 
 
 def main(argv=None) -> int:
@@ -62,23 +83,34 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--archs", default=",".join(DEFAULT_ARCHS))
   p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--iters", type=int, default=3)
-  p.add_argument("--out", default="benchmarks/results/fr_throughput.json")
+  p.add_argument("--iters", type=int, default=3, help="calls per framework per round")
+  p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per architecture")
+  p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+  p.add_argument("--out", default="benchmarks/fr_throughput.json")
   args = p.parse_args(argv)
+  torch.set_num_threads(args.threads or os.cpu_count() or 1)
+  load_start = os.getloadavg()
   rows = []
-  print(f"{'arch':28s} {'batch':>5s} {'flax emb/s':>11s} {'torch emb/s':>12s} {'compile s':>10s} {'max|diff|':>10s}")
+  print(f"torch threads {torch.get_num_threads()}, {args.rounds} interleaved rounds x {args.iters} calls")
+  print(f"{'arch':28s} {'batch':>5s} {'flax emb/s':>11s} {'torch emb/s':>12s} {'flax/torch':>10s} {'compile s':>10s} "
+        f"{'max|diff|':>10s}")
   for arch in args.archs.split(","):
-    r = bench(arch, args.batch, args.iters)
+    r = bench(arch, args.batch, args.iters, args.rounds)
     rows.append(r)
     print(f"{arch:28s} {r['batch']:5d} {r['flax_emb_per_s']:11.1f} {r['torch_emb_per_s']:12.1f} "
-          f"{r['flax_compile_s']:10.1f} {r['max_abs_diff']:10.2e}", flush=True)
-  info = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                      "jax_devices": [str(d) for d in jax.devices()], "torch_threads": torch.get_num_threads()},
+          f"{r['flax_over_torch']:9.2f}x {r['flax_compile_s']:10.1f} {r['max_abs_diff']:10.2e}", flush=True)
+  info = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                      "jax_devices": [str(d) for d in jax.devices()], "torch_threads": torch.get_num_threads(),
+                      "load_average_start": load_start, "load_average": os.getloadavg()},
           "versions": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()},
-          "settings": vars(args), "results": rows}
+          "settings": {**vars(args), "command": "python -m benchmarks.fr_throughput " + " ".join(
+              argv if argv is not None else sys.argv[1:])},
+          "results": rows}
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(info, indent=2) + "\n")
+  tmp = out.with_suffix(out.suffix + ".tmp")
+  tmp.write_text(json.dumps(info, indent=2) + "\n")
+  os.replace(tmp, out)
   print(f"wrote {out}")
   return 0
 

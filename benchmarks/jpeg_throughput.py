@@ -18,7 +18,12 @@ identity, so the gradient is the colour transform and the chroma resampling only
 Fidelity (when ../shared/assets is present): mean PSNR against Pillow's decode over 48 aligned faces at QF 10, 25, 50,
 75, 90, and the bias: PSNR(codec, original) - PSNR(libjpeg, original).
 
-Usage: `python benchmarks/jpeg_throughput.py [--batch 32] [--size 256] [--reps 5] [--out benchmarks/jpeg_throughput.json]`
+Timing: every codec (ours "ste" and "cubic", kornia eager and under `torch.compile`) is timed once per round, in a
+rotated order, over `--rounds` interleaved rounds (best of `--reps` calls in a round; the median over rounds is
+reported, every round kept in the JSON); torch gets all cores (`--threads`), as XLA does. Each codec's gradient is
+named in `GRADIENTS` (and the JSON): they are not the same gradient, so fwd+bwd rates compare costs, not methods.
+
+Usage: `python -m benchmarks.jpeg_throughput [--batch 32] [--size 256] [--rounds 5] [--reps 3] [--out FILE.json]`
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ import json
 import os
 import pathlib
 import platform
+import statistics
+import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +52,20 @@ ASSETS = pathlib.Path(os.environ.get("ERASABLEMASK_ASSETS", pathlib.Path(__file_
 QUALITIES = (10, 25, 50, 75, 90)
 
 
-def _rate(fn, reps: int, batch: int) -> float:
-  """Images per second of fn() (already compiled/warmed), best of `reps` timed runs."""
-  fn()
+# What each codec's gradient is (the rows time the forward and forward + backward of the same codecs).
+GRADIENTS = {
+    "ours_ste": "straight-through rounding: libjpeg's integer forward (bit-exact), d round(x)/dx := 1, so DCT, "
+                "quantiser and inverse DCT pass the gradient as the identity (colour transform and chroma resampling "
+                "only)",
+    "ours_cubic": "cubic rounding round(x) + (x - round(x))^3 of the quantised coefficients, float32 orthonormal DCT: "
+                  "d/dx = 3 (x - round(x))^2 (Shin & Song 2017)",
+    "kornia": "kornia.enhance.jpeg_codec_differentiable (Reich et al. 2024): the same cubic polynomial rounding, "
+              "float32 DCT, differentiable clipping",
+}
+
+
+def _best_rate(fn, reps: int, batch: int) -> float:
+  """Images per second of fn() (already compiled and warmed): best of `reps` timed calls."""
   best = float("inf")
   for _ in range(reps):
     t = time.perf_counter()
@@ -55,37 +74,73 @@ def _rate(fn, reps: int, batch: int) -> float:
   return batch / best
 
 
-def _ours(x: jax.Array, quality: float, reps: int) -> dict[str, float]:
+def _rate(fn, reps: int, batch: int) -> float:
+  """Images per second of fn() (already compiled), best of `reps` timed runs after one warm-up call."""
+  fn()
+  return _best_rate(fn, reps, batch)
+
+
+def _ours(x: jax.Array, quality: float) -> dict[str, Callable[[], Any]]:
+  """`{name: fn}` of our codec's forward and forward + backward, per rounding, compiled."""
   out = {}
   for rounding in ("ste", "cubic"):
     fwd = jax.jit(lambda x, r=rounding: noise.jpeg(x, quality, rounding=r))
     # A loss that needs the forward values (a plain sum would let XLA drop the forward of the "ste" path).
     bwd = jax.jit(jax.grad(lambda x, r=rounding: jnp.sum(noise.jpeg(x, quality, rounding=r) ** 2)))
-    out[f"ours_{rounding}_fwd"] = _rate(lambda: jax.block_until_ready(fwd(x)), reps, x.shape[0])
-    out[f"ours_{rounding}_fwd_bwd"] = _rate(lambda: jax.block_until_ready(bwd(x)), reps, x.shape[0])
+    out[f"ours_{rounding}_fwd"] = lambda f=fwd: jax.block_until_ready(f(x))
+    out[f"ours_{rounding}_fwd_bwd"] = lambda f=bwd: jax.block_until_ready(f(x))
   return out
 
 
-def _kornia(x: np.ndarray, quality: float, reps: int, threads: int) -> dict[str, float]:
+def _kornia(x: np.ndarray, quality: float, threads: int, compiled: bool) -> tuple[dict[str, Callable[[], Any]], dict]:
+  """`({name: fn}, info)` for kornia's differentiable JPEG, eager and (with `compiled`) under `torch.compile`; info
+  holds versions, the torch thread count and why a form is missing."""
   try:
     import kornia  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return {}
+  except ImportError as e:
+    return {}, {"kornia_missing": str(e)}
   torch.set_num_threads(threads)
   xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)) * 0.5 + 0.5)
   q = torch.full((x.shape[0],), float(quality))
+  info = {"kornia_version": kornia.__version__, "torch_version": torch.__version__,
+          "torch_threads": torch.get_num_threads()}
+  forms = {"kornia": kornia.enhance.jpeg_codec_differentiable}
+  if compiled:
+    forms["kornia_compiled"] = torch.compile(kornia.enhance.jpeg_codec_differentiable, dynamic=False)
+  out = {}
+  for name, codec in forms.items():
+    def fwd(codec=codec):
+      with torch.no_grad():
+        codec(xt, q)
 
-  def fwd():
-    with torch.no_grad():
-      kornia.enhance.jpeg_codec_differentiable(xt, q)
+    def fwd_bwd(codec=codec):
+      xr = xt.clone().requires_grad_(True)
+      (codec(xr, q) ** 2).sum().backward()
 
-  def fwd_bwd():
-    xr = xt.clone().requires_grad_(True)
-    (kornia.enhance.jpeg_codec_differentiable(xr, q) ** 2).sum().backward()
+    try:
+      t = time.perf_counter()
+      fwd()
+      fwd_bwd()
+      info[f"{name}_first_calls_s"] = time.perf_counter() - t  # torch.compile's compile time is in here
+    except Exception as e:  # pylint: disable=broad-except  (inductor needs a C++ toolchain; report, do not fail)
+      info[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      continue
+    out[f"{name}_fwd"], out[f"{name}_fwd_bwd"] = fwd, fwd_bwd
+  return out, info
 
-  return {"kornia_fwd": _rate(fwd, reps, x.shape[0]), "kornia_fwd_bwd": _rate(fwd_bwd, reps, x.shape[0]),
-          "kornia_version": kornia.__version__, "torch_version": torch.__version__}
+
+def interleaved(fns: dict[str, Callable[[], Any]], batch: int, rounds: int, reps: int) -> dict[str, list[float]]:
+  """Images/s of every fn in each of `rounds` rounds (best of `reps` calls per round), all fns timed in every round
+  in an order rotated by one per round, so that a slow patch of the machine hits them alike."""
+  names = list(fns)
+  for fn in fns.values():
+    fn()  # warm
+  rates = {n: [] for n in names}
+  for r in range(rounds):
+    for n in names[r % len(names):] + names[:r % len(names)]:
+      rates[n].append(_best_rate(fns[n], reps, batch))
+  return rates
 
 
 def _written_out(x: jax.Array, m: np.ndarray, axis: int) -> jax.Array:
@@ -162,30 +217,43 @@ def _fidelity() -> dict | None:
   return {"images": len(files), "size": "112x112", "table": table}
 
 
-def main() -> None:
+def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--size", type=int, default=256)
   ap.add_argument("--quality", type=float, default=50)
-  ap.add_argument("--reps", type=int, default=5, help="timed runs per measurement (best is kept)")
+  ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds: every codec timed once per round")
+  ap.add_argument("--reps", type=int, default=3, help="timed calls per codec per round (the best is kept)")
+  ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores, as XLA uses)")
+  ap.add_argument("--no-compile", action="store_true", help="skip kornia under torch.compile")
   ap.add_argument("--no-fidelity", action="store_true")
+  ap.add_argument("--no-dct-forms", action="store_true")
   ap.add_argument("--out", default="benchmarks/jpeg_throughput.json")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
 
-  threads = os.cpu_count() or 1
+  threads = args.threads or os.cpu_count() or 1
+  load_start = os.getloadavg()
   x = jax.random.uniform(jax.random.PRNGKey(0), (args.batch, args.size, args.size, 3), minval=-1.0, maxval=1.0)
-  speed = _ours(x, args.quality, args.reps)
-  speed.update(_kornia(np.asarray(x), args.quality, args.reps, threads))
-  dct = _dct_forms(x, args.reps)
+  fns = _ours(x, args.quality)
+  torch_fns, torch_info = _kornia(np.asarray(x), args.quality, threads, compiled=not args.no_compile)
+  fns.update(torch_fns)
+  per_round = interleaved(fns, args.batch, args.rounds, args.reps)
+  speed = {n: statistics.median(v) for n, v in per_round.items()}
+  dct = {} if args.no_dct_forms else _dct_forms(x, args.reps)
   fidelity = None if args.no_fidelity else _fidelity()
 
   print(f"\nthroughput, images/s ({args.batch} x {args.size}x{args.size}, QF {args.quality:g}, "
         f"{jax.default_backend()}, {threads} CPU threads)")
   print(f"{'codec':<16}{'forward':>12}{'fwd+bwd':>12}")
-  for name in ("ours_ste", "ours_cubic", "kornia"):
+  for name in ("ours_ste", "ours_cubic", "kornia", "kornia_compiled"):
     if f"{name}_fwd" in speed:
-      print(f"{name:<16}{speed[f'{name}_fwd']:>12.1f}{speed[f'{name}_fwd_bwd']:>12.1f}")
-  print("\nDCT forms (forward + inverse over all blocks of the batch), images/s")
+      print(f"{name:<16}{speed[f'{name}_fwd']:>12.1f}{speed[f'{name}_fwd_bwd']:>12.1f}   "
+            f"gradient: {GRADIENTS[name.removesuffix('_compiled')][:60]}...")
+  for key, value in torch_info.items():
+    if key.endswith("_error") or key.endswith("_missing"):
+      print(f"  {key}: {value}")
+  if dct:
+    print("\nDCT forms (forward + inverse over all blocks of the batch), images/s")
   for key, value in dct.items():
     print(f"  {key:<28}{value:>10.1f}")
   if fidelity:
@@ -197,17 +265,28 @@ def main() -> None:
       print(f"{q:>4}" + "".join(f"{row[c + '_vs_libjpeg']:>12.2f}{row[c + '_bias']:>+12.3f}" for c in cols))
 
   result = {
-      "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": threads,
+      "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
                   "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-                  "load_average": os.getloadavg()},
-      "versions": {"jax": jax.__version__, "numpy": np.__version__, "pillow": Image.__version__},
-      "settings": {"batch": args.batch, "size": args.size, "quality": args.quality, "reps": args.reps,
-                   "timing": "best of reps after one warm-up call; fwd+bwd = jax.grad / torch backward of sum(out**2)"},
+                  "load_average_start": load_start, "load_average": os.getloadavg()},
+      "versions": {"jax": jax.__version__, "numpy": np.__version__, "pillow": Image.__version__,
+                   **{k: v for k, v in torch_info.items() if k.endswith("_version")}},
+      "settings": {"batch": args.batch, "size": args.size, "quality": args.quality, "rounds": args.rounds,
+                   "reps": args.reps, "torch_threads": torch_info.get("torch_threads"),
+                   "command": "python -m benchmarks.jpeg_throughput " + " ".join(argv if argv is not None else
+                                                                                 sys.argv[1:]),
+                   "timing": "interleaved rounds, every codec once per round in a rotated order, best of reps calls "
+                             "per round, median over rounds; fwd+bwd = jax.grad / torch backward of sum(out**2)"},
+      "gradients": GRADIENTS,
       "throughput_images_per_s": speed,
+      "throughput_per_round": per_round,
+      "torch": {k: v for k, v in torch_info.items() if not k.endswith("_version")},
       "dct_forms_images_per_s": dct,
       "fidelity": fidelity,
   }
-  pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+  out = pathlib.Path(args.out)
+  tmp = out.with_suffix(out.suffix + ".tmp")
+  tmp.write_text(json.dumps(result, indent=2))
+  os.replace(tmp, out)  # an interrupted run leaves the previous JSON whole
   print(f"\nwrote {args.out}")
 
 

@@ -84,6 +84,8 @@ BENCHES = (
     Bench("fold_bn_meta_grad", "bf16_meta_grad",
           ("--variant", "fold_bn", "--out", "benchmarks/fold_bn_meta_grad.json"),
           "benchmarks/fold_bn_meta_grad.json", "2-4", tuple(CACHE.items())),
+    Bench("batched_surrogates", "batched_surrogates", ("--out", "benchmarks/batched_surrogates.json"),
+          "benchmarks/batched_surrogates.json", "2-4", tuple(CACHE.items())),
     Bench("jpeg_throughput", "jpeg_throughput", ("--out", "benchmarks/jpeg_throughput.json"),
           "benchmarks/jpeg_throughput.json", "3-5"),
     Bench("fr_throughput", "fr_throughput", ("--out", "benchmarks/fr_throughput.json"),
@@ -153,6 +155,14 @@ def _info(bench: Bench, report: dict | None) -> str:
                        if k != "base" and x.get("over_base"))
     if bench.name == "cost_sweep":
       return ", ".join(f"{a} exp {e['median_s']:.2f}" for a, e in report["exponents"].items())
+    if bench.name == "batched_surrogates":
+      return ", ".join(f"{k} {x['batched_over_separate']:.2f}x" for k, x in report["rows"].items()) + " (batched/separate)"
+    if bench.name == "jpeg_throughput":
+      v = report["throughput_images_per_s"]
+      return ", ".join(f"{k} {v[k + '_fwd_bwd']:.0f}" for k in ("ours_ste", "ours_cubic", "kornia", "kornia_compiled")
+                       if k + "_fwd_bwd" in v) + " img/s fwd+bwd"
+    if bench.name == "fr_throughput":
+      return ", ".join(f"{r['arch']} {r['flax_over_torch']:.2f}x" for r in report["results"]) + " (Flax over torch)"
     if bench.name.endswith("_meta_grad"):
       row = report["rows"][0]
       return f"E_adv grad rel. err {row['grad_rel_err']['e_adv']:.2e} (Hessian term {row['hessian_term_rel_f32']:.2e})"

@@ -290,6 +290,22 @@ class Scorer:
     return out
 
 
+def make_scorer(config, specs: dict[str, str], result: dict, settings: Settings):
+  """`(scorer, splits)`: the study's Scorer (its calibration, the config's thresholds) and the face splits of `config`
+  (whose `target` it scores against and whose `eval` faces it scores)."""
+  from erasablemask_jax.data.faces import load_face_splits  # pylint: disable=g-import-not-at-top
+
+  splits = load_face_splits(config.data, config.fr, config.image_size)
+  scorer = Scorer(specs, config.fr.input_crop, config.image_size, splits.target, result["calibration"],
+                  config.fr.tau1_far, config.fr.tau2_far, settings.bootstrap, settings.seed)
+  return scorer, splits
+
+
+def run_dir(workdir: pathlib.Path, kind: str, fold: str, tiny: bool) -> pathlib.Path:
+  """The workdir of the study's `kind` run with `fold` black-box."""
+  return workdir / f"{kind}_bb-{fold}{'_tiny' if tiny else ''}"
+
+
 def quality(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
   """L1 and MSE on [0, 1] (`metrics.quality`) and LPIPS (AlexNet) of two uint8 batches; LPIPS says why it is missing
   when the `metrics` extra is not installed or the faces are too small for AlexNet."""
@@ -461,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
   probe = base_config(settings, pathlib.Path("."), 0, [], [])
   # What the runs train, resolved from the config file and the overrides: a study whose config file has changed since
   # its JSON was written is another study, not one to resume.
-  key = {**settings.key(), "schedule": {k: int(v) for k, v in probe.schedule.items() if k.endswith("_steps")}}
+  key = {**settings.key(), "schedule": {k: int(v) for k, v in probe.schedule.items() if k.endswith("_steps")},
+         "fr_fold_batchnorm": bool(probe.fr.get("fold_batchnorm", False))}
   result = json.loads(out.read_text()) if out.is_file() else None
   if result is not None and result["settings"]["study"] != json.loads(json.dumps(key)):
     print(f"error: {out} holds a study with other settings ({result['settings']['study']}); pass another --out or "
@@ -471,7 +488,6 @@ def main(argv: list[str] | None = None) -> int:
   from tqdm import tqdm
   from erasablemask_jax.data.pipeline import load_face_folder_arrays
   from erasablemask_jax.fr import views
-  from erasablemask_jax.data.faces import load_face_splits
 
   started = time.time()
   size = probe.image_size
@@ -504,9 +520,7 @@ def main(argv: list[str] | None = None) -> int:
       seconds = train_stage1(config, stage1_dir)
       (stage1_dir / "stage1.done").write_text(f"{seconds:.1f}\n")
       result["timing"]["stage1_s"] = seconds
-    splits = load_face_splits(config.data, config.fr, size)
-    scorer = Scorer(specs, config.fr.input_crop, size, splits.target, result["calibration"], config.fr.tau1_far,
-                    config.fr.tau2_far, settings.bootstrap, settings.seed)
+    scorer, splits = make_scorer(config, specs, result, settings)
     eval_faces = splits.eval
     if any((bb, b) not in done for b in BASELINES):
       t0 = time.perf_counter()
@@ -518,15 +532,15 @@ def main(argv: list[str] | None = None) -> int:
       result["timing"][f"baselines_bb-{bb}_s"] = time.perf_counter() - t0
       save(result, out)
     for kind in kinds:
-      run_dir = workdir / f"{kind}_bb-{bb}{'_tiny' if args.tiny else ''}"
       if (bb, kind) in done:
         continue
+      folder = run_dir(workdir, kind, bb, args.tiny)
       load_start = os.getloadavg()
-      seconds = train_run(config, run_dir, stage1_dir, kind)
-      entry, images = evaluate_run(run_dir, scorer, eval_faces, whitebox)
+      seconds = train_run(config, folder, stage1_dir, kind)
+      entry, images = evaluate_run(folder, scorer, eval_faces, whitebox)
       result["runs"].append({"attack": kind, "surrogates": whitebox, "blackbox": [bb], **entry,
                              "train_s": seconds, "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
-                             "curve": curve(run_dir)})
+                             "curve": curve(folder)})
       done.add((bb, kind))
       save(result, out)
       if kind == "meta_auxiliary":
@@ -555,9 +569,9 @@ def ablation(args, settings: Settings, result: dict, out: pathlib.Path, workdir:
   changed = dataclasses.replace(settings, overrides=settings.overrides + overrides)
   whitebox = [m for m in MODELS if m != args.ablation_fold]
   config = base_config(changed, faces_dir, target_id, eval_ids, [specs[m] for m in whitebox])
-  run_dir = workdir / f"ablation_{args.ablation}"
-  seconds = train_run(config, run_dir, stage1_dir, args.ablation_kind)
-  rows = [r for r in curve(run_dir) if r.get("stage") == 2]
+  folder = workdir / f"ablation_{args.ablation}"
+  seconds = train_run(config, folder, stage1_dir, args.ablation_kind)
+  rows = [r for r in curve(folder) if r.get("stage") == 2]
   last = rows[-3:]
   result.setdefault("ablations", {})[args.ablation] = {
       "kind": args.ablation_kind, "surrogates": whitebox, "overrides": list(args.ablation_override),
@@ -572,26 +586,21 @@ def ablation(args, settings: Settings, result: dict, out: pathlib.Path, workdir:
 def extend_stage3(args, settings: Settings, result: dict, out: pathlib.Path, workdir: pathlib.Path,
                   faces_dir: pathlib.Path, specs: dict[str, str], target_id: int, eval_ids: list[int]) -> int:
   """A finished study run with a longer stage 3 (R alone), evaluated on the held-out faces like the run itself."""
-  from erasablemask_jax.data.faces import load_face_splits
-
-  suffix = "_tiny" if args.tiny else ""
-  source = workdir / f"{args.ablation_kind}_bb-{args.ablation_fold}{suffix}"
+  source = run_dir(workdir, args.ablation_kind, args.ablation_fold, args.tiny)
   if not any(r["attack"] == args.ablation_kind and r["blackbox"] == [args.ablation_fold] for r in result["runs"]):
     print(f"error: the study has no finished {args.ablation_kind} run of the {args.ablation_fold} fold to extend; "
           "run the study first", file=sys.stderr)
     return 2
   whitebox = [m for m in MODELS if m != args.ablation_fold]
-  base = base_config(settings, faces_dir, target_id, eval_ids, [specs[m] for m in whitebox])
-  if args.extend_stage3 <= base.schedule.stage3_steps:
-    print(f"error: --extend-stage3 {args.extend_stage3} does not lengthen stage 3 ({base.schedule.stage3_steps} "
-          "steps in the study)", file=sys.stderr)
+  stage3_steps = result["settings"]["study"]["schedule"]["stage3_steps"]  # what the study's runs trained
+  if args.extend_stage3 <= stage3_steps:
+    print(f"error: --extend-stage3 {args.extend_stage3} does not lengthen stage 3 ({stage3_steps} steps in the "
+          "study)", file=sys.stderr)
     return 2
   changed = dataclasses.replace(settings, overrides=settings.overrides + (f"schedule.stage3_steps={args.extend_stage3}",))
   config = base_config(changed, faces_dir, target_id, eval_ids, [specs[m] for m in whitebox])
   seconds = train_run(config, workdir / f"ablation_{args.ablation}", source, args.ablation_kind)
-  splits = load_face_splits(config.data, config.fr, config.image_size)
-  scorer = Scorer(specs, config.fr.input_crop, config.image_size, splits.target, result["calibration"],
-                  config.fr.tau1_far, config.fr.tau2_far, settings.bootstrap, settings.seed)
+  scorer, splits = make_scorer(config, specs, result, settings)
   entry, _ = evaluate_run(workdir / f"ablation_{args.ablation}", scorer, splits.eval, whitebox)
   result.setdefault("ablations", {})[args.ablation] = {
       "kind": args.ablation_kind, "surrogates": whitebox, "blackbox": [args.ablation_fold],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -46,3 +48,56 @@ def test_run_all_goals_read_the_reports():
   assert order.check(report) == (1.6, "FAILS")
   assert best.check(None) == (None, "not measured") and best.check({"torch": []}) == (None, "not measured")
   assert {b.name for b in run_all.BENCHES} >= {g.bench for g in run_all.GOALS}
+
+
+def test_interleaved_rounds_time_every_codec_each_round_in_rotated_order():
+  from benchmarks import jpeg_throughput  # pylint: disable=g-import-not-at-top
+
+  calls = []
+  fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+  rates = jpeg_throughput.interleaved(fns, batch=4, rounds=3, reps=1)
+  assert {n: len(v) for n, v in rates.items()} == {"a": 3, "b": 3, "c": 3}
+  assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # after one warm-up call each
+
+
+def test_jpeg_throughput_writes_rounds_and_names_each_gradient(tmp_path):
+  pytest.importorskip("kornia")
+  from benchmarks import jpeg_throughput  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "jpeg.json"
+  jpeg_throughput.main(["--batch", "2", "--size", "16", "--rounds", "2", "--reps", "1", "--threads", "1",
+                        "--no-compile", "--no-fidelity", "--no-dct-forms", "--out", str(out)])
+  report = json.loads(out.read_text())
+  rows = {"ours_ste_fwd", "ours_ste_fwd_bwd", "ours_cubic_fwd", "ours_cubic_fwd_bwd", "kornia_fwd", "kornia_fwd_bwd"}
+  assert set(report["throughput_per_round"]) == rows
+  assert all(len(v) == 2 and min(v) > 0 for v in report["throughput_per_round"].values())
+  assert set(report["gradients"]) == {"ours_ste", "ours_cubic", "kornia"}
+  assert report["settings"]["torch_threads"] == 1 and "--no-compile" in report["settings"]["command"]
+
+
+def test_fr_throughput_interleaves_and_agrees(tmp_path):
+  pytest.importorskip("torch")
+  from benchmarks import fr_throughput  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "fr.json"
+  assert fr_throughput.main(["--archs", "mobilefacenet", "--batch", "2", "--rounds", "2", "--iters", "1",
+                             "--threads", "1", "--out", str(out)]) == 0
+  report = json.loads(out.read_text())
+  (row,) = report["results"]
+  assert len(row["flax_s_per_round"]) == 2 and len(row["torch_s_per_round"]) == 2
+  assert row["max_abs_diff"] < 1e-4 and row["flax_over_torch"] > 0
+  assert report["machine"]["torch_threads"] == 1
+
+
+def test_batched_surrogates_is_the_same_fr_work(tmp_path):
+  """One call of [x, flip(x)] gives the value, input gradient and HVP of two separate calls."""
+  from benchmarks import batched_surrogates  # pylint: disable=g-import-not-at-top
+
+  out = tmp_path / "batched.json"
+  assert batched_surrogates.main(["--image-size", "32", "--batch", "2", "--rounds", "2", "--steps", "1",
+                                  "--out", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert set(rows) == {"value", "grad", "hvp"}
+  for what, row in rows.items():
+    assert row["max_rel_diff"] < 1e-4, what
+    assert len(row["separate_s_per_round"]) == 2 and row["batched_over_separate"] > 0
