@@ -55,13 +55,13 @@ def _paper(batch: int) -> Bench:
                 "--stages", "2:meta_auxiliary", "--warmup", "1", "--steps", "3", "--interleave-rounds", "0",
                 "--compare-torch", "--torch-formulations", "best", "--torch-rounds", "3", "--torch-steps", "1",
                 "--out", f"benchmarks/step_throughput_cpu128_w64_b{batch}.json"),
-               f"benchmarks/step_throughput_cpu128_w64_b{batch}.json", "30-60" if batch == 4 else "60-120",
+               f"benchmarks/step_throughput_cpu128_w64_b{batch}.json", "2-3" if batch == 4 else "3-4",
                tuple(CACHE.items()))
 
 
 BENCHES = (
     Bench("step_cpu128", "step_throughput", _STEP_README + ("--out", "benchmarks/step_throughput_cpu128.json"),
-          "benchmarks/step_throughput_cpu128.json", "5-10", tuple(CACHE.items())),  # run E: 5.6 min
+          "benchmarks/step_throughput_cpu128.json", "5-10", tuple(CACHE.items())),  # run F: 4.7 min
     _paper(4),
     _paper(8),
     Bench("headroom_variants", "step_throughput",
