@@ -7,7 +7,7 @@ exponent b of `cost ~ axis^b` is the least-squares slope of log(cost) on log(axi
 log t = c + b_s log size + b_w log width + b_b log batch), for the median step time and for XLA's FLOP count. Writes
 JSON and a log-log plot (PNG) beside it.
 
-    python -m benchmarks.cost_sweep                                   # 9 points (7 distinct), ~40-90 min on 2 cores (a guess)
+    python -m benchmarks.cost_sweep                                   # 9 points (7 distinct), 5.2 min on 2 cores
     python -m benchmarks.cost_sweep --sizes 16,32 --widths 4,8 --batches 1,2 --layers 3 --fr tiny,tiny@flip   # smoke
 """
 

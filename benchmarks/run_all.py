@@ -77,7 +77,7 @@ BENCHES = (
            "--profile", "benchmarks/profile_cpu128", "--profile-steps", "3",
            "--out", "benchmarks/step_throughput_profile.json"),
           "benchmarks/step_throughput_profile.json", "5-10", tuple(CACHE.items())),
-    Bench("cost_sweep", "cost_sweep", ("--out", "benchmarks/cost_sweep.json"), "benchmarks/cost_sweep.json", "40-90",
+    Bench("cost_sweep", "cost_sweep", ("--out", "benchmarks/cost_sweep.json"), "benchmarks/cost_sweep.json", "5-10",
           tuple(CACHE.items())),
     Bench("bf16_meta_grad", "bf16_meta_grad", ("--out", "benchmarks/bf16_meta_grad.json"),
           "benchmarks/bf16_meta_grad.json", "3-6", tuple(CACHE.items())),
