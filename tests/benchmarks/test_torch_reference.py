@@ -154,7 +154,8 @@ def test_step_throughput_runs_sharded_with_torch_comparison(tmp_path):
   assert flops["stage2:meta_auxiliary"] > max(flops["stage1"], flops["stage3"])
   (row,) = report["torch"]
   assert row["kind"] == "meta_auxiliary" and row["torch_over_jax"] > 0 and row["torch_best_over_jax"] > 0
-  assert len(row["torch_best_times_s"]) == len(row["torch_times_s"]) == len(row["jax_times_s"]) == 1
+  assert len(row["torch_best_times_s"]) == len(row["torch_times_s"]) == len(row["torch_jax_times_s"]) == 1
+  assert row["blocks"] == ["best", "naive"] and len(row["jax_times_s"]) == 2  # one pairwise block each, best first
   assert "PyTorch best" in proc.stdout and "PyTorch eager (naive)" in proc.stdout
 
 
