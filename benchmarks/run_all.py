@@ -73,7 +73,7 @@ BENCHES = (
           "benchmarks/xla_cpu_flags.json", "20-30"),
     Bench("profile_cpu128", "step_throughput",
           ("--image-size", "128", "--batch", "4", "--width", "16", "--stages", "2:meta_auxiliary", "--warmup", "1",
-           "--steps", "2", "--interleave-rounds", "0", "--torch-formulations", "naive,best", "--no-fold-bn",
+           "--steps", "2", "--interleave-rounds", "0", "--torch-formulations", "naive,best",
            "--profile", "benchmarks/profile_cpu128", "--profile-steps", "3",
            "--out", "benchmarks/step_throughput_profile.json"),
           "benchmarks/step_throughput_profile.json", "5-10", tuple(CACHE.items())),
