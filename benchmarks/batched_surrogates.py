@@ -20,10 +20,7 @@ Both forms run in alternating rounds in one process; the JSON holds every round.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import results
 from erasablemask_jax import fr
 
 
@@ -106,18 +104,9 @@ def main(argv=None) -> int:
   for what, row in rows.items():
     print(f"{what:<8}{row['separate_s']:>12.4f}{row['batched_s']:>12.4f}{row['batched_over_separate']:>12.2f}x"
           f"{row['max_rel_diff']:>14.1e}")
-  report = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-                        "load_average_start": load_start, "load_average": os.getloadavg()},
-            "versions": {"jax": jax.__version__},
-            "settings": {**vars(args), "command": "python -m benchmarks.batched_surrogates " + " ".join(
-                argv if argv is not None else sys.argv[1:])},
-            "rows": rows}
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(out.suffix + ".tmp")
-  tmp.write_text(json.dumps(report, indent=1))
-  os.replace(tmp, out)
-  print(f"wrote {out}")
+  report = {"machine": results.machine(load_start), "versions": {"jax": jax.__version__},
+            "settings": {**vars(args), "command": results.command("batched_surrogates", argv)}, "rows": rows}
+  print(f"wrote {results.write_json(args.out, report)}")
   return 0
 
 

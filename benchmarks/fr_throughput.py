@@ -13,9 +13,7 @@ round).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
 import platform
 import statistics
 import sys
@@ -23,6 +21,8 @@ import time
 
 import jax
 import numpy as np
+
+from benchmarks import results
 
 
 DEFAULT_ARCHS = ("mobilefacenet", "mobilefacenet_sphereface", "iresnet18", "iresnet50", "iresnet100", "ir_50",
@@ -99,19 +99,11 @@ def main(argv=None) -> int:
     rows.append(r)
     print(f"{arch:28s} {r['batch']:5d} {r['flax_emb_per_s']:11.1f} {r['torch_emb_per_s']:12.1f} "
           f"{r['flax_over_torch']:9.2f}x {r['flax_compile_s']:10.1f} {r['max_abs_diff']:10.2e}", flush=True)
-  info = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                      "jax_devices": [str(d) for d in jax.devices()], "torch_threads": torch.get_num_threads(),
-                      "load_average_start": load_start, "load_average": os.getloadavg()},
+  info = {"machine": results.machine(load_start, torch_threads=torch.get_num_threads()),
           "versions": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()},
-          "settings": {**vars(args), "command": "python -m benchmarks.fr_throughput " + " ".join(
-              argv if argv is not None else sys.argv[1:])},
+          "settings": {**vars(args), "command": results.command("fr_throughput", argv)},
           "results": rows}
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(out.suffix + ".tmp")
-  tmp.write_text(json.dumps(info, indent=2) + "\n")
-  os.replace(tmp, out)
-  print(f"wrote {out}")
+  print(f"wrote {results.write_json(args.out, info, indent=2)}")
   return 0
 
 

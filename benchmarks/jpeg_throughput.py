@@ -30,12 +30,9 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import pathlib
-import platform
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -44,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from benchmarks import results
 from erasablemask_jax import noise
 from erasablemask_jax.noise import jpeg_codec
 
@@ -266,15 +264,12 @@ def main(argv=None) -> None:
       print(f"{q:>4}" + "".join(f"{row[c + '_vs_libjpeg']:>12.2f}{row[c + '_bias']:>+12.3f}" for c in cols))
 
   result = {
-      "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                  "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-                  "load_average_start": load_start, "load_average": os.getloadavg()},
+      "machine": results.machine(load_start),
       "versions": {"jax": jax.__version__, "numpy": np.__version__, "pillow": Image.__version__,
                    **{k: v for k, v in torch_info.items() if k.endswith("_version")}},
       "settings": {"batch": args.batch, "size": args.size, "quality": args.quality, "rounds": args.rounds,
                    "reps": args.reps, "torch_threads": torch_info.get("torch_threads"),
-                   "command": "python -m benchmarks.jpeg_throughput " + " ".join(argv if argv is not None else
-                                                                                 sys.argv[1:]),
+                   "command": results.command("jpeg_throughput", argv),
                    "timing": "interleaved rounds, every codec once per round in a rotated order, best of reps calls "
                              "per round, median over rounds; fwd+bwd = jax.grad / torch backward of sum(out**2)"},
       "gradients": GRADIENTS,
@@ -284,10 +279,7 @@ def main(argv=None) -> None:
       "dct_forms_images_per_s": dct,
       "fidelity": fidelity,
   }
-  out = pathlib.Path(args.out)
-  tmp = out.with_suffix(out.suffix + ".tmp")
-  tmp.write_text(json.dumps(result, indent=2))
-  os.replace(tmp, out)  # an interrupted run leaves the previous JSON whole
+  results.write_json(args.out, result, indent=2)
   print(f"\nwrote {args.out}")
 
 
