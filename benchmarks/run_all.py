@@ -128,7 +128,7 @@ GOALS = (
          lambda r: _torch_row(r)["torch_over_jax"], 1.3),
     Goal("step_cpu128", "second order <= 1.5x first order (interleaved)",
          lambda r: r["ratios"]["second_over_first_order"]["time_ratio"], 1.5, "le"),
-    Goal("fold_bn_meta_grad", "folded BatchNorm moves E_adv's gradient <= 0.1x the Hessian term",
+    Goal("fold_bn_meta_grad", "folding moves E_adv's gradient <= 0.1x its Hessian term",
          lambda r: r["rows"][0]["grad_rel_err"]["e_adv"] / r["rows"][0]["hessian_term_rel_f32"], 0.1, "le"),
     Goal("paper_width_b4", "JAX >= 1.0x best torch at width 64, batch 4",
          lambda r: _torch_row(r)["torch_best_over_jax"], 1.0),
