@@ -23,13 +23,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import results
+from benchmarks import timing
 from erasablemask_jax import fr
 
 
@@ -74,13 +74,8 @@ def measure(image_size: int, batch: int, rounds: int, steps: int, fold: bool = T
     outs = {form: jax.block_until_ready(fn(variables, x, targets, tangent)) for form, fn in fns.items()}
     err = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
               for a, b in zip(jax.tree.leaves(outs["separate"]), jax.tree.leaves(outs["batched"])))
-    times = {form: [] for form in fns}
-    for r in range(rounds):
-      for form in (("separate", "batched") if r % 2 == 0 else ("batched", "separate")):
-        t = time.perf_counter()
-        for _ in range(steps):
-          jax.block_until_ready(fns[form](variables, x, targets, tangent))
-        times[form].append((time.perf_counter() - t) / steps)
+    calls = {form: lambda fn=fn: jax.block_until_ready(fn(variables, x, targets, tangent)) for form, fn in fns.items()}
+    times = timing.rotated_rounds(calls, rounds, steps)
     med = {form: statistics.median(v) for form, v in times.items()}
     rows[what] = {"separate_s": med["separate"], "batched_s": med["batched"],
                   "batched_over_separate": med["batched"] / med["separate"], "max_rel_diff": err,

@@ -23,17 +23,11 @@ import jax
 import numpy as np
 
 from benchmarks import results
+from benchmarks import timing
 
 
 DEFAULT_ARCHS = ("mobilefacenet", "mobilefacenet_sphereface", "iresnet18", "iresnet50", "iresnet100", "ir_50",
                  "ir_se_50", "ir_152", "inception_resnet_v1")
-
-
-def _per_call_s(fn, iters: int) -> float:
-  t = time.perf_counter()
-  for _ in range(iters):
-    fn()
-  return (time.perf_counter() - t) / iters
 
 
 def bench(arch: str, batch: int, iters: int, rounds: int = 1) -> dict:
@@ -66,11 +60,7 @@ def bench(arch: str, batch: int, iters: int, rounds: int = 1) -> dict:
     with torch.no_grad():
       model(xt)
 
-  runs = {"flax": run_flax, "torch": run_torch}
-  seconds = {"flax": [], "torch": []}
-  for r in range(rounds):
-    for name in (("flax", "torch") if r % 2 == 0 else ("torch", "flax")):
-      seconds[name].append(_per_call_s(runs[name], iters))
+  seconds = timing.rotated_rounds({"flax": run_flax, "torch": run_torch}, rounds, iters)
   flax_s, torch_s = statistics.median(seconds["flax"]), statistics.median(seconds["torch"])
   return {"arch": arch, "batch": batch, "flax_compile_s": compile_s, "flax_emb_per_s": batch / flax_s,
           "torch_emb_per_s": batch / torch_s, "flax_over_torch": torch_s / flax_s,

@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import results
+from benchmarks import timing
 from erasablemask_jax import noise
 from erasablemask_jax.noise import jpeg_codec
 
@@ -132,14 +133,9 @@ def _kornia(x: np.ndarray, quality: float, threads: int, compiled: bool) -> tupl
 def interleaved(fns: dict[str, Callable[[], Any]], batch: int, rounds: int, reps: int) -> dict[str, list[float]]:
   """Images/s of every fn in each of `rounds` rounds (best of `reps` calls per round), all fns timed in every round
   in an order rotated by one per round, so that a slow patch of the machine hits them alike."""
-  names = list(fns)
   for fn in fns.values():
     fn()  # warm
-  rates = {n: [] for n in names}
-  for r in range(rounds):
-    for n in names[r % len(names):] + names[:r % len(names)]:
-      rates[n].append(_best_rate(fns[n], reps, batch))
-  return rates
+  return {n: [batch / t for t in v] for n, v in timing.rotated_rounds(fns, rounds, reps, best=True).items()}
 
 
 def _written_out(x: jax.Array, m: np.ndarray, axis: int) -> jax.Array:
