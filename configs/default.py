@@ -59,7 +59,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.l_era = 150.0
   config.loss.l_perb = 1.0
   config.loss.l_att_d = 1.0  # weight of L_att^D in D's loss (AttGAN's lambda_3)
-  config.loss.sigma1 = 30.0
+  config.loss.sigma1 = 30.0  # Eq. 8's hinge at 256x256; the step scales it by image_size / sigma1_reference_size
+  config.loss.sigma1_reference_size = 256  # SPEC.md: the same per-pixel budget at every size (0: sigma1 unscaled)
+  # Weight of L_id (R's output vs the source in the surrogates' embedding space) in stage 3's loss, beside L_era.
+  # Not in the paper (0 = Eq. 16); `losses.identity_erasure_loss` says why a restorer may need it.
+  config.loss.l_era_id = 0.0
   config.loss.epsilon = 0.0
 
   # Adam as AttGAN, one optimiser per trained network.

@@ -133,11 +133,17 @@ def upgrade_legacy(config):
   - `attack.first_order = True` (with `attack.kind = "meta_auxiliary"`) is `attack.kind = "first_order"`; the field
     `attack.first_order` is dropped either way;
   - `attack.lr_inner < 0` ("the optimiser's learning rate") is `optim.lr`: a reference to it in a `ConfigDict` (an
-    override of optim.lr still carries over), its value in a plain dict (a saved `config.json`).
+    override of optim.lr still carries over), its value in a plain dict (a saved `config.json`);
+  - a saved `config.json` without `loss.sigma1_reference_size` trained with sigma1 unscaled (0), and without
+    `loss.l_era_id` with stage 3 on L_era alone (0).
 
   Args:
     config: an unlocked `ConfigDict`, or the nested dict of a `config.json`.
   """
+  loss = config.get("loss")
+  if loss is not None and not isinstance(loss, ml_collections.ConfigDict):  # a saved config.json
+    loss.setdefault("sigma1_reference_size", 0)  # trained with sigma1 as written, before SPEC's scaling rule
+    loss.setdefault("l_era_id", 0.0)  # stage 3 was Eq. 16's L_era alone
   attack = config.get("attack")
   if attack is None:
     return config

@@ -6,6 +6,8 @@ in [-1, 1]; every loss is a mean over the batch. The attack losses of Eq. 9-12 l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -77,3 +79,24 @@ def perturbation_loss(x_adv: Array, x_edit: Array, sigma1: float) -> Array:
 def erasure_loss(x_restored: Array, x: Array) -> Array:
   """Eq. 13: `L_era = ||R(x_adv, att_a) - x_cov||_2` per image, batch mean."""
   return jnp.mean(_per_image_l2(x_restored, x))
+
+
+def scaled_sigma1(sigma1: float, image_size: int, reference_size: int) -> float:
+  """Eq. 8's hinge at `image_size`: `sigma1 * image_size / reference_size` (SPEC.md: sigma1 = 30 is the budget at
+  256x256, the same per-pixel RMS `30 / sqrt(256 * 256 * 3) = 0.068` at every size, so 15 at 128x128). A
+  `reference_size` of 0 uses `sigma1` as it is (runs saved before the rule)."""
+  return sigma1 * image_size / reference_size if reference_size else sigma1
+
+
+def identity_erasure_loss(e_restored: Sequence[Array], e_source: Sequence[Array]) -> Array:
+  """`L_id = mean_k (1 - mean_b cos(FR_k(x_rec), FR_k(x_cov)))` over the surrogates (not in the paper).
+
+  Eq. 13 weighs every pixel of the residual `R(x_adv) - x_cov` alike; the part of the perturbation that R leaves is
+  small in L2 but is what still moves the FR models toward the target (ESR). This term asks R for the source's
+  identity in the surrogates' embedding space, where a perfect restorer's output scores the clean face's ESR.
+
+  Args:
+    e_restored: per surrogate, `(B, D)` L2-normalised embeddings of the restored faces.
+    e_source: per surrogate, `(B, D)` L2-normalised embeddings of the source faces (constants).
+  """
+  return jnp.mean(jnp.stack([1.0 - jnp.mean(jnp.sum(r * s, axis=-1)) for r, s in zip(e_restored, e_source)]))

@@ -111,6 +111,7 @@ def stage2_step(cfg: StepConfig, state: TrainState, batch: dict[str, Array], fr_
   g_vars = state.g.variables
   noise_rng, = _rngs(state, 1)
   noise = cfg.noise or (lambda images, rng: images)
+  sigma1 = losses.scaled_sigma1(w.sigma1, x.shape[1], w.get("sigma1_reference_size", 0))
 
   (x_adv, _), _ = models.protect(g_vars, state.e_adv.variables, x, att_b, train_e=True)
   d, d_metrics = _discriminator_update(cfg, state.d, x, x_adv, att_a)
@@ -128,7 +129,7 @@ def stage2_step(cfg: StepConfig, state: TrainState, batch: dict[str, Array], fr_
     terms = {
         "att": losses.attribute_loss(att_logits, att_b),
         "g": losses.generator_adversarial_loss(logit),
-        "perb": losses.perturbation_loss(x_adv, x_edit, w.sigma1),
+        "perb": losses.perturbation_loss(x_adv, x_edit, sigma1),
         "era": losses.erasure_loss(x_rec, x),
     }
     aux = {}
@@ -155,22 +156,35 @@ def stage2_step(cfg: StepConfig, state: TrainState, batch: dict[str, Array], fr_
   return state, metrics
 
 
-def stage3_step(cfg: StepConfig, state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, Metrics]:
-  """Stage 3 (Eq. 16): R alone on `L_3 = L_era`, with the noise pool on x_adv before R."""
+def stage3_step(cfg: StepConfig, state: TrainState, batch: dict[str, Array],
+                fr_vars: Sequence[Any] = ()) -> tuple[TrainState, Metrics]:
+  """Stage 3 (Eq. 16): R alone on `L_3 = L_era`, with the noise pool on x_adv before R.
+
+  With `loss.l_era_id > 0` (a departure from the paper, off in `default.py`), `L_3 = L_era + l_era_id * L_id`:
+  `losses.identity_erasure_loss` of R's output against the source under the surrogates `fr_vars`.
+  """
   x, att_a, att_b = batch["image"], batch["att_a"], batch["att_b"]
+  l_era_id = cfg.loss.get("l_era_id", 0.0)
   noise_rng, = _rngs(state, 1)
   (x_adv, _), _ = cfg.models.protect(state.g.variables, state.e_adv.variables, x, att_b)
   if cfg.noise is not None:
     x_adv = cfg.noise(x_adv, noise_rng)
   x_adv = jax.lax.stop_gradient(x_adv)
+  with_id = bool(l_era_id) and bool(cfg.fr_applies)
+  e_source = [jax.lax.stop_gradient(apply(v, x)) for apply, v in zip(cfg.fr_applies, fr_vars)] if with_id else []
 
   def loss_fn(params):
     x_rec, r_stats = cfg.models.restore({"params": params, "batch_stats": state.r.batch_stats}, x_adv, att_a,
                                         train=True)
-    return losses.erasure_loss(x_rec, x), r_stats
+    terms = {"era": losses.erasure_loss(x_rec, x)}
+    if with_id:
+      terms["id"] = losses.identity_erasure_loss([apply(v, x_rec) for apply, v in zip(cfg.fr_applies, fr_vars)],
+                                                 e_source)
+    return terms["era"] + l_era_id * terms.get("id", 0.0), (r_stats, terms)
 
-  (l_era, r_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.r.params)
-  return state.replace(step=state.step + 1, r=_update(state.r, grads, cfg.tx, r_stats)), {"r/era": l_era}
+  (_, (r_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.r.params)
+  return (state.replace(step=state.step + 1, r=_update(state.r, grads, cfg.tx, r_stats)),
+          {f"r/{k}": v for k, v in terms.items()})
 
 
 def sample_images(models: ErasableMask, state: TrainState, batch: dict[str, Array]) -> dict[str, Array]:

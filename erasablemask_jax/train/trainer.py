@@ -171,7 +171,7 @@ class Trainer:
     if stage not in self._steps:
       fn = {1: steps_lib.stage1_step, 2: steps_lib.stage2_step, 3: steps_lib.stage3_step}[stage]
       step = functools.partial(_with_prepared, fn, self.step_config)
-      n_extra = 2 if stage == 2 else 0
+      n_extra = {1: 0, 2: 2, 3: 1}[stage]
       self._steps[stage] = jax.jit(step, in_shardings=(self.replicated, self.batch_sharding) + (self.replicated,) * n_extra,
                                    out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
     return self._steps[stage]
@@ -255,7 +255,7 @@ class Trainer:
       batch = self.global_batch(local)
       if sample_batch is None:
         sample_batch = {k: v[:config.train.num_sample_images] for k, v in local.items()}
-      extra = (self.fr_vars, self.targets) if stage == 2 else ()
+      extra = {1: (), 2: (self.fr_vars, self.targets), 3: (self.fr_vars,)}[stage]
       state, metrics = self._jit_step(stage)(state, batch, *extra)
       step += 1
       pending.append((step, metrics))
