@@ -22,7 +22,7 @@ import argparse
 import pathlib
 import sys
 
-from benchmarks import transfer_study as study
+from benchmarks import study_scoring as study
 
 
 def whitebox_models(specs: dict[str, str], surrogates) -> list[str]:

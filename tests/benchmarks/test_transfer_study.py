@@ -1,7 +1,8 @@
 """benchmarks/transfer_study.py end to end on tiny settings: the JSON it writes, its rates, and that a rerun resumes.
 
-The tiny study aligns 32 real CelebA photos (8 identities), converts the real FR models, calibrates their views,
-trains stage 1 once and stages 2-3 for two attack kinds on the MobileFace V2 black-box fold, two steps a stage.
+The tiny study aligns 32 real CelebA photos (8 identities), converts the six real FR models (three formats), calibrates
+their views, trains stage 1 once and stages 2-3 for two attack kinds on the MobileFace V3 black-box fold (three
+surrogates), two steps a stage, and the `no_id` variant's stage 3 from the meta-auxiliary run's stage 2.
 """
 
 from __future__ import annotations
@@ -21,25 +22,30 @@ RATES = ("asr", "esr", "irr", "smr")
 def study(tmp_path_factory, assets_dir):
   del assets_dir  # skips without ../shared/assets
   work = tmp_path_factory.mktemp("study")
-  args = ["--tiny", "--folds", "mobileface_v2", "--kinds", "meta_auxiliary,ensemble", "--workdir", str(work),
-          "--out", str(work / "study.json")]
+  args = ["--tiny", "--folds", "mobileface_v3", "--kinds", "meta_auxiliary,ensemble", "--variants", "study,no_id",
+          "--workdir", str(work), "--out", str(work / "study.json")]
   assert transfer_study.main(args) == 0
   return work, args, json.loads((work / "study.json").read_text())
 
 
+SURROGATES = ["foamliu", "xiaoccer", "mobileface_v2"]
+BLACKBOX = ["mobileface_v3", "faceres", "faceres_deep"]
+
+
 def test_json_layout_and_rates(study):
   work, _, result = study
-  runs = {r["attack"]: r for r in result["runs"]}
-  assert set(runs) == {"clean", "edit", "fgsm", "pgd", "meta_auxiliary", "ensemble"}
-  assert set(result["calibration"]) == {"mobileface_v2", "xiaoccer", "foamliu"}
+  runs = {(r["attack"], r["variant"]): r for r in result["runs"]}
+  assert set(runs) == {("clean", None), ("edit", None), ("fgsm", None), ("pgd", None), ("meta_auxiliary", "study"),
+                       ("ensemble", "study"), ("meta_auxiliary", "no_id")}
+  assert set(result["calibration"]) == set(SURROGATES + BLACKBOX)
   for name, cal in result["calibration"].items():
     assert 0.5 < cal["auc"] <= 1.0, name
     assert cal["thresholds"]["far_0.1"] < cal["thresholds"]["far_0.01"]
-  for kind in ("meta_auxiliary", "ensemble"):
-    r = runs[kind]
-    assert r["surrogates"] == ["xiaoccer", "foamliu"] and r["blackbox"] == ["mobileface_v2"]
+  for key in (("meta_auxiliary", "study"), ("ensemble", "study"), ("meta_auxiliary", "no_id")):
+    r = runs[key]
+    assert r["fold"] == "mobileface_v3" and r["surrogates"] == SURROGATES and r["blackbox"] == BLACKBOX
     for model, m in r["metrics"].items():
-      assert m["whitebox"] == (model != "mobileface_v2")
+      assert m["whitebox"] == (model in SURROGATES)
       for k in RATES:
         assert 0.0 <= m[k] <= 1.0 and 0.0 <= m["jpeg50"][k] <= 1.0
       lo, hi = m["cos_adv_ci95"]
@@ -49,21 +55,50 @@ def test_json_layout_and_rates(study):
       assert m["irr"] == pytest.approx(np.mean(np.asarray(m["cos_rec_source"]) > m["tau1"]), abs=1e-9)
       assert m["esr"] == pytest.approx(np.mean(np.asarray(m["cos_rec"]) < m["tau2"]), abs=1e-9)
       assert m["smr"] == pytest.approx(np.mean(np.asarray(m["cos_adv_source"]) > m["tau1"]), abs=1e-9)
+      d = r["diagnosis"][model]
+      assert d["cos_rec_source"] == pytest.approx(m["cos_rec_source_mean"], abs=1e-5)
+      assert d["esr_lost"] == [int(i) for i in np.flatnonzero(np.asarray(m["cos_rec"]) >= m["tau2"])]
+      assert -1.0 <= d["cos_rec_clean_source"] <= 1.0 and -1.0 <= d["cos_down64_source"] <= 1.0
     assert set(r["quality"]) == {"adv_vs_edit", "rec_vs_cov"}
     assert r["curve"], "the run's loss curve is kept"
+    assert (work / r["faces"]).is_file()
+  # `no_id` continues the meta-auxiliary run's stage 2: the same protected faces, a stage 3 without L_id.
+  assert runs["meta_auxiliary", "no_id"]["metrics"]["faceres"]["cos_adv"] == pytest.approx(
+      runs["meta_auxiliary", "study"]["metrics"]["faceres"]["cos_adv"], abs=1e-6)
+  stage3 = lambda r: [c for c in r["curve"] if c.get("stage") == 3]
+  assert all("r/id" in c for c in stage3(runs["meta_auxiliary", "study"]))
+  assert stage3(runs["meta_auxiliary", "no_id"]) and not any("r/id" in c for c in stage3(runs["meta_auxiliary", "no_id"]))
+  assert result["variants"]["no_id"]["stage3"] == ["loss.l_era_id=0.0"]
   # The clean face is its own source: SMR 1 at any threshold below 1; FGSM/PGD have no restorer.
-  assert all(m["smr"] == 1.0 and m["irr"] is None for m in runs["clean"]["metrics"].values())
-  assert all(m["irr"] is None for m in runs["pgd"]["metrics"].values())
-  assert (work / "study.png").is_file() and (work / "study_faces.png").is_file()
+  assert all(m["smr"] == 1.0 and m["irr"] is None for m in runs["clean", None]["metrics"].values())
+  assert all(m["irr"] is None for m in runs["pgd", None]["metrics"].values())
+  assert (work / "study.png").is_file()
   # meta_auxiliary against the ensemble, face by face, on every model.
-  paired = result["paired_difference_meta_auxiliary"]["bb-mobileface_v2"]
+  paired = result["paired_difference_meta_auxiliary"]["bb-mobileface_v3"]
   assert set(paired) == {f"{m}_vs_ensemble" for m in result["calibration"]}
   for model in result["calibration"]:
-    d = np.asarray(runs["meta_auxiliary"]["metrics"][model]["cos_adv"]) - np.asarray(
-        runs["ensemble"]["metrics"][model]["cos_adv"])
+    d = np.asarray(runs["meta_auxiliary", "study"]["metrics"][model]["cos_adv"]) - np.asarray(
+        runs["ensemble", "study"]["metrics"][model]["cos_adv"])
     p = paired[f"{model}_vs_ensemble"]
     assert p["mean"] == pytest.approx(d.mean(), abs=1e-9) and p["n"] == d.size
     assert p["ci95"][0] <= p["mean"] <= p["ci95"][1] and p["faces_meta_higher"] == int((d > 0).sum())
+  t = result["targets"]["mobileface_v3"]
+  assert t["esr_min_all_models"]["met"] == (t["esr_min_all_models"]["value"] >= 0.9)
+
+
+def test_diagnose_prints_every_run_and_model(study, capsys):
+  work, args, result = study
+  assert transfer_study.main(["--diagnose", "--out", str(work / "study.json")]) == 0
+  table = capsys.readouterr().out
+  assert sum(line.startswith("| mobileface_v3 |") for line in table.splitlines()) == 3 * 6
+
+
+def test_unknown_fold_or_variant_is_one_line(study, capsys):
+  _, args, _ = study
+  assert transfer_study.main(args + ["--folds", "nonsense"]) == 2
+  assert transfer_study.main(args + ["--variants", "nonsense"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown fold ['nonsense']" in err and "unknown variant ['nonsense']" in err
 
 
 def test_rerun_skips_finished_runs(study, monkeypatch):
@@ -72,8 +107,7 @@ def test_rerun_skips_finished_runs(study, monkeypatch):
   def no_training(*a, **k):
     raise AssertionError("a finished run was trained again")
 
-  monkeypatch.setattr(transfer_study, "train_run", no_training)
-  monkeypatch.setattr(transfer_study, "train_stage1", no_training)
+  monkeypatch.setattr(transfer_study, "train", no_training)
   assert transfer_study.main(args) == 0
   after = json.loads((work / "study.json").read_text())
   assert [r["attack"] for r in after["runs"]] == [r["attack"] for r in before["runs"]]
@@ -96,15 +130,15 @@ def test_score_run_scores_a_trained_run_with_every_real_model(study):
 
   work, _, result = study
   out = work / "scored.json"
-  run = work / "meta_auxiliary_bb-mobileface_v2_tiny"
+  run = work / "meta_auxiliary_study_bb-mobileface_v3_tiny"
   assert score_run.main([str(run), "--cache", str(work), "--max-identities", "8", "--bootstrap", "50",
                          "--out", str(out)]) == 0
   scored = json.loads(out.read_text())
-  assert scored["whitebox"] == ["xiaoccer", "foamliu"] and scored["faces"] > 0
+  assert scored["whitebox"] == SURROGATES and scored["faces"] > 0
   assert scored["calibration"] == result["calibration"]
-  study_run = next(r for r in result["runs"] if r["attack"] == "meta_auxiliary")
+  study_run = next(r for r in result["runs"] if r["attack"] == "meta_auxiliary" and r["variant"] == "study")
   for model, m in scored["metrics"].items():
-    assert m["whitebox"] == (model != "mobileface_v2")
+    assert m["whitebox"] == (model in SURROGATES)
     assert m["irr"] == pytest.approx(np.mean(np.asarray(m["cos_rec_source"]) > m["tau1"]), abs=1e-9)
     assert m["asr"] == pytest.approx(np.mean(np.asarray(m["cos_adv"]) > m["tau1"]), abs=1e-9)
     # The same run, faces and thresholds as the study's own evaluation of it.
@@ -121,22 +155,3 @@ def test_score_run_refuses_a_folder_that_is_not_a_run(study, capsys):
   work, _, _ = study
   assert score_run.main([str(work / "models"), "--cache", str(work), "--out", str(work / "x.json")]) == 2
   assert "not a training run" in capsys.readouterr().err and not (work / "x.json").exists()
-
-
-def test_extend_stage3_ablation_trains_r_longer_and_evaluates(study):
-  """`--ablation NAME --extend-stage3 N`: a copy of a finished run with stage 3 trained to N steps, scored like a run;
-  the study's own runs are untouched and a stage 3 that is not longer is refused."""
-  work, args, before = study
-  extended = args + ["--ablation", "s3", "--extend-stage3", "4", "--ablation-kind", "meta_auxiliary"]
-  assert transfer_study.main(extended) == 0
-  after = json.loads((work / "study.json").read_text())
-  entry = after["ablations"]["s3"]
-  original = next(r for r in before["runs"] if r["attack"] == "meta_auxiliary")
-  assert entry["step"] == original["step"] + 2 and entry["from_run"] == "meta_auxiliary_bb-mobileface_v2_tiny"
-  assert [r["step"] for r in entry["curve"]][-1] == entry["step"] and all(r["stage"] == 3 for r in entry["curve"])
-  for m in entry["metrics"].values():
-    assert m["irr"] == pytest.approx(np.mean(np.asarray(m["cos_rec_source"]) > m["tau1"]), abs=1e-9)
-    # Stage 3 trains R alone: the protected faces are the original run's.
-  assert entry["metrics"]["xiaoccer"]["cos_adv"] == pytest.approx(original["metrics"]["xiaoccer"]["cos_adv"], abs=1e-5)
-  assert after["runs"] == before["runs"]
-  assert transfer_study.main(args + ["--ablation", "s3b", "--extend-stage3", "2"]) == 2
