@@ -47,7 +47,6 @@ from erasablemask_jax.inference import attributes as attributes_lib
 from erasablemask_jax.inference import paste
 from erasablemask_jax.inference import sidecar as sidecar_lib
 from erasablemask_jax.inference.folders import FolderResult
-from erasablemask_jax.inference.folders import OutputExistsError  # pylint: disable=unused-import
 from erasablemask_jax.inference.folders import _check_outputs
 from erasablemask_jax.inference.folders import _progress
 from erasablemask_jax.inference.run import Run
