@@ -28,7 +28,12 @@ def register(subparsers) -> None:
   p = subparsers.add_parser("evaluate", help="the paper's Tables II, V, VI for a trained run",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="the trained run")
-  p.add_argument("--data", required=True, help="evaluation face folder (attributes.csv, identities) or bundled:NAME")
+  p.add_argument("--data", default=None,
+                 help="evaluation face folder (attributes.csv, identities) or bundled:NAME; with --photos, the folder "
+                      "of the target identity (default: the run's data folder)")
+  p.add_argument("--photos", default=None,
+                 help="score the end-to-end photo path on this folder of photos instead (protect, erase, re-detect, "
+                      "rates, pixels changed outside the faces, and the same after a sharing site's 1080 px JPEG 85)")
   p.add_argument("--fr", required=True, help="comma-separated FR models (DIR or bundled:NAME)")
   p.add_argument("--blackbox", default="", help="comma-separated FR models always marked black-box")
   p.add_argument("--out", required=True, help="report folder")
@@ -66,6 +71,11 @@ def run(args) -> int:
   from erasablemask_jax.inference import attributes  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.metrics import remote  # pylint: disable=import-outside-toplevel
 
+  if args.photos:
+    return _run_photos(args)
+  if not args.data:
+    print("erasablemask evaluate: give --data (a face folder) or --photos (a folder of photos)", file=sys.stderr)
+    return 2
   client = None
   if args.remote or args.remote_api != "json":
     try:  # before the evaluation, which takes minutes: a missing key is a usage error now
@@ -93,4 +103,28 @@ def run(args) -> int:
     return 1
   print(render.format_markdown(report))
   print(_outputs.outputs_line("evaluate", args.out, "report.json, report.md, embeddings/, fig4.png, table*.png"))
+  return 0
+
+
+def _run_photos(args) -> int:
+  """`evaluate --photos DIR`: `evaluation.photos.evaluate_photos`, its Markdown summary, the outputs line."""
+  from erasablemask_jax import inference  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.evaluation import photos as photos_eval  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.evaluation import report as report_lib  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.inference import attributes  # pylint: disable=import-outside-toplevel
+
+  try:
+    _outputs.check_writable(args.out, "--out")
+    loaded = inference.load_run(args.workdir, args.step, args.batch_size)
+    models = report_lib.load_eval_models(_list(args.fr), _list(args.blackbox), loaded.config, args.threshold_source)
+    lpips_weights = _list(args.lpips_weights)
+    report = photos_eval.evaluate_photos(
+        loaded, args.photos, models, args.out, attrs=args.attrs, target=args.target, data_dir=args.data,
+        lpips_weights=(lpips_weights[0] if len(lpips_weights) == 1 else lpips_weights) or None,
+        lpips_net=args.lpips_net)
+  except (FileNotFoundError, KeyError, ValueError, attributes.AttributeSpecError, _outputs.OutputLocationError) as e:
+    print(f"erasablemask evaluate: {e}", file=sys.stderr)
+    return 1
+  print(photos_eval.format_photos_report(report))
+  print(_outputs.outputs_line("evaluate", args.out, "photos_report.json, photos.png, protected/, restored/, shared/"))
   return 0

@@ -59,5 +59,22 @@ def run(args) -> int:
     report = report_lib.whitebox_report(trainer.models, state, trainer.surrogates, trainer.targets,
                                         config=trainer.config, workdir=trainer.workdir, **trainer.report_faces())
     print(report_lib.format_report(report))
+    _photos(trainer)
   print(_outputs.outputs_line("train", args.workdir, OUTPUTS))
   return 0
+
+
+def _photos(trainer) -> None:
+  """The held-out people's original photos, protected and restored (`evaluation.photos.demo_photos`), when the run
+  trained on the bundled sample faces and the shared assets hold their originals; else one line why not."""
+  from erasablemask_jax.evaluation import photos  # pylint: disable=import-outside-toplevel
+
+  splits = trainer.splits
+  files = [] if splits is None else list(splits.eval["file"])
+  try:
+    report, line = photos.demo_photos(trainer.workdir, files, str(trainer.config.data.manual_dir))
+  except (FileNotFoundError, ValueError) as e:  # the run is trained and saved whatever happens to its photos
+    report, line = None, f"photos: not made: {e}"
+  if report is not None:
+    print(photos.format_photos_report(report))
+  print(line)

@@ -41,11 +41,14 @@ class FolderResult:
 
   written: list[str] = dataclasses.field(default_factory=list)
   skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+  notes: dict[str, str] = dataclasses.field(default_factory=dict)  # written, with something to say (photos)
 
   def summary(self) -> str:
     text = f"{len(self.written)} written, {len(self.skipped)} skipped"
     if self.skipped:
       text += ":\n" + "\n".join(f"  {name}: {reason}" for name, reason in sorted(self.skipped.items()))
+    if self.notes:
+      text += "\n" + "\n".join(f"  {name}: {note}" for name, note in sorted(self.notes.items()))
     return text
 
 

@@ -35,7 +35,7 @@ def protected(tmp_path_factory, tiny_run):
   (inp / "sub" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
   (inp / "tiny.png").write_bytes(_tiny_png())
   out = root / "out"
-  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(out), "--attrs",
+  rc = cli.main(["protect", "--aligned", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(out), "--attrs",
                  "flip:Eyeglasses,Male", "--batch-size", "3"])
   return {"rc": rc, "in": inp, "out": out, "root": root}
 
@@ -80,7 +80,7 @@ def test_protect_writes_pngs_and_sidecars_equal_to_the_networks(protected, loade
 def test_protect_reports_skipped_files_with_reasons(tmp_path, tiny_run, capsys):
   inp = copy_faces(tmp_path / "in", FACES[:1])
   (inp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(tmp_path / "out")])
+  rc = cli.main(["protect", "--aligned", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(tmp_path / "out")])
   text = capsys.readouterr().out
   assert rc == 0
   assert "1 written, 1 skipped" in text and "broken.png: unreadable" in text
@@ -89,10 +89,10 @@ def test_protect_reports_skipped_files_with_reasons(tmp_path, tiny_run, capsys):
 def test_protect_refuses_to_overwrite_without_force(protected, tiny_run, capsys):
   out = protected["out"]
   before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
-  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(protected["in"]), "--out", str(out)])
+  rc = cli.main(["protect", "--aligned", "--workdir", str(tiny_run), "--in", str(protected["in"]), "--out", str(out)])
   assert rc == 1 and "pass --force" in capsys.readouterr().err
   assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == before
-  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(protected["in"]), "--out", str(out), "--force",
+  rc = cli.main(["protect", "--aligned", "--workdir", str(tiny_run), "--in", str(protected["in"]), "--out", str(out), "--force",
                  "--attrs", "flip:Eyeglasses,Male"])
   assert rc == 0 and any(p.stat().st_mtime_ns != before[p] for p in out.iterdir())
 
@@ -113,13 +113,13 @@ def test_protect_without_labels_uses_d_att(tmp_path, loaded_run):
 
 @pytest.mark.parametrize("spec", ["flip:Nose", "bits:0101", "set:Male=2", "shuffle"])
 def test_bad_attribute_specs_are_refused(spec, tmp_path, tiny_run, capsys):
-  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+  rc = cli.main(["protect", "--aligned", "--workdir", str(tiny_run), "--in", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
                  "--attrs", spec])
   assert rc == 1 and "attribute spec" in capsys.readouterr().err
 
 
 def test_bad_workdir_is_a_clear_error(tmp_path, capsys):
-  rc = cli.main(["protect", "--workdir", str(tmp_path), "--in", str(tmp_path / "in"), "--out", str(tmp_path / "o")])
+  rc = cli.main(["protect", "--aligned", "--workdir", str(tmp_path), "--in", str(tmp_path / "in"), "--out", str(tmp_path / "o")])
   assert rc == 1 and "not a training run" in capsys.readouterr().err
 
 
@@ -144,7 +144,7 @@ def test_output_that_is_the_input_is_refused(command, out, tmp_path, monkeypatch
 def test_output_beside_or_above_the_input_is_allowed(out, tmp_path, monkeypatch, capsys):
   (tmp_path / "in").mkdir()
   monkeypatch.chdir(tmp_path / "in")
-  rc = cli.main(["protect", "--workdir", str(tmp_path / "run"), "--in", ".", "--out", out])
+  rc = cli.main(["protect", "--aligned", "--workdir", str(tmp_path / "run"), "--in", ".", "--out", out])
   assert rc == 1 and "not a training run" in capsys.readouterr().err  # past the check, stopped by the missing run
 
 
@@ -221,7 +221,7 @@ def _bomb_png(side=60000) -> bytes:
 def test_protect_skips_a_decompression_bomb_and_names_its_outputs(tmp_path, tiny_run, capsys):
   inp = copy_faces(tmp_path / "in", FACES[:1])
   (inp / "bomb.png").write_bytes(_bomb_png())
-  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(tmp_path / "out")])
+  rc = cli.main(["protect", "--aligned", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(tmp_path / "out")])
   lines = capsys.readouterr().out.splitlines()
   assert rc == 0 and "1 written, 1 skipped" in lines[0]
   assert any(l.strip().startswith("bomb.png: too large: Image size (3600000000 pixels) exceeds limit") for l in lines)
@@ -237,7 +237,7 @@ def test_protect_on_a_full_disk_is_one_line(tmp_path, tiny_run, monkeypatch, cap
 
   monkeypatch.setattr(sidecar, "write_bytes_atomic", full)
   inp = copy_faces(tmp_path / "in", FACES[:1])
-  rc = cli.main(["protect", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(tmp_path / "out")])
+  rc = cli.main(["protect", "--aligned", "--workdir", str(tiny_run), "--in", str(inp), "--out", str(tmp_path / "out")])
   err = capsys.readouterr().err  # the progress bar's line (closed first), then the error's
   assert rc == 1 and "Traceback" not in err
   assert err.splitlines()[-1] == (f"erasablemask protect: {tmp_path / 'out' / FACES[0]}: No space left on device; "
