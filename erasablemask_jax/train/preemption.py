@@ -187,10 +187,10 @@ def stop_when_a_host_is_lost(manager, checkpoints: pathlib.Path, multihost: bool
     if not multihost or not is_lost_host(e):
       raise
     last = manager.latest_step()
-    where = "no checkpoint yet: the run starts again from step 0" if last is None else (
+    where = "there is no checkpoint yet (a rerun starts from step 0)" if last is None else (
         f"the last complete checkpoint is step {last} in {checkpoints}")
-    raise HostLostError(f"another host of this run stopped ({error_summary(e, 160)}); see its log for why. This host stops "
-                        f"too; {where}: rerun the same command on every host to resume") from e
+    raise HostLostError(f"another host of this run stopped ({error_summary(e, 160)}); see its log for why. This host "
+                        f"stops too; {where}; rerun the same command on every host to resume") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------
