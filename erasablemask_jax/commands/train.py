@@ -2,10 +2,20 @@
 
 One run per workdir: a second one on a workdir in use exits with status 1 (`train.lock`). Resuming under a config that
 differs from the workdir's config.json is refused (status 2) with the changed keys; `--allow-config-change` accepts the
-safe ones (train.*, mesh.*, lengthening a stage that has not finished), see `train.resume`. Ctrl-C saves a checkpoint
-after the current step and exits with status 130; rerunning the same command resumes from it.
+safe ones (train.*, mesh.*, lengthening a stage that has not finished), see `train.resume`.
+
+Stopping and faults (`train.preemption`), each ending with one line on stderr that says how to go on:
+- Ctrl-C or SIGTERM saves a checkpoint after the current step (on several hosts, the same step on every host) and
+  exits with 128 + the signal's number: 130 after Ctrl-C, 143 after SIGTERM (143 also on the hosts that were stopped
+  because another host got it). A second signal stops at once. Rerunning the same command resumes.
+- Another host of a multi-host run lost (killed, crashed): this host exits with status 1 within `--heartbeat-timeout`
+  seconds, naming the last complete checkpoint; rerunning the same command on every host resumes from it.
+- A full disk or a read-only workdir during a save: status 1, the previous checkpoint intact and named.
+- A damaged newest checkpoint (a truncated or missing file): the resume warns which step, sets it aside as
+  `<step>.damaged` and resumes from the newest intact one; if none reads back, status 1 and nothing changes.
 """
 
+import os
 import sys
 
 from erasablemask_jax.commands import _outputs
@@ -21,6 +31,9 @@ def register(subparsers) -> None:
   p.add_argument("--coordinator-address", help="multi-host: host:port of process 0 (else read from the environment)")
   p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
   p.add_argument("--process-id", type=int, help="multi-host: this process's index")
+  p.add_argument("--heartbeat-timeout", type=int, default=None, metavar="SECONDS",
+                 help="multi-host: a host silent this long is declared dead and every other host stops (default: "
+                      "100, JAX's)")
   p.add_argument("--no-report", action="store_true", help="skip the closing white-box report")
   p.add_argument("--allow-config-change", action="store_true",
                  help="resume although the config differs from the workdir's config.json, for safe changes only: "
@@ -32,17 +45,21 @@ def register(subparsers) -> None:
 def run(args) -> int:
   config = config_from_args(args)
   _outputs.check_writable(args.workdir, "--workdir")
+  # Joining the other hosts comes before anything that could start a JAX backend (imports of the trainer included).
+  from erasablemask_jax.train import mesh as mesh_lib
+
+  mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                  args.heartbeat_timeout or mesh_lib.DEFAULT_HEARTBEAT_TIMEOUT_S)
   import jax
 
   from erasablemask_jax.convert import CheckpointError, ModelDirError
   from erasablemask_jax.data.labels import LabelFileError
   from erasablemask_jax.train import lock as lock_lib
-  from erasablemask_jax.train import mesh as mesh_lib
+  from erasablemask_jax.train import checkpoint as checkpoint_lib
   from erasablemask_jax.train import report as report_lib
   from erasablemask_jax.train import resume as resume_lib
   from erasablemask_jax.train import trainer as trainer_lib
 
-  mesh_lib.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   try:
     with lock_lib.workdir_lock(args.workdir, enabled=jax.process_index() == 0):
       resume_lib.check_resume_config(args.workdir, config, args.allow_config_change)
@@ -50,9 +67,15 @@ def run(args) -> int:
       state = trainer.run()
   except trainer_lib.TrainingInterrupted as e:
     print(f"erasablemask train: {e}", file=sys.stderr)
-    return 130
-  except (lock_lib.WorkdirBusyError, trainer_lib.NonFiniteLossError, ModelDirError, CheckpointError,
-          LabelFileError) as e:
+    return e.exit_status
+  except trainer_lib.HostLostError as e:
+    print(f"erasablemask train: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Not a return: at exit JAX's distributed client waits at a shutdown barrier for every host, the lost one too,
+    # until its shutdown timeout, then aborts with a C++ stack trace. Nothing is left to save or close.
+    os._exit(1)  # pylint: disable=protected-access
+  except (lock_lib.WorkdirBusyError, trainer_lib.NonFiniteLossError, trainer_lib.CheckpointSaveError,
+          checkpoint_lib.DamagedCheckpointError, ModelDirError, CheckpointError, LabelFileError) as e:
     print(f"erasablemask train: {e}", file=sys.stderr)
     return 1
   if not args.no_report and jax.process_index() == 0 and trainer.surrogates:

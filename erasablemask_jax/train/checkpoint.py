@@ -1,4 +1,5 @@
-"""A run's checkpoints: the orbax manager of `workdir/checkpoints`, the abstract train state, and `restore_run`.
+"""A run's checkpoints: the orbax manager of `workdir/checkpoints`, the abstract train state, `restore_newest_intact`
+and `restore_run`.
 
 The one module of `train/` that other packages import: inference restores a trained run through `restore_run`
 without building a trainer (no data, no surrogates).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import pathlib
 
@@ -20,12 +22,73 @@ from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train.state import TrainState, create_train_state, make_optimizer
 
 ITEMS = ("state", "data")  # the train state and the data iterator's position, saved together
+DAMAGED_SUFFIX = ".damaged"  # a damaged step's folder is renamed `<step>.damaged`, which orbax does not list
+
+log = logging.getLogger(__name__)
+
+
+class DamagedCheckpointError(RuntimeError):
+  """No checkpoint of a run reads back; the message names each damaged step and what to do."""
 
 
 def checkpoint_manager(workdir: str | os.PathLike[str],
                        options: ocp.CheckpointManagerOptions | None = None) -> ocp.CheckpointManager:
   """The orbax manager of `workdir/checkpoints`."""
   return ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(), options=options, item_names=ITEMS)
+
+
+def restore_newest_intact(manager: ocp.CheckpointManager, args, *, set_aside: bool = True):
+  """`(step, restored)` from the newest checkpoint that reads back, or `(None, None)` when there is none.
+
+  A checkpoint with a truncated or missing file (as a disk that filled up, or a copy cut short, leaves) fails to
+  restore; the next older one is tried, and once one restores, each damaged newer one is renamed `<step>.damaged`
+  (nothing is deleted) so that the resumed run can save those steps again. Each is named in a warning.
+
+  Args:
+    manager: the run's checkpoint manager.
+    args: the restore arguments (`ocp.args.Composite`).
+    set_aside: rename the damaged steps (False on all hosts of a multi-host run but the first, which share the files).
+
+  Raises:
+    DamagedCheckpointError: checkpoints exist but none reads back; nothing was renamed.
+  """
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore, json and orbax each raise their own kind
+      damaged.append((step, error_summary(e)))
+      log.warning("the checkpoint at step %d in %s does not read back (%s); trying the one before", step,
+                  manager.directory, damaged[-1][1])
+      continue
+    for bad, why in damaged:
+      folder = pathlib.Path(manager.directory) / str(bad)
+      aside = _free_name(folder) if set_aside else folder.with_name(folder.name + DAMAGED_SUFFIX)
+      if set_aside:
+        folder.rename(aside)
+      log.warning("the checkpoint at step %d is damaged (%s): resuming from step %d, the newest intact one; the "
+                  "damaged one is kept as %s", bad, why, step, aside)
+    return step, restored
+  if damaged:
+    listed = "; ".join(f"step {step}: {why}" for step, why in damaged)
+    raise DamagedCheckpointError(
+        f"no checkpoint in {manager.directory} reads back ({listed}); put back intact copies of these folders, or "
+        "train from step 0 in a new --workdir (this one is left as it is)")
+  return None, None
+
+
+def _free_name(folder: pathlib.Path) -> pathlib.Path:
+  aside, n = folder.with_name(folder.name + DAMAGED_SUFFIX), 1
+  while aside.exists():
+    n += 1
+    aside = folder.with_name(f"{folder.name}{DAMAGED_SUFFIX}{n}")
+  return aside
+
+
+def error_summary(error: BaseException, limit: int = 200) -> str:
+  """`Type: message` on one line, cut to `limit` characters (tensorstore's messages run to pages)."""
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: " + (text if len(text) <= limit else text[:limit - 3] + "...")
 
 
 def init_fn(models: ErasableMask, tx, config: ml_collections.ConfigDict, num_surrogates: int):

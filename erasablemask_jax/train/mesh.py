@@ -16,18 +16,34 @@ from jax.sharding import Mesh
 from erasablemask_jax.config import ConfigError
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-  """Joins a multi-host run. Without arguments JAX reads the cluster's environment (TPU pods, SLURM, ...).
+# How long a host may go silent before the coordination service declares it dead and every other host stops
+# (`jax.distributed.initialize(heartbeat_timeout_seconds=...)`; JAX's own default is 100 s).
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100
 
-  On CPU hosts, collectives go through gloo.
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None,
+                           heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S) -> bool:
+  """Joins a multi-host run when one is asked for; returns whether `jax.distributed` is initialized.
+
+  A run is multi-host when any argument is given or `JAX_COORDINATOR_ADDRESS` is set; JAX reads what is not given from
+  the cluster's environment (TPU pods, SLURM, ...). This must come before anything that starts a JAX backend
+  (`jax.devices()`, `jax.process_count()`, any computation), so it only reads the environment and JAX's config.
+
+  Joining also starts JAX's preemption service (its handler takes over SIGTERM: `train.preemption`) and the
+  coordination service's heartbeats: a host silent for `heartbeat_timeout_s` seconds is declared dead, and JAX ends
+  every other host instead of leaving them waiting in a collective. CPU hosts run their collectives through gloo.
   """
-  if jax.process_count() > 1 or (coordinator_address is None and "JAX_COORDINATOR_ADDRESS" not in os.environ):
-    return
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if jax.distributed.is_initialized():
+    return True
+  if (coordinator_address is None and num_processes is None and process_id is None
+      and "JAX_COORDINATOR_ADDRESS" not in os.environ):
+    return False
+  # Only the CPU client reads it, so it is set whatever the platform (asking which platform would start a backend).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+                             process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
+  return True
 
 
 def make_mesh(mesh_config) -> Mesh:

@@ -9,22 +9,20 @@ and renames it when complete, so a run killed mid-save leaves the previous check
 Devices: one `Mesh` with a `data` axis (`train.mesh`); the global batch is sharded along it, the state replicated.
 Checkpoints and the abstract state they restore into: `train.checkpoint`.
 
-A first Ctrl-C (SIGINT) on a single-host run stops after the current step, saves it and raises `TrainingInterrupted`
-(a second one interrupts at once). A resume drops the rows of `metrics.jsonl` after the restored step, which the
-resumed run logs again, so the file keeps one row per logged step.
+A first Ctrl-C (SIGINT) or SIGTERM stops the run after a step (on several hosts, the same step on every host), saves
+it and raises `TrainingInterrupted` (a second signal stops at once); a lost host raises `HostLostError`, a save that
+the file system refuses `CheckpointSaveError`, each saying which checkpoint to resume from (`train.preemption`). A
+resume starts from the newest checkpoint that reads back (`checkpoint.restore_newest_intact`) and drops the rows of
+`metrics.jsonl` after it, which the resumed run logs again, so the file keeps one row per logged step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import pathlib
-import signal
-import threading
 import time
-import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,8 +46,10 @@ from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import checkpoint as checkpoint_lib
 from erasablemask_jax.train import lock as lock_lib
 from erasablemask_jax.train import mesh as mesh_lib
+from erasablemask_jax.train import preemption
 from erasablemask_jax.train import resume as resume_lib
 from erasablemask_jax.train import steps as steps_lib
+from erasablemask_jax.train.preemption import CheckpointSaveError, HostLostError, TrainingInterrupted  # noqa: F401
 from erasablemask_jax.train.state import TrainState, begin_stage2, make_optimizer
 from erasablemask_jax.train.writer import MetricWriter
 
@@ -58,15 +58,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
   """A loss became NaN or infinite; the message names the step and the term."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-  """Ctrl-C stopped the run after a step that was then saved; the message says where and how to resume."""
-
-  def __init__(self, step: int, checkpoints: pathlib.Path):
-    self.step = step
-    super().__init__(f"interrupted: saved a checkpoint at step {step} in {checkpoints}; rerun the same command to "
-                     "resume from it")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -184,19 +175,33 @@ class Trainer:
     return checkpoint_lib.abstract_state(self.models, self.tx, self.config, len(self.surrogates), self.replicated)
 
   def restore_or_init(self) -> TrainState:
-    step = self.checkpoints.latest_step()
+    """The newest checkpoint that reads back (damaged newer ones are set aside), else the initial state."""
+    step, restored = checkpoint_lib.restore_newest_intact(self.checkpoints, ocp.args.Composite(
+        state=ocp.args.StandardRestore(self.abstract_state()), data=ocp.args.JsonRestore()), set_aside=self.is_chief)
     if step is None:
       return self.init_state()
-    restored = self.checkpoints.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(self.abstract_state()), data=ocp.args.JsonRestore()))
+    if self.checkpoints.latest_step() != step:  # newer damaged steps were set aside: list the folder again
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        multihost_utils.sync_global_devices("damaged checkpoints set aside")
+      self.checkpoints.reload()
     self.source.set_state(restored["data"])
     log.info("restored checkpoint at step %d", step)
     return restored["state"]
 
   def save(self, state: TrainState, step: int) -> None:
-    self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=ocp.args.JsonSave(self.source.get_state())), force=True)
-    self.checkpoints.wait_until_finished()
+    """Saves `step` and waits until it is complete; a file system that refuses it raises `CheckpointSaveError`."""
+    last = self.checkpoints.latest_step()
+    try:
+      self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                          data=ocp.args.JsonSave(self.source.get_state())), force=True)
+      self.checkpoints.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      error = preemption.save_error(e, step, self.workdir / "checkpoints", last)
+      if error is None:
+        raise
+      raise error from e
 
   def report_faces(self) -> dict[str, Any]:
     """The closing report's faces: `{"images", "att_a", "split"}`, the held-out split when there is one, else the
@@ -224,27 +229,30 @@ class Trainer:
     if self.is_chief:
       self.workdir.mkdir(parents=True, exist_ok=True)
       (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
-    with _progress(schedule.total, step, self.is_chief) as progress, _stop_on_sigint(jax.process_count() == 1) as stop:
+    multihost = jax.process_count() > 1
+    with (_progress(schedule.total, step, self.is_chief) as progress,
+          preemption.stop_on_signals(self.checkpoints, multihost) as stop,
+          preemption.stop_when_a_host_is_lost(self.checkpoints, self.workdir / "checkpoints", multihost)):
       state = self._loop(state, step, progress, on_step, stop)
     self.checkpoints.wait_until_finished()
     self.writer.close()
     return state
 
   def _loop(self, state: TrainState, step: int, progress, on_step, stop) -> TrainState:
-    """Steps from `step` to the end; when `stop.requested`, saves the last step and raises `TrainingInterrupted`."""
+    """Steps from `step` to the end; when `stop.due()`, saves the last step and raises `TrainingInterrupted`."""
     config, schedule = self.config, self.schedule
     sample_batch = None
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     started = time.perf_counter()
-    saved = save = True  # the state at entry is a checkpoint's (or the initial one)
+    saved = self.checkpoints.latest_step() == step  # the state at entry is this checkpoint's (or the initial one)
     while step < schedule.total:
-      if stop.requested:
+      if stop.due():
         if pending:
           self._flush(pending, schedule.stage_of(step - 1), started)
         if not saved:
           self.save(state, step)
         self.writer.close()
-        raise TrainingInterrupted(step, self.workdir / "checkpoints")
+        raise TrainingInterrupted(step, self.workdir / "checkpoints", stop.signum, jax.process_count())
       stage = schedule.stage_of(step)
       if step == schedule.ends[0] and stage >= 2:
         state = jax.jit(functools.partial(begin_stage2, tx=self.tx), out_shardings=self.replicated,
@@ -295,33 +303,6 @@ class Trainer:
     columns = self._sample_images(state, batch)
     save_image_grid(self.workdir / "samples" / f"step_{step:07d}.png",
                     [np.asarray(columns[k]) for k in ("x_cov", "x_edit", "x_adv", "x_rec")])
-
-
-@contextlib.contextmanager
-def _stop_on_sigint(enabled: bool):
-  """While the body runs, a first SIGINT sets `.requested` (the loop saves and stops); a second raises at once.
-
-  Only in the main thread of a single-host run: the hosts of a multi-host run would stop at different steps, and
-  their collective save would hang.
-  """
-  stop = types.SimpleNamespace(requested=False)
-  if not enabled or threading.current_thread() is not threading.main_thread():
-    yield stop
-    return
-
-  def request(signum, frame):
-    del signum, frame
-    if stop.requested:
-      raise KeyboardInterrupt
-    stop.requested = True
-    log.warning("Ctrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once, "
-                "without saving)")
-
-  previous = signal.signal(signal.SIGINT, request)
-  try:
-    yield stop
-  finally:
-    signal.signal(signal.SIGINT, previous)
 
 
 def _make_noise(members, jpeg_rounding: str):

@@ -1,4 +1,5 @@
-"""Ctrl-C during training saves the step and says how to resume; metrics.jsonl keeps one row per step across resumes.
+"""Ctrl-C or SIGTERM during training saves the step and says how to resume (a second one stops at once);
+metrics.jsonl keeps one row per step across resumes.
 
 A tiny stage-1-only run (16x16, 3-layer networks, no surrogates) on random faces.
 """
@@ -31,20 +32,23 @@ def _steps(workdir):
   return [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ctrl_c_saves_the_step_and_a_rerun_resumes_with_one_metrics_row_per_step(tmp_path):
+@pytest.mark.parametrize("signum, what, status", [(signal.SIGINT, "interrupted", 130),
+                                                  (signal.SIGTERM, "stopped by SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_saves_the_step_and_a_rerun_resumes_with_one_metrics_row_per_step(tmp_path, signum, what,
+                                                                                            status):
   workdir = tmp_path / "run"
 
-  def ctrl_c_at_2(step):
+  def signal_at_2(step):
     if step == 2:
-      os.kill(os.getpid(), signal.SIGINT)
+      os.kill(os.getpid(), signum)
 
-  before = signal.getsignal(signal.SIGINT)
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
   with pytest.raises(trainer_lib.TrainingInterrupted) as e:
-    _trainer(workdir).run(on_step=ctrl_c_at_2)
-  assert signal.getsignal(signal.SIGINT) is before  # the handler is only installed while training
-  assert str(e.value) == (f"interrupted: saved a checkpoint at step 2 in {workdir / 'checkpoints'}; rerun the same "
+    _trainer(workdir).run(on_step=signal_at_2)
+  assert {s: signal.getsignal(s) for s in before} == before  # the handlers are only installed while training
+  assert str(e.value) == (f"{what}: saved a checkpoint at step 2 in {workdir / 'checkpoints'}; rerun the same "
                           "command to resume from it")
-  assert isinstance(e.value, KeyboardInterrupt) and e.value.step == 2
+  assert isinstance(e.value, KeyboardInterrupt) and e.value.step == 2 and e.value.exit_status == status
   assert checkpoint_lib.restore_run(workdir)[3] == 2
   assert _steps(workdir) == [1, 2]
   # A killed run's rows after its last checkpoint (and a line cut short) are dropped on resume, then logged again.
@@ -53,6 +57,20 @@ def test_ctrl_c_saves_the_step_and_a_rerun_resumes_with_one_metrics_row_per_step
   state = _trainer(workdir).run()
   assert int(state.step) == 4
   assert _steps(workdir) == [1, 2, 3, 4]
+
+
+def test_a_second_signal_stops_at_once_without_saving(tmp_path):
+  workdir = tmp_path / "run"
+
+  def twice_at_2(step):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal.SIGINT)
+
+  with pytest.raises(KeyboardInterrupt) as e:
+    _trainer(workdir).run(on_step=twice_at_2)
+  assert not isinstance(e.value, trainer_lib.TrainingInterrupted)
+  assert not (workdir / "checkpoints" / "2").exists()  # what the last checkpoint (none here) did not hold is lost
 
 
 def test_drop_after_keeps_rows_up_to_the_step(tmp_path):
