@@ -133,11 +133,15 @@ def upgrade_legacy(config):
   - `attack.first_order = True` (with `attack.kind = "meta_auxiliary"`) is `attack.kind = "first_order"`; the field
     `attack.first_order` is dropped either way;
   - `attack.lr_inner < 0` ("the optimiser's learning rate") is `optim.lr`: a reference to it in a `ConfigDict` (an
-    override of optim.lr still carries over), its value in a plain dict (a saved `config.json`).
+    override of optim.lr still carries over), its value in a plain dict (a saved `config.json`);
+  - a `mesh` without `state` (runs before the sharded-state option) replicated the state: `mesh.state = "replicated"`.
 
   Args:
     config: an unlocked `ConfigDict`, or the nested dict of a `config.json`.
   """
+  mesh = config.get("mesh")
+  if mesh is not None and "state" not in mesh:
+    mesh["state"] = "replicated"
   attack = config.get("attack")
   if attack is None:
     return config
