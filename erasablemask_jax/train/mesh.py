@@ -16,10 +16,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from erasablemask_jax.config import ConfigError
+from erasablemask_jax.config import MESH_STATES, ConfigError
 
 DATA = "data"
-STATE_LAYOUTS = ("replicated", "sharded")
 # A leaf smaller than this stays replicated under `mesh.state = "sharded"`: splitting a bias or a BatchNorm statistic
 # saves nothing and adds a collective.
 MIN_SHARDED_SIZE = 2**16
@@ -46,8 +45,8 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   if n > len(devices):
     raise ConfigError(f"mesh.data={n} but only {len(devices)} devices are visible; set --config.mesh.data=-1 "
                       "(every device) or a smaller count")
-  if mesh_config.get("state", "replicated") not in STATE_LAYOUTS:
-    raise ConfigError(f"mesh.state={mesh_config.state!r}; choose one of {STATE_LAYOUTS}")
+  if mesh_config.get("state", "replicated") not in MESH_STATES:
+    raise ConfigError(f"mesh.state={mesh_config.state!r}; choose one of {MESH_STATES}")
   return Mesh(np.asarray(devices[:n]), (DATA,))
 
 
