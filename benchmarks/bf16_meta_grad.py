@@ -26,7 +26,7 @@ import sys
 import jax
 import numpy as np
 
-from benchmarks import step_throughput as st
+from benchmarks import step_setup as st
 
 
 def _flat(tree) -> np.ndarray:

@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks import step_throughput as st  # noqa: E402
+from benchmarks import step_setup as st  # noqa: E402
 
 from erasablemask_jax.models import ErasableMask  # noqa: E402
 from erasablemask_jax.train import steps as steps_lib  # noqa: E402
@@ -40,12 +40,12 @@ def _cast(tree, dtype):
 def e_adv_gradient(settings: st.Settings, dtype, kind: str = "meta_auxiliary") -> tuple[np.ndarray, float]:
   """E_adv's raw stage-2 gradient (flattened, float64) and L_adv, computed in `dtype` from the benchmark's state."""
   setup = st.Setup(settings)
-  tx = optax.chain(st._capture_grads(), setup.tx)  # pylint: disable=protected-access
+  tx = optax.chain(st.capture_grads(), setup.tx)
   state = setup.state(2, tx)  # initialised in float32 either way, so both runs start from the same numbers
   if dtype == jnp.float64:
     setup.config.model.dtype = "float64"
     setup.models = ErasableMask.from_config(setup.config.model, setup.num_attributes)
-  args = [_cast(a, dtype) for a in (state, setup.host_batch(), setup.fr_vars, setup.targets)]
+  args = [_cast(a, dtype) for a in (state, setup.model_batch(), setup.fr_vars, setup.targets)]
   step = jax.jit(functools.partial(steps_lib.stage2_step, setup.step_config(kind, tx)))
   new_state, metrics = step(*args)
   leaves = jax.tree.leaves(new_state.e_adv.opt_state[0])

@@ -136,7 +136,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.sample_every_steps = 1000
   config.train.num_sample_images = 8
 
-  # Devices: a 1-D mesh with a `data` axis; -1 uses every device of every host.
+  # Devices: a 1-D mesh with a `data` axis; -1 uses every device of every host. The train state is "replicated" on
+  # every device, or "sharded": each large parameter and its Adam moments split over the `data` axis (ZeRO-3 / FSDP),
+  # for a setting whose replicated state does not fit a chip (`erasablemask compile` tells).
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
+  config.mesh.state = "replicated"
   return config

@@ -122,6 +122,7 @@ POSITIVE_KEYS = ("image_size", "model.enc_dim", "model.enc_layers", "model.dec_d
                  "model.max_dim", "model.dis_dim", "model.dis_layers", "model.dis_fc_dim", "data.batch_size",
                  "train.checkpoint_every_steps", "train.max_checkpoints_to_keep", "train.log_every_steps",
                  "train.sample_every_steps", "train.num_sample_images")
+MESH_STATES = ("replicated", "sharded")  # where the train state lives (`train.mesh.state_shardings`)
 NON_NEGATIVE_KEYS = ("model.shortcut_layers", "model.inject_layers", "schedule.stage1_epochs",
                      "schedule.stage2_epochs", "schedule.stage3_epochs", "data.worker_count")
 
@@ -136,6 +137,7 @@ def upgrade_legacy(config):
     override of optim.lr still carries over), its value in a plain dict (a saved `config.json`);
   - a saved `config.json` without `loss.sigma1_reference_size` trained with sigma1 unscaled (0), and without
     `loss.l_era_id` with stage 3 on L_era alone (0).
+  - a `mesh` without `state` (runs before the sharded-state option) replicated the state: `mesh.state = "replicated"`.
 
   Args:
     config: an unlocked `ConfigDict`, or the nested dict of a `config.json`.
@@ -144,6 +146,9 @@ def upgrade_legacy(config):
   if loss is not None and not isinstance(loss, ml_collections.ConfigDict):  # a saved config.json
     loss.setdefault("sigma1_reference_size", 0)  # trained with sigma1 as written, before SPEC's scaling rule
     loss.setdefault("l_era_id", 0.0)  # stage 3 was Eq. 16's L_era alone
+  mesh = config.get("mesh")
+  if mesh is not None and "state" not in mesh:
+    mesh["state"] = "replicated"
   attack = config.get("attack")
   if attack is None:
     return config
@@ -161,7 +166,8 @@ def upgrade_legacy(config):
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` naming every size or count of `POSITIVE_KEYS` (`NON_NEGATIVE_KEYS`) that is <= 0 (< 0).
 
-  Also `mesh.data` (-1 or 0: every device, else a device count) below -1, and an `image_size` that the encoder's
+  Also `mesh.data` (-1 or 0: every device, else a device count) below -1, a `mesh.state` not in `MESH_STATES`, and an
+  `image_size` that the encoder's
   `model.enc_layers` stride-2 layers cannot halve down to whole pixels (the decoder would not come back to it).
   """
   flat = dict(_leaves(config))
@@ -169,6 +175,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   bad += [f"{k}={flat[k]!r} (must be >= 0)" for k in NON_NEGATIVE_KEYS if k in flat and not _at_least(flat[k], 0)]
   if "mesh.data" in flat and not _at_least(flat["mesh.data"], -1):
     bad.append(f"mesh.data={flat['mesh.data']!r} (-1 for every device, or a device count)")
+  if "mesh.state" in flat and flat["mesh.state"] not in MESH_STATES:
+    bad.append(f"mesh.state={flat['mesh.state']!r} (one of {', '.join(MESH_STATES)})")
   size, layers = flat.get("image_size"), flat.get("model.enc_layers")
   if not bad and isinstance(size, int) and isinstance(layers, int) and size % 2**layers:
     bad.append(f"image_size={size} (must be a multiple of 2**model.enc_layers = {2**layers})")

@@ -50,6 +50,14 @@ def test_legacy_attack_fields_keep_their_meaning(saved, kind, lr_inner):
   assert tree["attack"] == {"kind": kind, "lr_inner": lr_inner, "primaries": "unrolled"}
 
 
+def test_a_run_saved_before_the_sharded_state_option_replicated_its_state():
+  assert upgrade_legacy({"mesh": {"data": -1}})["mesh"] == {"data": -1, "state": "replicated"}
+  assert upgrade_legacy({"mesh": {"data": 8, "state": "sharded"}})["mesh"]["state"] == "sharded"
+  assert load_config("smoke").mesh.state == "replicated"
+  with pytest.raises(ConfigError, match="mesh.state"):
+    load_config("smoke", ["--config.mesh.state=3"])
+
+
 def test_a_legacy_config_file_loads_with_todays_fields(tmp_path):
   path = tmp_path / "old.py"
   path.write_text(textwrap.dedent('''

@@ -11,6 +11,7 @@ from erasablemask_jax.fr.recogniser import BUNDLED
 from erasablemask_jax.fr.recogniser import Recogniser
 from erasablemask_jax.fr.recogniser import bundled_dir
 from erasablemask_jax.fr.recogniser import embed_apply
+from erasablemask_jax.fr.recogniser import from_abstract
 from erasablemask_jax.fr.recogniser import from_variables
 from erasablemask_jax.fr.recogniser import l2_normalise
 from erasablemask_jax.fr.recogniser import load

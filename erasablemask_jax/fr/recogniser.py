@@ -68,7 +68,9 @@ class Recogniser:
                net_apply: Callable[[Mapping[str, Any], jnp.ndarray], jnp.ndarray] | None = None):
     """`net_apply(variables, preprocessed)` replaces `module.apply` (the folded network of `fold_batchnorm`)."""
     self.module = module
-    self.variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
+    # Abstract leaves (`jax.ShapeDtypeStruct`: an ahead-of-time compile's surrogate, `from_abstract`) stay abstract.
+    self.variables = jax.tree_util.tree_map(lambda v: v if isinstance(v, jax.ShapeDtypeStruct) else jnp.asarray(v),
+                                            dict(variables))
     self.card = dict(card)
     self.directory = directory
     self.preprocessing = Preprocessing.from_card(card)
@@ -84,9 +86,24 @@ class Recogniser:
     `config.fr.fold_batchnorm`). Returns `self` when already folded."""
     if self.folded:
       return self
-    example = jnp.zeros((1, *self.input_size, 3), jnp.float32)
-    variables, net_apply = fold.fold_batchnorm(self.module, self.variables, example)
-    return Recogniser(self.module, variables, self.card, self.directory, net_apply=net_apply)
+    example = jax.ShapeDtypeStruct((1, *self.input_size, 3), jnp.float32)
+    applies = []
+
+    def folded(variables):
+      variables, net_apply = fold.fold_batchnorm(self.module, variables, example)
+      applies.append(net_apply)
+      return variables
+
+    if self.is_abstract:
+      variables = jax.eval_shape(folded, self.variables)
+    else:
+      variables = folded(self.variables)
+    return Recogniser(self.module, variables, self.card, self.directory, net_apply=applies[0])
+
+  @property
+  def is_abstract(self) -> bool:
+    """Whether the variables are shapes and dtypes only (`from_abstract`): compiled ahead of time, never run."""
+    return any(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree_util.tree_leaves(self.variables))
 
   @property
   def name(self) -> str:
@@ -170,6 +187,13 @@ def from_variables(arch: str, variables: Mapping[str, Any], card: Mapping[str, A
   full_card["arch"] = arch
   full_card.update(card or {})
   return Recogniser(spec.build(), variables, full_card)
+
+
+def from_abstract(arch: str, card: Mapping[str, Any] | None = None) -> Recogniser:
+  """A recogniser of a registered `arch` whose variables are abstract (`jax.eval_shape` of its init: shapes and
+  dtypes, no weights), for compiling the attack ahead of time where the converted weights are absent."""
+  spec = convert.get_arch(arch)
+  return from_variables(arch, convert.abstract_init(spec.build(), spec.input_shape), card)
 
 
 # What `Recogniser` reads from a card: a card without one of these was not written by the converter.

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from erasablemask_jax.fr import thresholds
 from erasablemask_jax.fr import views
-from erasablemask_jax.fr.recogniser import Recogniser, load, load_bundled
+from erasablemask_jax import convert
+from erasablemask_jax.fr.recogniser import Recogniser, bundled_dir, from_abstract, load, load_bundled
 
 VIEWS = ("", "flip")
 INPUT_CROPS = views.INPUT_CROPS
@@ -67,6 +68,31 @@ def load_surrogate(spec: str, input_crop: str = "none", image_size: int | None =
       raise FileNotFoundError(f"FR model {spec!r}: no converted FR directory at {source}; convert a checkpoint with "
                               "`python -m tools.convert_torch_weights` or use bundled:mobilefacenet")
     recogniser = load(source)
+  if fold_batchnorm:
+    recogniser = recogniser.fold_batchnorm()
+  return Surrogate(spec=spec, recogniser=recogniser, apply=views.view_apply(recogniser, input_crop, mirror == "flip"),
+                   view=views.view_name(input_crop, image_size) if image_size else None)
+
+
+def surrogate_arch(spec: str) -> str | None:
+  """The architecture a surrogate spec's card names (`bundled:NAME` or a converted directory), or None when the
+  directory is absent."""
+  source = spec.partition("@")[0]
+  folder = bundled_dir(source.removeprefix("bundled:")) if source.startswith("bundled:") else pathlib.Path(source)
+  if not (folder / convert.CARD_FILE).is_file():
+    return None
+  return convert.read_card(folder)["arch"]
+
+
+def abstract_surrogate(spec: str, arch: str, input_crop: str = "none", image_size: int | None = None,
+                       fold_batchnorm: bool = False) -> Surrogate:
+  """`load_surrogate(spec, ...)` with abstract variables of architecture `arch` (shapes and dtypes, no weights): the
+  same `apply` (view, crop, folded BatchNorms) for compiling the attack ahead of time (`erasablemask compile`)."""
+  views.check_input_crop(input_crop)
+  mirror = spec.partition("@")[2]
+  if mirror not in VIEWS:
+    raise ValueError(f"FR model {spec!r}: unknown view {mirror!r}; use one of {[v for v in VIEWS if v]} or none")
+  recogniser = from_abstract(arch)
   if fold_batchnorm:
     recogniser = recogniser.fold_batchnorm()
   return Surrogate(spec=spec, recogniser=recogniser, apply=views.view_apply(recogniser, input_crop, mirror == "flip"),

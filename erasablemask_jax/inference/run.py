@@ -36,12 +36,14 @@ def params_fingerprint(state) -> str:
   return digest.hexdigest()
 
 
-def _protect(models: ErasableMask, g_vars, e_vars, x, att_b):
+def protect_images(models: ErasableMask, g_vars, e_vars, x, att_b):
+  """`(x_adv, x_edit)` of images in [-1, 1] (inference mode); pure, jitted by `Run` and compiled by `aot`."""
   (x_adv, x_edit), _ = models.protect(g_vars, e_vars, x, att_b)
   return x_adv, x_edit
 
 
-def _restore(models: ErasableMask, r_vars, x_adv, att_a):
+def restore_images(models: ErasableMask, r_vars, x_adv, att_a):
+  """R's restoration of protected images with the source attributes (inference mode)."""
   return models.restore(r_vars, x_adv, att_a)[0]
 
 
@@ -72,8 +74,8 @@ class Run:
   batch_size: int = 16
 
   def __post_init__(self):
-    self._protect = jax.jit(functools.partial(_protect, self.models))
-    self._restore = jax.jit(functools.partial(_restore, self.models))
+    self._protect = jax.jit(functools.partial(protect_images, self.models))
+    self._restore = jax.jit(functools.partial(restore_images, self.models))
     self._logits = jax.jit(functools.partial(_attribute_logits, self.models))
 
   @property

@@ -98,10 +98,13 @@ def init_fn(models: ErasableMask, tx, config: ml_collections.ConfigDict, num_sur
 
 
 def abstract_state(models: ErasableMask, tx, config: ml_collections.ConfigDict, num_surrogates: int,
-                   sharding: jax.sharding.Sharding) -> TrainState:
-  """The train state's shapes and dtypes placed on `sharding`, as an orbax restore wants them; nothing is computed."""
+                   sharding) -> TrainState:
+  """The train state's shapes and dtypes placed on `sharding` (one for every leaf, or a pytree of them), as an orbax
+  restore or an ahead-of-time compile wants them; nothing is computed."""
   shapes = jax.eval_shape(init_fn(models, tx, config, num_surrogates), jax.random.PRNGKey(0))
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, shapes)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
 
 
 def restore_run(workdir: str | os.PathLike[str], step: int | None = None):

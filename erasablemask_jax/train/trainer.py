@@ -6,7 +6,9 @@ and the data iterator's position are saved together by an orbax `CheckpointManag
 `train.checkpoint_every_steps` steps and at each stage boundary. Orbax writes a checkpoint to a temporary directory
 and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
 
-Devices: one `Mesh` with a `data` axis (`train.mesh`); the global batch is sharded along it, the state replicated.
+Devices: one `Mesh` with a `data` axis (`train.mesh`); the global batch is sharded along it, the state replicated or
+sharded (`mesh.state`). The jitted steps, their shardings and the state's layout come from `train.build`, which
+`erasablemask compile` and the step benchmark call too.
 Checkpoints and the abstract state they restore into: `train.checkpoint`.
 
 A first Ctrl-C (SIGINT) or SIGTERM stops the run after a step (on several hosts, the same step on every host), saves
@@ -31,9 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from erasablemask_jax import attack as attack_lib
 from erasablemask_jax.attack import end_epoch
 from erasablemask_jax.config import ConfigError
 from erasablemask_jax.data.faces import load_face_splits, read_faces
@@ -42,7 +42,7 @@ from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
 from erasablemask_jax.fr.surrogates import Surrogate, load_surrogate, target_embeddings
 from erasablemask_jax.image_io import save_image_grid
-from erasablemask_jax.models import ErasableMask
+from erasablemask_jax.train import build as build_lib
 from erasablemask_jax.train import checkpoint as checkpoint_lib
 from erasablemask_jax.train import lock as lock_lib
 from erasablemask_jax.train import mesh as mesh_lib
@@ -50,7 +50,7 @@ from erasablemask_jax.train import preemption
 from erasablemask_jax.train import resume as resume_lib
 from erasablemask_jax.train import steps as steps_lib
 from erasablemask_jax.train.preemption import CheckpointSaveError, HostLostError, TrainingInterrupted  # noqa: F401
-from erasablemask_jax.train.state import TrainState, begin_stage2, make_optimizer
+from erasablemask_jax.train.state import TrainState
 from erasablemask_jax.train.writer import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -87,17 +87,6 @@ class Schedule:
     return step in self.ends
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Setup pieces.
-
-def _prepare(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  return {"image": uint8_to_minus1_1(batch["image"]), "att_a": batch["att_a"], "att_b": batch["att_b"]}
-
-
-def _with_prepared(step_fn, cfg, state, batch, *args):
-  return step_fn(cfg, state, _prepare(batch), *args)
-
-
 class Trainer:
   """Holds the jitted steps, the checkpoint manager and the writers of one run.
 
@@ -112,10 +101,6 @@ class Trainer:
       raise ConfigError(f"fr.threshold_source={config.fr.threshold_source!r}; choose one of "
                         f"{thresholds_lib.THRESHOLD_SOURCES}")
     self.workdir = pathlib.Path(workdir)
-    self.mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_batch_divides(config.data.batch_size, self.mesh)
-    self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P("data"))
     self.is_chief = jax.process_index() == 0
 
     self.splits = None
@@ -127,31 +112,24 @@ class Trainer:
                            self.splits.train if self.splits else None)
     self.source = source
     self.schedule = Schedule(config.schedule, self.source.steps_per_epoch)
-    self.models = ErasableMask.from_config(config.model, len(config.attributes))
-    self.tx = make_optimizer(config.optim)
 
     self.surrogates = surrogates if surrogates is not None else [
         load_surrogate(s, config.fr.input_crop, config.image_size, config.fr.get("fold_batchnorm", False))
         for s in config.fr.surrogates]
+    self.built = build_lib.build(config, mesh_lib.make_mesh(config.mesh), [s.apply for s in self.surrogates])
+    self.mesh, self.models, self.tx = self.built.mesh, self.built.models, self.built.tx
+    self.step_config, self.replicated, self.batch_sharding = (self.built.step_config, self.built.replicated,
+                                                              self.built.batch_sharding)
     if self.surrogates:
       if target_images is None:
         target_images = self.splits.target if self.splits else read_faces(config.fr.target, config.image_size)
       if len(target_images) == 0:
         raise ConfigError("the attack needs a target face: set fr.target to an image, a folder or 'identity:K'")
       x_t = uint8_to_minus1_1(target_images)
-      self.targets = jax.device_put(target_embeddings(self.surrogates, x_t), self.replicated)
-      self.fr_vars = jax.device_put([s.variables for s in self.surrogates], self.replicated)
+      self.targets = self.built.place_replicated(target_embeddings(self.surrogates, x_t))
+      self.fr_vars = self.built.place_replicated([s.variables for s in self.surrogates])
     else:
       self.targets, self.fr_vars = [], []
-    if config.attack.kind != "ensemble" and len(self.surrogates) == 1:
-      raise ConfigError("the meta-auxiliary attack needs at least 2 surrogates (fr.surrogates); add one, a '@flip' "
-                        "view of one, or set attack.kind='ensemble'")
-    attack = attack_lib.from_config(config.attack, config.loss.epsilon) if self.surrogates else None
-    noise = _make_noise(config.noise.train_pool, config.noise.jpeg_rounding)
-    self.step_config = steps_lib.StepConfig(models=self.models, tx=self.tx, loss=config.loss,
-                                            fr_applies=tuple(s.apply for s in self.surrogates), attack=attack,
-                                            noise=noise)
-    self._steps = {}
     self._sample_images = jax.jit(functools.partial(steps_lib.sample_images, self.models))  # traced once per run
     self.checkpoints = checkpoint_lib.checkpoint_manager(
         self.workdir, ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints_to_keep, create=True))
@@ -159,20 +137,13 @@ class Trainer:
 
   # -------------------------------------------------------------------------------------------------------------------
   def _jit_step(self, stage: int):
-    if stage not in self._steps:
-      fn = {1: steps_lib.stage1_step, 2: steps_lib.stage2_step, 3: steps_lib.stage3_step}[stage]
-      step = functools.partial(_with_prepared, fn, self.step_config)
-      n_extra = {1: 0, 2: 2, 3: 1}[stage]
-      self._steps[stage] = jax.jit(step, in_shardings=(self.replicated, self.batch_sharding) + (self.replicated,) * n_extra,
-                                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-    return self._steps[stage]
+    return self.built.step(stage)
 
   def init_state(self) -> TrainState:
-    init = checkpoint_lib.init_fn(self.models, self.tx, self.config, len(self.surrogates))
-    return jax.jit(init, out_shardings=self.replicated)(jax.random.PRNGKey(self.config.seed))
+    return self.built.init_state()
 
   def abstract_state(self) -> TrainState:
-    return checkpoint_lib.abstract_state(self.models, self.tx, self.config, len(self.surrogates), self.replicated)
+    return self.built.abstract_state()
 
   def restore_or_init(self) -> TrainState:
     """The newest checkpoint that reads back (damaged newer ones are set aside), else the initial state."""
@@ -255,15 +226,14 @@ class Trainer:
         raise TrainingInterrupted(step, self.workdir / "checkpoints", stop.signum, jax.process_count())
       stage = schedule.stage_of(step)
       if step == schedule.ends[0] and stage >= 2:
-        state = jax.jit(functools.partial(begin_stage2, tx=self.tx), out_shardings=self.replicated,
-                        donate_argnums=(0,))(state)
+        state = self.built.begin_stage2()(state)
       if stage == 2 and step > schedule.ends[0] and (step - schedule.ends[0]) % schedule.steps_per_epoch == 0:
         state = state.replace(adaptive=jax.jit(end_epoch)(state.adaptive))
       local = next(self.source)
       batch = self.global_batch(local)
       if sample_batch is None:
         sample_batch = {k: v[:config.train.num_sample_images] for k, v in local.items()}
-      extra = {1: (), 2: (self.fr_vars, self.targets), 3: (self.fr_vars,)}[stage]
+      extra = build_lib.extra_args(stage, self.fr_vars, self.targets)
       state, metrics = self._jit_step(stage)(state, batch, *extra)
       step += 1
       pending.append((step, metrics))
@@ -299,18 +269,12 @@ class Trainer:
     self.writer.write(host[-1][0], means)
 
   def _write_samples(self, state: TrainState, sample_batch, step: int) -> None:
-    batch = _prepare({k: jnp.asarray(v) for k, v in sample_batch.items() if k != "identity"})
+    batch = build_lib.prepare({k: jnp.asarray(v) for k, v in sample_batch.items() if k != "identity"})
     columns = self._sample_images(state, batch)
     save_image_grid(self.workdir / "samples" / f"step_{step:07d}.png",
                     [np.asarray(columns[k]) for k in ("x_cov", "x_edit", "x_adv", "x_rec")])
 
 
-def _make_noise(members, jpeg_rounding: str):
-  if not members or tuple(members) == ("identity",):
-    return None
-  from erasablemask_jax.noise import make_train_pool
-
-  return make_train_pool(tuple(members), jpeg_rounding=jpeg_rounding)
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -21,7 +21,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from benchmarks import step_setup  # pylint: disable=wrong-import-position
 from benchmarks import step_throughput  # pylint: disable=wrong-import-position
+from benchmarks import torch_attgan  # pylint: disable=wrong-import-position
 from benchmarks import torch_reference  # pylint: disable=wrong-import-position
 from erasablemask_jax import convert  # pylint: disable=wrong-import-position
 from erasablemask_jax import fr  # pylint: disable=wrong-import-position
@@ -34,7 +36,7 @@ TINY = dict(image_size=16, batch=2, width=4, layers=3, fc_dim=8, fr=("tiny", "ti
 @pytest.fixture(scope="module")
 def tiny_setup():
   # lr_inner this large makes the Hessian term a sizeable part of E_adv's gradient, so the check can see it.
-  return step_throughput.Setup(step_throughput.Settings(**TINY, lr_inner=2.0))
+  return step_setup.Setup(step_setup.Settings(**TINY, lr_inner=2.0))
 
 
 def _nchw(x):
@@ -45,7 +47,7 @@ def test_networks_equal_after_reverse_conversion(tiny_setup):
   setup = tiny_setup
   state = jax.device_get(setup.stage2_state())
   step = torch_reference.from_setup(setup)
-  batch = setup.host_batch()
+  batch = setup.model_batch()
   x, att_b = batch["image"], batch["att_b"]
   models = setup.models
 
@@ -74,18 +76,18 @@ def test_networks_equal_after_reverse_conversion(tiny_setup):
 def test_bundled_mobilefacenet_round_trips_and_embeds_the_same():
   recogniser = fr.load_bundled("mobilefacenet")
   variables = jax.device_get(recogniser.variables)
-  net = torch_reference.build_fr("mobilefacenet", variables)
+  net = torch_attgan.build_fr("mobilefacenet", variables)
   back = convert.torch_to_flax_flat({k: v.numpy() for k, v in net.state_dict().items()})
   flat = convert.flatten_variables(variables)
   assert set(back) == set(flat)
   for key, value in flat.items():
     np.testing.assert_array_equal(back[key], np.asarray(value), err_msg=key)
-  surrogate = torch_reference.TorchSurrogate(net, recogniser.preprocessing, flip=True)
+  surrogate = torch_attgan.TorchSurrogate(net, recogniser.preprocessing, flip=True)
   x = np.random.default_rng(0).uniform(-1, 1, (2, 128, 128, 3)).astype(np.float32)  # resized down, antialiased
   ours = jax.jit(recogniser.apply_fn)(recogniser.variables, jnp.asarray(x[:, :, ::-1]))
   with torch.no_grad():
     theirs = surrogate(_nchw(x)).numpy()
-    folded = torch_reference.TorchSurrogate(torch_reference.fold_batchnorm(net), recogniser.preprocessing, flip=True)
+    folded = torch_attgan.TorchSurrogate(torch_attgan.fold_batchnorm(net), recogniser.preprocessing, flip=True)
     theirs_folded = folded(_nchw(x)).numpy()
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-5)
   np.testing.assert_allclose(theirs_folded, theirs, atol=2e-5)  # "best" folds the BatchNorms, as the JAX step
@@ -93,9 +95,9 @@ def test_bundled_mobilefacenet_round_trips_and_embeds_the_same():
 
 
 def test_reverse_conversion_names_missing_variables():
-  net = torch_reference.TinyFR(16)
+  net = torch_attgan.TinyFR(16)
   with pytest.raises(KeyError, match="Conv_1"):
-    torch_reference.flax_to_torch_state_dict(net, {"params": {"Conv_0": {"kernel": np.zeros((3, 3, 3, 8)),
+    torch_attgan.flax_to_torch_state_dict(net, {"params": {"Conv_0": {"kernel": np.zeros((3, 3, 3, 8)),
                                                                          "bias": np.zeros(8)}}})
 
 
@@ -121,7 +123,7 @@ def test_stage2_step_same_losses_and_gradients(tiny_setup, formulation):
 def test_stage2_step_with_folded_real_network_same_gradients():
   """The default benchmark setting: JAX with `fr.fold` and torch "best" with torch.fx's conv-BN fusion, on the bundled
   MobileFaceNet (51 BatchNorms), give the same step."""
-  setup = step_throughput.Setup(step_throughput.Settings(
+  setup = step_setup.Setup(step_setup.Settings(
       image_size=16, batch=2, width=4, layers=3, fc_dim=8, lr_inner=2.0,
       fr=("bundled:mobilefacenet", "bundled:mobilefacenet@flip")))
   assert setup.settings.fold_bn and not jax.tree.leaves(setup.fr_vars[0].get("batch_stats", {}))
@@ -198,4 +200,4 @@ def test_fold_bn_meta_grad_is_the_float32_step_up_to_rounding(tmp_path):
   assert row["grad_rel_err"]["d"] < 1e-6 and row["grad_rel_err"]["r"] < 1e-6
   assert 0.0 < row["grad_rel_err"]["e_adv"] < 2e-2 and row["loss_max_rel_err"] < 1e-4
   with pytest.raises(ValueError, match="unknown variant"):
-    bf16_meta_grad.measure(step_throughput.Settings(**TINY), variant="fp8")
+    bf16_meta_grad.measure(step_setup.Settings(**TINY), variant="fp8")

@@ -99,6 +99,23 @@ def test_eight_simulated_devices_match_one(reference, tmp_path):
   _assert_close(dict(np.load(out)), _reference_at(reference, 3), atol=1e-5)
 
 
+def test_eight_simulated_devices_with_sharded_state_match_one(reference, tmp_path):
+  """`mesh.state = "sharded"` (parameters and Adam moments split over `data`, ZeRO-3 style) trains as one device."""
+  out = tmp_path / "params.npz"
+  proc = _run_tiny(tmp_path / "run", out, "--schedule", "1,2,0", "--mesh-state", "sharded", "--min-sharded-size", "64",
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+  assert int(proc.stdout.split("sharded state leaves: ")[1].split()[0]) > 10  # the sharded layout is exercised
+  _assert_close(dict(np.load(out)), _reference_at(reference, 3), atol=1e-5)
+
+
+def test_sharded_layout_splits_the_largest_dividing_axis():
+  assert mesh_lib.leaf_spec((3, 3, 64, 128), 8) == jax.sharding.PartitionSpec()  # below MIN_SHARDED_SIZE
+  assert mesh_lib.leaf_spec((4, 4, 512, 1024), 8) == jax.sharding.PartitionSpec(None, None, None, "data")
+  assert mesh_lib.leaf_spec((4, 4, 1024, 3), 8, min_size=1) == jax.sharding.PartitionSpec(None, None, "data", None)
+  assert mesh_lib.leaf_spec((5, 7, 9), 8, min_size=1) == jax.sharding.PartitionSpec()  # no axis divides
+  assert mesh_lib.leaf_spec((1024,), 1, min_size=1) == jax.sharding.PartitionSpec()  # one device
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
