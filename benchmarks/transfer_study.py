@@ -148,8 +148,9 @@ def calibrate_views(specs: dict[str, str], faces: dict[str, np.ndarray], view: s
 
 def load_recogniser(spec: str):
   from erasablemask_jax import fr
+  from erasablemask_jax.fr import real_models
 
-  return fr.load_bundled(spec.removeprefix("bundled:")) if spec.startswith("bundled:") else fr.load(spec)
+  return fr.load(real_models.model_dir(spec))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def register(subparsers) -> None:
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="the trained run")
   p.add_argument("--data", required=True, help="evaluation face folder (attributes.csv, identities) or bundled:NAME")
-  p.add_argument("--fr", required=True, help="comma-separated FR models (DIR or bundled:NAME)")
+  p.add_argument("--fr", required=True, help="comma-separated FR models (DIR, bundled:NAME or shared:NAME)")
   p.add_argument("--blackbox", default="", help="comma-separated FR models always marked black-box")
   p.add_argument("--out", required=True, help="report folder")
   p.add_argument("--target", default=None, help="target identity (default: the run's fr.target)")

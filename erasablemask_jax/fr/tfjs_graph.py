@@ -544,9 +544,12 @@ def _rewrite_activations(nodes: list[Node], consts: Mapping[str, np.ndarray], ou
   return [replaced.get(n.name, n) for n in nodes if n.name not in removed]
 
 
-def build_program(graph, input_name: str | None = None, output_name: str | None = None) -> tuple[Program,
-                                                                                                   dict[str, np.ndarray]]:
-  """A `convert.tfjs.GraphModel` -> `(Program, {node name: float32 parameter})` (module docstring, steps 1-6)."""
+def build_program(graph, input_name: str | None = None, output_name: str | None = None,
+                  stats: dict[str, Any] | None = None) -> tuple[Program, dict[str, np.ndarray]]:
+  """A `convert.tfjs.GraphModel` -> `(Program, {node name: float32 parameter})` (module docstring, steps 1-6).
+
+  `stats`, when given, receives `float_values_on_path`: the float values of the graph's constants that the output
+  depends on, before the rewrites of step 5 drop the ReLU6 / PReLU scalars."""
   from erasablemask_jax.convert import tfjs  # pylint: disable=g-import-not-at-top
   del tfjs
   inp = choose_input(graph, input_name)
@@ -578,6 +581,10 @@ def build_program(graph, input_name: str | None = None, output_name: str | None 
       if idx < len(node.inputs) and node.inputs[idx] not in consts:
         raise CheckpointError(f"{node.op} {name}: input {idx} ({node.inputs[idx]}) must be a constant")
     nodes.append(node)
+  if stats is not None:
+    used = {i for n in nodes for i in n.inputs}
+    stats["float_values_on_path"] = int(sum(v.size for k, v in consts.items()
+                                            if k in used and np.issubdtype(v.dtype, np.floating)))
   nodes = _rewrite_activations(nodes, consts, out)
   used = {i for n in nodes for i in n.inputs}
   taken: set[str] = set()
@@ -768,7 +775,8 @@ def convert_graph(graph, *, model_sha256: str, input_name: str | None = None, ou
   known = KNOWN_GRAPHS.get(model_sha256)
   if output_name is None and known is not None:
     output_name = known.output
-  program, values = build_program(graph, input_name, output_name)
+  stats: dict[str, Any] = {}
+  program, values = build_program(graph, input_name, output_name, stats)
   shape = output_shape(program)
   if len(shape) != 2:
     raise CheckpointError(f"{graph.path}: output {program.output} has shape {shape} for a batch of 2, not (batch, D); "
@@ -779,14 +787,15 @@ def convert_graph(graph, *, model_sha256: str, input_name: str | None = None, ou
                           "record how its input is normalised; pass --preprocess ORDER:NORM (e.g. rgb:raw for pixels "
                           f"0..255, bgr:caffe; NORM one of {', '.join(NORMS)})")
   prep = parse_preprocess(spec, program.input_shape[:2])
-  weights_on_path = int(sum(np.size(v) for v in values.values()))
   card: dict[str, Any] = {
       "kind": "face_recognition", "embedding_size": int(shape[1]), "name": known.name if known else graph.path.stem,
       "source_repository": known.source_repository if known else str(graph.meta.get("generatedBy", "unknown")),
       "alignment": known.alignment if known else "unknown (not recorded in the graph)", "thresholds": {},
       "graph": program.to_json(),
       "tfjs": {"input": program.input, "output": program.output, "preprocess": spec.lower(),
-               "ops": program.ops(), "graph_ops": graph.ops(), "parameters_on_path": weights_on_path,
+               "ops": program.ops(), "graph_ops": graph.ops(),
+               "float_values_on_path": stats["float_values_on_path"],
+               "parameters": int(sum(np.size(v) for v in values.values())),
                "quantization": _quantization_summary(graph), "known_graph": known is not None,
                **({"note": known.note} if known else {}), **dict(graph.meta)},
   }
