@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         f"AUC {result['auc']:.4f}; {summary}")
   extra = f"ROC plot {plot}"
   if args.store:
-    calibration.store_thresholds(args.fr, result)
-    extra += f"; thresholds stored in {pathlib.Path(args.fr) / 'card.json'}"
+    directory = recogniser.directory or pathlib.Path(args.fr)  # shared:NAME stores into its cached directory
+    calibration.store_thresholds(directory, result)
+    extra += f"; thresholds stored in {pathlib.Path(directory) / 'card.json'}"
   print(_outputs.outputs_line("calibrate", out, extra))
   return 0

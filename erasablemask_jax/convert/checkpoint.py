@@ -107,15 +107,12 @@ def _format_of(checkpoint: pathlib.Path) -> str:
 
 def _convert_tfjs(spec: registry.ArchSpec, checkpoint: pathlib.Path, source: dict[str, Any], input_name: str | None,
                   output_name: str | None, preprocess: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Reads and checks a TF.js graph model, builds its program and variables (`spec.convert_graph`), and checks the
-  variables against the module the card will build (strict merge), as the other formats are checked."""
+  """Reads and checks a TF.js graph model and builds its program and variables (`spec.convert_graph`, which traces
+  the program once to find the output's shape; `fr.load` checks the saved variables against the program strictly)."""
   graph = tfjs.read_graph_model(checkpoint)
   state_dict_lib.check_finite(graph.weights, context=str(checkpoint))
   variables, card = spec.convert_graph(graph, model_sha256=source["sha256"], input_name=input_name,
                                        output_name=output_name, preprocess=preprocess)
-  module, input_shape = spec.module_for(card)
-  variables = merge.strict_merge(merge.flatten_variables(variables), merge.abstract_init(module, input_shape),
-                                 context=f"--arch {spec.name}, checkpoint {checkpoint.name}", limit=LISTED_KEYS)
   source["weights"] = [{"file": f.name, "sha256": sha256_file(f)} for f in graph.shard_files]
   source["format"] = "tfjs"
   return variables, card

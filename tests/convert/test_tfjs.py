@@ -95,7 +95,8 @@ def synthetic_graph(rng: np.random.RandomState) -> tuple[list[dict], dict[str, n
 def _graph_dir(tmp_path):
   nodes, weights = synthetic_graph(np.random.RandomState(0))
   path = tfjs.write_graph_model(tmp_path / "g", nodes, weights, shards=3,
-                                signature={"outputs": {"emb:0": {"name": "emb:0"}, "head/out:0": {"name": "head/out:0"}}})
+                                signature={"outputs": {"emb:0": {"name": "emb:0"},
+                                                       "head/out:0": {"name": "head/out:0"}}})
   return path, weights
 
 

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "orbax checkpoint + card.json directory.")
   parser.add_argument("--arch", required=True, choices=archs, metavar="ARCH",
                       help="architecture of the checkpoint: " + ", ".join(archs))
-  parser.add_argument("--checkpoint", required=True, help="PyTorch, safetensors or MXNet .params weights file, or a TF.js model.json")
+  parser.add_argument("--checkpoint", required=True,
+                      help="PyTorch, safetensors or MXNet .params weights file, or a TF.js model.json")
   parser.add_argument("--symbol", default=None,
                       help="MXNet only: the -symbol.json graph to check the .params against (default: "
                            "PREFIX-symbol.json beside PREFIX-EPOCH.params, when present)")
