@@ -90,6 +90,11 @@ BENCHES = (
           "benchmarks/jpeg_throughput.json", "3-5"),
     Bench("fr_throughput", "fr_throughput", ("--out", "benchmarks/fr_throughput.json"),
           "benchmarks/fr_throughput.json", "10-20"),
+    Bench("fr_throughput_real", "fr_throughput", ("--archs", "", "--real", "all", "--out",
+                                                  "benchmarks/fr_throughput_real.json"),
+          "benchmarks/fr_throughput_real.json", "3-6"),
+    Bench("real_fr_models", "real_fr_models", ("--store", "--out", "benchmarks/real_fr_models.json"),
+          "benchmarks/real_fr_models.json", "30-45"),
 )
 
 
@@ -161,6 +166,11 @@ def _info(bench: Bench, report: dict | None) -> str:
       v = report["throughput_images_per_s"]
       return ", ".join(f"{k} {v[k + '_fwd_bwd']:.0f}" for k in ("ours_ste", "ours_cubic", "kornia", "kornia_compiled")
                        if k + "_fwd_bwd" in v) + " img/s fwd+bwd"
+    if bench.name == "fr_throughput_real":
+      return ", ".join(f"{r['model']} {r['folded_ms_per_image']:.1f}" for r in report["real_models"]) + " ms/img"
+    if bench.name == "real_fr_models":
+      return ", ".join(f"{n} {r['views']['loose_to_arcface@128']['auc']:.3f}" for n, r in report["models"].items()) \
+          + " AUC (study view)"
     if bench.name == "fr_throughput":
       return ", ".join(f"{r['arch']} {r['flax_over_torch']:.2f}x" for r in report["results"]) + " (Flax over torch)"
     if bench.name.endswith("_meta_grad"):

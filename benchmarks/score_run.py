@@ -1,4 +1,4 @@
-"""Scores any trained run with all three real FR models of `../shared/assets`: `python -m benchmarks.score_run RUN`.
+"""Scores any trained run with all six real FR models of `../shared/assets`: `python -m benchmarks.score_run RUN`.
 
 The transfer study trains its own runs; this asks the same questions of a run trained elsewhere, the README's demo
 above all: on the run's own held-out faces (its `data.eval_identities`) and its own target, protected -> uint8 ->
@@ -41,7 +41,7 @@ def score(workdir: pathlib.Path, cache: pathlib.Path, max_identities: int = 0, b
 
   config = load_run(workdir).config
   size = int(config.image_size)
-  specs = study.prepare_models(cache)
+  specs = study.prepare_models()
   faces = load_face_folder_arrays(study.prepare_faces(cache, size, max_identities), size)
   view = views.view_name(config.fr.input_crop, size)
   calibration = study.calibrate_views(specs, faces, view)

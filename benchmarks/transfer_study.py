@@ -3,7 +3,8 @@
 The study the paper's Table II / VII rows stand for, at the scale of a 2-core CPU (`configs/transfer_study.py` holds
 every departure from the paper, each with its reason). Six real FR models in three formats (`study_scoring.MODELS`):
 foamliu and Xiaoccer MobileFaceNets (PyTorch), becauseofAI MobileFace V2 (MXNet) and V3 (TF.js), and HSE's faceres and
-faceres-deep (TF.js; one MobileNet-v1 network, another family than the other four).
+faceres-deep (TF.js; one MobileNet-v1 network, another family than the other four), loaded as `fr.real_models`' `shared:`
+models.
 
 1. data, models, thresholds: `benchmarks/study_scoring.py` (296 CelebA photos of 74 identities aligned to loose 128
    crops, split by identity: one target identity, `--eval-identities` (12) held out, the rest trains; each model's
@@ -415,13 +416,13 @@ def main(argv: list[str] | None = None) -> int:
   size = probe.image_size
   faces_dir = scoring.prepare_faces(workdir, size, settings.max_identities)
   faces = load_face_folder_arrays(faces_dir, size)
-  specs = scoring.prepare_models(workdir)
+  specs = scoring.prepare_models()
   target_id, eval_ids = split(faces, settings.eval_identities, settings.seed)
   if result is None:
     result = {"settings": {"study": key, "image_size": size, "target_identity": target_id,
                            "eval_identities": eval_ids, "n_faces": int(len(faces["identity"])),
                            "n_identities": int(len(np.unique(faces["identity"]))), "models": specs,
-                           "families": scoring.FAMILY, "folds": {f: {"surrogates": list(s), "blackbox": [
+                           "families": {m: scoring.family(m) for m in MODELS}, "folds": {f: {"surrogates": list(s), "blackbox": [
                                m for m in MODELS if m not in s]} for f, s in FOLDS.items()},
                            "machine": scoring.machine(), "targets": TARGETS,
                            "command": "python -m benchmarks.transfer_study " + " ".join(argv or sys.argv[1:])},

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   p = subparsers.add_parser("calibrate", help="ROC / AUC / thresholds at FAR 0.1, 0.01, 0.001 of an FR model",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--fr", required=True,
-                 help="converted model directory, or 'bundled:mobilefacenet' for the bundled model")
+                 help="converted model directory, 'bundled:mobilefacenet' for the bundled model, or 'shared:NAME' for "
+                      "a real model of ../shared/assets (converted once into ~/.cache/erasablemask/fr)")
   p.add_argument("--faces", required=True, help="folder of aligned face images")
   group = p.add_mutually_exclusive_group(required=True)
   group.add_argument("--identities", help="identity file '<image> <identity>' (or a CSV pair list, auto-detected)")
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                                            f"({fr.bundled_dir(args.fr.split(':', 1)[1])}) and pass that to --fr")
       recogniser = fr.load_bundled(args.fr.split(":", 1)[1])
     else:
-      recogniser = fr.load(args.fr)
+      from erasablemask_jax.fr import real_models  # pylint: disable=g-import-not-at-top
+      recogniser = fr.load(real_models.model_dir(args.fr))
     view = calibration.resolve_view(args.view, args.image_size, args.run)
     result = calibration.calibrate(recogniser, args.faces, identities=args.identities, pairs=args.pairs,
                                    flip=args.flip, batch_size=args.batch_size, view=view)
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         f"AUC {result['auc']:.4f}; {summary}")
   extra = f"ROC plot {plot}"
   if args.store:
-    calibration.store_thresholds(args.fr, result)
-    extra += f"; thresholds stored in {pathlib.Path(args.fr) / 'card.json'}"
+    directory = recogniser.directory or pathlib.Path(args.fr)  # shared:NAME stores into its cached directory
+    calibration.store_thresholds(directory, result)
+    extra += f"; thresholds stored in {pathlib.Path(directory) / 'card.json'}"
   print(_outputs.outputs_line("calibrate", out, extra))
   return 0

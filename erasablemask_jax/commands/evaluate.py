@@ -34,7 +34,7 @@ def register(subparsers) -> None:
   p.add_argument("--photos", default=None,
                  help="score the end-to-end photo path on this folder of photos instead (protect, erase, re-detect, "
                       "rates, pixels changed outside the faces, and the same after a sharing site's 1080 px JPEG 85)")
-  p.add_argument("--fr", required=True, help="comma-separated FR models (DIR or bundled:NAME)")
+  p.add_argument("--fr", required=True, help="comma-separated FR models (DIR, bundled:NAME or shared:NAME)")
   p.add_argument("--blackbox", default="", help="comma-separated FR models always marked black-box")
   p.add_argument("--out", required=True, help="report folder")
   p.add_argument("--target", default=None, help="target identity (default: the run's fr.target)")

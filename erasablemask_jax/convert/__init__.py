@@ -1,8 +1,11 @@
-"""PyTorch / MXNet -> Flax weight conversion: the reusable library behind `tools.convert_torch_weights`.
+"""PyTorch / MXNet / TensorFlow.js -> Flax weight conversion: the reusable library behind `tools.convert_torch_weights`.
 
 - `read_state_dict(path)`: torch (`weights_only=True`) or safetensors file -> `{name: np.ndarray}`.
 - `mxnet`: numpy-only reader of MXNet `.params` NDArray lists (`read_ndarray_list`) and `-symbol.json` graphs
   (`read_symbol`, parameter-shape inference and layer checks), and the `arg:`/`aux:` rename (`mxnet_to_flax_flat`).
+- `tfjs`: numpy-only reader of TensorFlow.js graph models (`read_graph_model`: `model.json` nodes with decoded attrs,
+  the weights manifest checked before a shard is read (paths inside the model's folder, shard sizes, sane shapes),
+  float16 and uint8/uint16 affine dequantisation); the graph is run by `erasablemask_jax.fr.tfjs_graph`.
 - Rename tables (`rules`): `Rule(torch, flax, kind)` rows, `rename_flat(state, rules, ignore)` (unclaimed keys come
   back as `unmapped/<key>` for the strict merge to name), `flax_to_torch` the inverse; the one rename style of every
   converter (LPIPS, FID, MTCNN write their tables out, the FR zoo generates its own).
@@ -17,6 +20,7 @@
 """
 
 from erasablemask_jax.convert import mxnet
+from erasablemask_jax.convert import tfjs
 from erasablemask_jax.convert.checkpoint import CONVERTER_VERSION
 from erasablemask_jax.convert.checkpoint import convert_checkpoint
 from erasablemask_jax.convert.checkpoint import convert_state_dict

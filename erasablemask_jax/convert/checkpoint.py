@@ -1,4 +1,5 @@
-"""End-to-end conversion of one checkpoint (PyTorch state dict or MXNet `.params`) into a model directory."""
+"""End-to-end conversion of one checkpoint (PyTorch state dict, MXNet `.params` or a TF.js graph model's `model.json`)
+into a model directory."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from erasablemask_jax.convert import model_dir as model_dir_lib
 from erasablemask_jax.convert import mxnet
 from erasablemask_jax.convert import registry
 from erasablemask_jax.convert import state_dict as state_dict_lib
+from erasablemask_jax.convert import tfjs
 
 CONVERTER_VERSION = "1"
 
@@ -28,7 +30,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
   return digest.hexdigest()
 
 
-FORMAT_NAMES = {"torch": "PyTorch", "mxnet": "MXNet"}
+FORMAT_NAMES = {"torch": "PyTorch", "mxnet": "MXNet", "tfjs": "TensorFlow.js graph model"}
 # A wrong architecture mismatches most of its hundreds of tensors: the error gives the counts, the first few keys of
 # each kind, and the registered architecture the checkpoint matches best.
 LISTED_KEYS = 10
@@ -98,11 +100,28 @@ def _read_mxnet(spec: registry.ArchSpec, checkpoint: pathlib.Path,
 
 
 def _format_of(checkpoint: pathlib.Path) -> str:
+  if tfjs.is_graph_model(checkpoint):
+    return "tfjs"
   return "mxnet" if mxnet.is_params_file(checkpoint) else "torch"
 
 
+def _convert_tfjs(spec: registry.ArchSpec, checkpoint: pathlib.Path, source: dict[str, Any], input_name: str | None,
+                  output_name: str | None, preprocess: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads and checks a TF.js graph model and builds its program and variables (`spec.convert_graph`, which traces
+  the program once to find the output's shape; `fr.load` checks the saved variables against the program strictly)."""
+  graph = tfjs.read_graph_model(checkpoint)
+  state_dict_lib.check_finite(graph.weights, context=str(checkpoint))
+  variables, card = spec.convert_graph(graph, model_sha256=source["sha256"], input_name=input_name,
+                                       output_name=output_name, preprocess=preprocess)
+  source["weights"] = [{"file": f.name, "sha256": sha256_file(f)} for f in graph.shard_files]
+  source["format"] = "tfjs"
+  return variables, card
+
+
 def convert_checkpoint(arch: str, checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                       force: bool = False, symbol: str | os.PathLike[str] | None = None) -> pathlib.Path:
+                       force: bool = False, symbol: str | os.PathLike[str] | None = None, *,
+                       input_name: str | None = None, output_name: str | None = None,
+                       preprocess: str | None = None) -> pathlib.Path:
   """Converts `checkpoint` as architecture `arch` into `out_dir` (orbax variables + `card.json`).
 
   Every check (architecture known, output free, file readable and safe, graph consistent, values finite, strict
@@ -111,11 +130,15 @@ def convert_checkpoint(arch: str, checkpoint: str | os.PathLike[str], out_dir: s
   Args:
     arch: a registered architecture name (`registry.list_archs()`).
     checkpoint: `.pth`/`.pt`/`.ckpt` (read with `torch.load(weights_only=True)`) or `.safetensors` for PyTorch
-      architectures; an MXNet `PREFIX-EPOCH.params` for MXNet ones.
+      architectures; an MXNet `PREFIX-EPOCH.params` for MXNet ones; a TF.js graph model's `model.json` (its `.bin`
+      shards beside it) for `tfjs`.
     out_dir: destination directory.
     force: replace an existing `out_dir`.
     symbol: MXNet only: the `-symbol.json` to check the parameters against (default `PREFIX-symbol.json` beside the
       checkpoint, when it exists).
+    input_name, output_name, preprocess: TF.js only (`--input`, `--output`, `--preprocess`): the graph's image input,
+      its embedding output and how pixels are normalised (`fr.tfjs_graph.parse_preprocess`); a known graph brings its
+      own output and preprocessing.
 
   Returns:
     The written directory.
@@ -131,16 +154,26 @@ def convert_checkpoint(arch: str, checkpoint: str | os.PathLike[str], out_dir: s
         "the checkpoint was trained with")
   if symbol is not None and fmt != "mxnet":
     raise state_dict_lib.CheckpointError(f"--symbol {symbol}: only MXNet .params checkpoints have a symbol graph")
+  graph_options = {"--input": input_name, "--output": output_name, "--preprocess": preprocess}
+  given = [k for k, v in graph_options.items() if v is not None]
+  if given and fmt != "tfjs":
+    raise state_dict_lib.CheckpointError(f"{', '.join(given)}: only TF.js graph models have graph inputs, outputs "
+                                         "and a preprocessing to choose")
   context = f"--arch {arch}, checkpoint {checkpoint.name}"
   source: dict[str, Any] = {"file": checkpoint.name, "sha256": sha256_file(checkpoint)}
-  if fmt == "mxnet":
+  card_extra: dict[str, Any] = {}
+  if fmt == "tfjs":
+    variables, card_extra = _convert_tfjs(spec, checkpoint, source, input_name, output_name, preprocess)
+  elif fmt == "mxnet":
     state, extra = _read_mxnet(spec, checkpoint, pathlib.Path(symbol) if symbol is not None else None)
     source.update(extra, format="mxnet")
   else:
     state = state_dict_lib.read_state_dict(checkpoint)
     state_dict_lib.check_finite(state, context=str(checkpoint))
-  variables = convert_state_dict(arch, state, context=context, limit=LISTED_KEYS)
+  if fmt != "tfjs":
+    variables = convert_state_dict(arch, state, context=context, limit=LISTED_KEYS)
   card = dict(spec.card)
+  card.update(card_extra)
   card.update({
       "arch": arch,
       "source": source,

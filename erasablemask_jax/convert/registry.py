@@ -37,11 +37,16 @@ class ArchSpec:
       `{"params/...": array, "batch_stats/...": array}`.
     card: JSON-serialisable entries for `card.json` (preprocessing, embedding size, source repository, ...).
     description: one line for `--help` listings.
-    checkpoint_format: `"torch"` (`.pth`/`.pt`/`.ckpt`/`.safetensors` state dicts, `rename` takes torch names) or
-      `"mxnet"` (`.params` NDArray lists, `rename` takes `arg:NAME` / `aux:NAME`).
+    checkpoint_format: `"torch"` (`.pth`/`.pt`/`.ckpt`/`.safetensors` state dicts, `rename` takes torch names),
+      `"mxnet"` (`.params` NDArray lists, `rename` takes `arg:NAME` / `aux:NAME`) or `"tfjs"` (a TF.js graph
+      model's `model.json`, converted by `convert_graph`, not `rename`).
     symbol_layers: MXNet architectures only: returns the layers (`{name: {"op": ..., attr: value}}`, the form of
       `convert.mxnet.graph_layers`) that a `-symbol.json` of this architecture must hold; checked when a symbol is
       found beside the checkpoint or given.
+    from_card: for architectures whose module depends on the converted model (a TF.js graph): `from_card(card)` ->
+      `(module, input_shape)`; `build` and `input_shape` are then unused.
+    convert_graph: TF.js only: `convert_graph(graph_model, model_sha256=..., input_name=..., output_name=...,
+      preprocess=...)` -> `(variables, card entries)`.
   """
   name: str
   build: Callable[[], Any]
@@ -51,6 +56,16 @@ class ArchSpec:
   description: str = ""
   checkpoint_format: str = "torch"
   symbol_layers: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
+  from_card: Callable[[Mapping[str, Any]], tuple[Any, tuple[int, int, int]]] | None = None
+  convert_graph: Callable[..., tuple[dict[str, Any], dict[str, Any]]] | None = None
+
+  def module_for(self, card: Mapping[str, Any] | None = None) -> tuple[Any, tuple[int, int, int]]:
+    """`(module, input_shape)` of this architecture for a model card (the card matters only with `from_card`)."""
+    if self.from_card is not None:
+      if card is None:
+        raise ValueError(f"architecture {self.name!r} is built from a converted model's card; pass the card")
+      return self.from_card(card)
+    return self.build(), self.input_shape
 
 
 def register_arch(name: str, spec: ArchSpec, *, overwrite: bool = False) -> ArchSpec:

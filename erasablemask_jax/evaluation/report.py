@@ -42,7 +42,6 @@ import dataclasses
 import functools
 import logging
 import os
-import pathlib
 from typing import Any, Sequence
 
 import jax
@@ -81,7 +80,7 @@ class EvalModel:
 
   Attributes:
     key: its unique name in the tables and file names.
-    spec: as given (`DIR` or `bundled:NAME`).
+    spec: as given (`DIR`, `bundled:NAME` or `shared:NAME`).
     surrogate: the embedding function of faces at the generator's resolution (`fr.surrogates.Surrogate`).
     whitebox: one of the run's training surrogates.
     tau1: ASR threshold, or None when there is none at `fr.tau1_far` (`thresholds`).
@@ -111,10 +110,8 @@ def _load_surrogate(spec: str, input_crop: str, image_size: int):
 
 
 def _source_id(spec: str) -> str:
-  source = spec.partition("@")[0]
-  if source.startswith("bundled:"):
-    return str(fr.bundled_dir(source.removeprefix("bundled:")).resolve())
-  return str(pathlib.Path(source).resolve())
+  from erasablemask_jax.fr import real_models  # pylint: disable=g-import-not-at-top
+  return str(real_models.model_dir(spec).resolve())
 
 
 def load_eval_models(fr_specs: Sequence[str], blackbox_specs: Sequence[str], config,

@@ -8,9 +8,12 @@
 | mobilefacenet | foamliu/MobileFaceNet | 112x112 | ImageNet mean/std | 128 |
 | mobilefacenet_sphereface | Xiaoccer/MobileFaceNet_Pytorch | 112x96 (8 px cut off each side of a 112x112 crop) | (p-127.5)/128 | 128 |
 | mobileface_v2 | becauseofAI/MobileFace V2 (MXNet `.params` + `-symbol.json`) | 112x112 RGB | (p-127.5)/128 (in the graph) | 256 |
+| tfjs | any TF.js graph model (`model.json` + `.bin`); the known ones: HSE faceres / faceres-deep, MobileFace V3 | the graph's (224 / 112) | per model (`--preprocess`, or the known graph's: BGR minus Caffe means / pixels 0..255) | the output node's (1024 / 256) |
 
-All but `mobileface_v2` are PyTorch state dicts; `mobileface_v2` is MXNet (`checkpoint_format="mxnet"`), renamed
-by `convert.mxnet.mxnet_to_flax_flat` and checked against its symbol graph's layers (`mobileface_v2.mxnet_layers`).
+All but `mobileface_v2` and `tfjs` are PyTorch state dicts; `mobileface_v2` is MXNet (`checkpoint_format="mxnet"`),
+renamed by `convert.mxnet.mxnet_to_flax_flat` and checked against its symbol graph's layers
+(`mobileface_v2.mxnet_layers`); `tfjs` reads a TF.js graph with `convert.tfjs` and runs it with `fr.tfjs_graph` (its
+module is built from the graph program stored in the card).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from erasablemask_jax.fr import iresnet
 from erasablemask_jax.fr import irse
 from erasablemask_jax.fr import mobileface_v2
 from erasablemask_jax.fr import mobilefacenet
+from erasablemask_jax.fr import tfjs_graph
 from erasablemask_jax.fr.preprocess import FACENET_STANDARDISATION
 from erasablemask_jax.fr.preprocess import IMAGENET_MEAN
 from erasablemask_jax.fr.preprocess import IMAGENET_STD
@@ -97,6 +101,16 @@ def _register() -> None:
                  "becauseofAI/MobileFace MobileFace_Identification/MobileFace_Identification_V2", ARCFACE_ALIGNMENT),
       description="MobileFace V2 (becauseofAI/MobileFace, MXNet .params; MobileNetV2-style, ReLU6, 256-d)",
       checkpoint_format="mxnet", symbol_layers=mobileface_v2.mxnet_layers))
+  # Any TF.js graph model: the graph itself is the architecture (`fr.tfjs_graph`), stored in the card.
+  convert.register_arch(tfjs_graph.ARCH, convert.ArchSpec(
+      name=tfjs_graph.ARCH, build=_graph_needs_card, input_shape=(0, 0, 3), rename=_graph_needs_card,
+      description="a TensorFlow.js graph model (model.json + .bin shards), run by a jax.numpy interpreter of its ops",
+      checkpoint_format="tfjs", from_card=tfjs_graph.module_from_card, convert_graph=tfjs_graph.convert_graph))
+
+
+def _graph_needs_card(*_: Any) -> Any:
+  raise ValueError("a tfjs graph is built from its converted model card (`fr.tfjs_graph.module_from_card`), and "
+                   "converted from its model.json by `convert.convert_checkpoint`, not from a state dict")
 
 
 _register()

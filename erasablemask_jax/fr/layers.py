@@ -42,22 +42,31 @@ class DepthwiseConv(nn.Module):
       raise ValueError(f"depthwise conv expects {self.features} input channels, got {x.shape[-1]}")
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, 1, self.features), jnp.float32)
     xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    ho = (xp.shape[1] - kh) // sh + 1
-    wo = (xp.shape[2] - kw) // sw + 1
-    # Split xp into its sh x sw phases (space-to-depth), so that every tap is a unit-stride window of one phase: its
-    # transpose is then a plain pad rather than an interior (strided) pad, which XLA:CPU fuses badly.
-    n, hp, wp, c = xp.shape
-    hq, wq = -(-hp // sh), -(-wp // sw)
-    xp = jnp.pad(xp, ((0, 0), (0, hq * sh - hp), (0, wq * sw - wp), (0, 0)))
-    phases = xp.reshape(n, hq, sh, wq, sw, c)
-    y = None
-    for a in range(kh):
-      for b in range(kw):
-        patch = phases[:, a // sh:a // sh + ho, a % sh, b // sw:b // sw + wo, b % sw, :] * kernel[a, b, 0]
-        y = patch if y is None else y + patch
+    y = depthwise_taps(xp, kernel[:, :, 0], (sh, sw))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     return y
+
+
+def depthwise_taps(xp: jnp.ndarray, kernel: jnp.ndarray, strides: tuple[int, int]) -> jnp.ndarray:
+  """Depthwise conv of an already padded NHWC `xp` with `kernel (kh, kw, C)`, no padding added: a sum of shifted
+  products, `y[n, i, j, c] = sum_{a, b} xp[n, s*i + a, s*j + b, c] * kernel[a, b, c]`."""
+  kh, kw = kernel.shape[0], kernel.shape[1]
+  sh, sw = strides
+  ho = (xp.shape[1] - kh) // sh + 1
+  wo = (xp.shape[2] - kw) // sw + 1
+  # Split xp into its sh x sw phases (space-to-depth), so that every tap is a unit-stride window of one phase: its
+  # transpose is then a plain pad rather than an interior (strided) pad, which XLA:CPU fuses badly.
+  n, hp, wp, c = xp.shape
+  hq, wq = -(-hp // sh), -(-wp // sw)
+  xp = jnp.pad(xp, ((0, 0), (0, hq * sh - hp), (0, wq * sw - wp), (0, 0)))
+  phases = xp.reshape(n, hq, sh, wq, sw, c)
+  y = None
+  for a in range(kh):
+    for b in range(kw):
+      patch = phases[:, a // sh:a // sh + ho, a % sh, b // sw:b // sw + wo, b % sw, :] * kernel[a, b]
+      y = patch if y is None else y + patch
+  return y
 
 
 @jax.custom_jvp

@@ -24,6 +24,7 @@ import numpy as np
 from erasablemask_jax import convert
 from erasablemask_jax.fr import archs as _archs  # noqa: F401  (registers the architectures `load` looks up)
 from erasablemask_jax.fr import fold
+from erasablemask_jax.fr import tfjs_graph
 from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr.preprocess import Preprocessing
 from erasablemask_jax.fr.preprocess import preprocess
@@ -86,11 +87,15 @@ class Recogniser:
     `config.fr.fold_batchnorm`). Returns `self` when already folded."""
     if self.folded:
       return self
-    example = jax.ShapeDtypeStruct((1, *self.input_size, 3), jnp.float32)
+    if isinstance(self.module, tfjs_graph.GraphNet):  # a TF.js graph folds by rewriting itself
+      fold_fn = functools.partial(tfjs_graph.fold_graph_net, self.module)
+    else:
+      example = jax.ShapeDtypeStruct((1, *self.input_size, 3), jnp.float32)
+      fold_fn = lambda variables: fold.fold_batchnorm(self.module, variables, example)
     applies = []
 
     def folded(variables):
-      variables, net_apply = fold.fold_batchnorm(self.module, variables, example)
+      variables, net_apply = fold_fn(variables)
       applies.append(net_apply)
       return variables
 
@@ -186,7 +191,8 @@ def from_variables(arch: str, variables: Mapping[str, Any], card: Mapping[str, A
   full_card = dict(spec.card)
   full_card["arch"] = arch
   full_card.update(card or {})
-  return Recogniser(spec.build(), variables, full_card)
+  module, _ = spec.module_for(full_card)
+  return Recogniser(module, variables, full_card)
 
 
 def from_abstract(arch: str, card: Mapping[str, Any] | None = None) -> Recogniser:
@@ -223,12 +229,13 @@ def load(directory: str | os.PathLike[str]) -> Recogniser:
     raise convert.ModelDirError(f"{directory / convert.CARD_FILE} lacks {', '.join(missing)}: it was not written by "
                                 "the converter (or was edited); convert the checkpoint again")
   spec = convert.get_arch(card["arch"])
-  abstract = convert.abstract_init(spec.build(), spec.input_shape)
+  module, input_shape = spec.module_for(card)
+  abstract = convert.abstract_init(module, input_shape)
   variables = convert.strict_merge(
       convert.flatten_variables(variables), abstract, context=f"{directory}, card arch {card['arch']}", limit=5,
       hint="The saved variables are not those of the card's architecture: the folder was damaged or edited; convert "
            "the checkpoint again into a new folder.")
-  return Recogniser(spec.build(), variables, card, directory=directory)
+  return Recogniser(module, variables, card, directory=directory)
 
 
 def bundled_dir(name: str = "mobilefacenet") -> pathlib.Path:

@@ -1,6 +1,7 @@
 """The white-box surrogates of the attack and the target identity's embeddings.
 
-A surrogate spec is a converted FR directory (`tools.convert_torch_weights`) or `bundled:NAME`, optionally with a view
+A surrogate spec is a converted FR directory (`tools.convert_torch_weights`), `bundled:NAME` or `shared:NAME` (one of
+the six real models of ../shared/assets, converted once into a cache: `fr.real_models`), optionally with a view
 suffix: `@flip` scores the mirrored image. A mirrored view of one network is a different function of `x_adv` and lets
 the demo run the meta-auxiliary attack (which needs K >= 2 surrogates) with the single bundled network; real runs list
 different networks.
@@ -16,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from erasablemask_jax.fr import real_models
 from erasablemask_jax.fr import thresholds
 from erasablemask_jax.fr import views
 from erasablemask_jax import convert
@@ -54,19 +56,22 @@ class Surrogate:
 
 def load_surrogate(spec: str, input_crop: str = "none", image_size: int | None = None,
                    fold_batchnorm: bool = False) -> Surrogate:
-  """`DIR`, `bundled:NAME`, each optionally `@flip`; `input_crop` as `config.fr.input_crop`; `image_size` the side of
-  the faces it will score (names its view); `fold_batchnorm` as `config.fr.fold_batchnorm` (`Recogniser.fold_batchnorm`:
-  the same function, faster to differentiate)."""
+  """`DIR`, `bundled:NAME`, `shared:NAME`, each optionally `@flip`; `input_crop` as `config.fr.input_crop`;
+  `image_size` the side of the faces it will score (names its view); `fold_batchnorm` as `config.fr.fold_batchnorm`
+  (`Recogniser.fold_batchnorm`: the same function, faster to differentiate)."""
   views.check_input_crop(input_crop)
   source, _, mirror = spec.partition("@")
   if mirror not in VIEWS:
     raise ValueError(f"FR model {spec!r}: unknown view {mirror!r}; use one of {[v for v in VIEWS if v]} or none")
   if source.startswith("bundled:"):
     recogniser = load_bundled(source.removeprefix("bundled:"))
+  elif source.startswith(real_models.PREFIX):
+    recogniser = load(real_models.model_dir(source))
   else:
     if not pathlib.Path(source).is_dir():
       raise FileNotFoundError(f"FR model {spec!r}: no converted FR directory at {source}; convert a checkpoint with "
-                              "`python -m tools.convert_torch_weights` or use bundled:mobilefacenet")
+                              "`python -m tools.convert_torch_weights`, or use bundled:mobilefacenet or shared:NAME "
+                              f"({', '.join(real_models.REAL_MODELS)})")
     recogniser = load(source)
   if fold_batchnorm:
     recogniser = recogniser.fold_batchnorm()
