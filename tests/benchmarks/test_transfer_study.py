@@ -155,3 +155,21 @@ def test_score_run_refuses_a_folder_that_is_not_a_run(study, capsys):
   work, _, _ = study
   assert score_run.main([str(work / "models"), "--cache", str(work), "--out", str(work / "x.json")]) == 2
   assert "not a training run" in capsys.readouterr().err and not (work / "x.json").exists()
+
+
+def test_second_order_study_measures_the_hessian_term_against_the_inner_step(study):
+  """benchmarks/second_order_study.py on the tiny study's meta-auxiliary stage 2: K = 3 and K = 2, two inner rates."""
+  from benchmarks import second_order_study
+
+  work, _, _ = study
+  out = work / "second_order.json"
+  run = work / "stage2_meta_auxiliary_study_bb-mobileface_v3_tiny"
+  assert second_order_study.main([str(run), "--multiples", "1,1000", "--batch-size", "2", "--out", str(out)]) == 0
+  rows = {(r["k"], r["lr_inner_over_lr"]): r for r in json.loads(out.read_text())["rows"]}
+  assert set(rows) == {(3, 1.0), (3, 1000.0), (2, 1.0), (2, 1000.0)}
+  for k in (2, 3):
+    small, big = rows[k, 1.0], rows[k, 1000.0]
+    assert big["inner_step"] == pytest.approx(1000 * small["inner_step"], rel=1e-4)  # SGD: proportional to lr_inner
+    assert big["hessian_share"] > small["hessian_share"] >= 0.0  # the second-order term grows with the inner step
+    assert -1.0 <= big["cos_meta_first_order"] <= 1.0 + 1e-6 and -1.0 <= big["cos_meta_ensemble"] <= 1.0 + 1e-6
+  assert second_order_study.main([str(work / "nothing"), "--out", str(work / "x.json")]) == 2
