@@ -167,8 +167,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` naming every size or count of `POSITIVE_KEYS` (`NON_NEGATIVE_KEYS`) that is <= 0 (< 0).
 
   Also `mesh.data` (-1 or 0: every device, else a device count) below -1, a `mesh.state` not in `MESH_STATES`, and an
-  `image_size` that the encoder's
-  `model.enc_layers` stride-2 layers cannot halve down to whole pixels (the decoder would not come back to it).
+  `image_size` that the encoder's `model.enc_layers` stride-2 layers cannot halve down to whole pixels (the decoder
+  would not come back to it).
   """
   flat = dict(_leaves(config))
   bad = [f"{k}={flat[k]!r} (must be >= 1)" for k in POSITIVE_KEYS if k in flat and not _at_least(flat[k], 1)]

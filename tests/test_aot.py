@@ -79,18 +79,22 @@ STAGE_KEYS = {"stage", "per_chip_bytes", "chip_bytes", "fits", "flops", "bytes_a
 
 @pytest.mark.skipif(not HAVE_LIBTPU, reason='libtpu is not installed: pip install -e ".[tpu]" (the `tpu` extra) to '
                     "compile for TPU topologies")
-@pytest.mark.parametrize("topology, chips, hosts", [("v5e:2x2", 4, 1), ("v4:2x2x2", 8, 2)])
-def test_tiny_config_with_the_attack_compiles_for_one_and_two_hosts(tmp_path, topology, chips, hosts):
+@pytest.mark.parametrize("topology, chips, hosts, programs", [
+    ("v5e:2x2", 4, 1, "1,2,3,protect,restore"),
+    ("v4:2x2x2", 8, 2, "2"),  # the attack's step across two hosts (each program costs CI minutes)
+])
+def test_tiny_config_with_the_attack_compiles_for_one_and_two_hosts(tmp_path, topology, chips, hosts, programs):
   out = tmp_path / "compile.json"
   cmd = [sys.executable, "-m", "erasablemask_jax.cli", "compile", "--config", "smoke", "--topology", topology,
-         "--out", str(out), "--no-compile-cache", ATTACK_ON, "--config.data.batch_size=8"]
+         "--out", str(out), "--programs", programs, ATTACK_ON, "--config.data.batch_size=8"]
   proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-                        timeout=1500, check=False)
+                        timeout=3000, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "could not determine" not in proc.stderr and "host bounds" not in proc.stderr, proc.stderr[-2000:]
   report = json.loads(out.read_text())
   assert (report["topology"], report["chips"], report["hosts"]) == (topology, chips, hosts)
-  assert [s["stage"] for s in report["stages"]] == [1, 2, 3]
+  stages = [p for p in programs.split(",") if p.isdigit()]
+  assert [s["stage"] for s in report["stages"]] == [int(p) for p in stages]
   for stage in report["stages"]:
     assert STAGE_KEYS <= set(stage), stage["stage"]
     assert set(stage["per_chip_bytes"]) == {"argument", "output", "temp", "alias", "total"}
@@ -99,7 +103,8 @@ def test_tiny_config_with_the_attack_compiles_for_one_and_two_hosts(tmp_path, to
     assert stage["flops"] > 0 and stage["roofline_s"] > 0
     # The replicated state's gradients are summed over the chips.
     assert any(c["op"] == "all-reduce" and c["bytes"] > 0 for c in stage["collectives"]), stage["collectives"]
-  flops = {s["stage"]: s["flops"] for s in report["stages"]}
-  assert flops[2] > max(flops[1], flops[3])  # stage 2 differentiates through the surrogates (second order)
-  assert {f["function"] for f in report["functions"]} == {"protect", "restore"}
+  if len(stages) == 3:
+    flops = {s["stage"]: s["flops"] for s in report["stages"]}
+    assert flops[2] > max(flops[1], flops[3])  # stage 2 differentiates through the surrogates (second order)
+    assert {f["function"] for f in report["functions"]} == {"protect", "restore"}
   assert "stage 2" in proc.stdout and "roofline" in proc.stdout

@@ -1,0 +1,162 @@
+"""The paper's setting and the study's on TPU slices, compiled ahead of time on this CPU (`erasablemask compile`).
+
+For each setting and topology it runs `erasablemask compile` in its own process (libtpu must be installed: the `tpu`
+extra), one after the other, each writing its JSON under `--runs-dir` as each program finishes; a rerun keeps what is
+there and compiles only what is missing, so the whole sweep can be stopped and resumed. It then collects
+`benchmarks/pod_compile.json` (`runs`: each with `config`, `topology` as passed, and the compile's `stages`) and prints
+the README table: per-chip HBM and roofline time per stage, the implied wall time of the paper's 200/100/50 epochs of
+CelebA-HQ (30,000 faces), the largest per-chip batch that fits (the step's temporaries scaled linearly from the one
+compiled batch, an extrapolation), and the collectives' share of the step; beside it the same estimate for one
+H100 / H200 from the slice's total FLOPs and bytes (an estimate: no GPU compile).
+
+    python -m benchmarks.pod_compile                      # everything below (hours on a 2-core CPU)
+    python -m benchmarks.pod_compile --only paper --topologies v5e:4x4
+    python -m benchmarks.pod_compile --summary-only       # re-read the runs, rewrite the JSON and the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from benchmarks import results
+from erasablemask_jax import aot
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# name: (config, overrides, --surrogate-archs). The paper's three white-box surrogates; the study's fold of two.
+SETTINGS = {
+    "paper": ("celebahq_paper", [], "ir_152,ir_se_50,mobilefacenet"),
+    "study": ("transfer_study", ['--config.fr.surrogates=("fr/xiaoccer","bundled:mobilefacenet")'],
+              "mobilefacenet_sphereface,mobilefacenet"),
+}
+# Cloud TPU names -> topologies: v5e-8 (one host of 8 chips), v5e-16 (4 hosts), v4-16 (8 chips), v5p-8, v6e-8.
+BATCH = {"paper": 32, "study": 8}  # the configs' global batches
+TOPOLOGIES = {"v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v4-16": "v4:2x2x2", "v5p-8": "v5p:2x2x1", "v6e-8": "v6e:2x4"}
+EPOCHS = {1: 200, 2: 100, 3: 50}  # the paper's schedule
+FACES = 30_000  # CelebA-HQ
+
+
+def run_path(runs_dir: pathlib.Path, setting: str, topology: str) -> pathlib.Path:
+  return runs_dir / f"{setting}__{topology.replace(':', '-')}.json"
+
+
+def compile_one(setting: str, topology: str, runs_dir: pathlib.Path, batch: int | None, timeout: float) -> int:
+  """`erasablemask compile` of one setting on one topology, resuming whatever `runs_dir` already holds."""
+  config, overrides, archs = SETTINGS[setting]
+  extra = [f"--config.data.batch_size={batch}"] if batch else []
+  cmd = [sys.executable, "-m", "erasablemask_jax.cli", "compile", "--config", config, "--topology", topology,
+         "--surrogate-archs", archs, "--programs", "1,2,3", "--out", str(run_path(runs_dir, setting, topology)),
+         *overrides, *extra]
+  print("$", " ".join(cmd), flush=True)
+  try:
+    return subprocess.run(cmd, cwd=ROOT, timeout=timeout, check=False).returncode
+  except subprocess.TimeoutExpired:
+    print(f"{setting} {topology}: stopped after {timeout:.0f} s; rerun to resume", flush=True)
+    return 124
+
+
+def derived(run: dict) -> dict:
+  """Training-time estimates of one compiled run (per stage and in all)."""
+  chips, batch = run["chips"], run["global_batch"]
+  steps_per_epoch = math.ceil(FACES / batch)
+  out = {"steps_per_epoch": steps_per_epoch, "stages": {}}
+  total = 0.0
+  for s in run["stages"]:
+    m = s["per_chip_bytes"]
+    per_chip = batch // chips
+    fixed = m["argument"] + m["output"] - m["alias"]  # state, surrogates and batch: resident whatever the batch
+    largest = (math.floor((s["chip_bytes"] - fixed) / (m["temp"] / per_chip))
+               if m["temp"] > 0 and s["chip_bytes"] > fixed else None)
+    wall = (s["roofline_s"] + s["collective_s"]) * steps_per_epoch * EPOCHS[s["stage"]]
+    total += wall
+    gpu = {}
+    for name, chip in aot.GPUS.items():  # the whole global batch on one GPU: every chip's work on one
+      seconds = max(s["flops"] * chips / chip.peak_flops, s["bytes_accessed"] * chips / chip.hbm_bandwidth)
+      gpu[name] = {"step_s": seconds, "wall_h": seconds * steps_per_epoch * EPOCHS[s["stage"]] / 3600}
+    out["stages"][s["stage"]] = {"hbm_gib": m["total"] / 2**30, "fits": s["fits"], "roofline_s": s["roofline_s"],
+                                 "collective_share": s["collective_share"], "wall_h": wall / 3600,
+                                 "largest_per_chip_batch": largest, "gpu_estimate": gpu}
+  out["wall_h"] = total / 3600
+  return out
+
+
+def collect(runs_dir: pathlib.Path, settings, topologies) -> dict:
+  runs = []
+  for setting in settings:
+    for topology in topologies:
+      path = run_path(runs_dir, setting, topology)
+      if not path.is_file():
+        continue
+      run = json.loads(path.read_text())
+      runs.append({"setting": setting, "config": run["config"], "overrides": run["overrides"], "topology": topology,
+                   **{k: run[k] for k in ("chip", "chips", "hosts", "global_batch", "mesh_state", "surrogates",
+                                          "stages")},
+                   "complete": len(run["stages"]) == 3,
+                   "derived": derived(run) if run["stages"] else None})
+  return {"runs": runs}
+
+
+def table(report: dict) -> str:
+  lines = ["| setting | slice | chips / hosts | stage | HBM GiB / chip | fits | roofline step | collectives | "
+           "wall time of its epochs | largest batch / chip | 1x H100 / H200 (estimate) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for run in report["runs"]:
+    d = run["derived"] or {"stages": {}}
+    for s in run["stages"]:
+      e = d["stages"][s["stage"]]
+      gpu = e["gpu_estimate"]
+      lines.append(
+          f"| {run['setting']} (batch {run['global_batch']}) | {run['topology']} | {run['chips']} / {run['hosts']} | "
+          f"{s['stage']} | {e['hbm_gib']:.2f} | {'yes' if e['fits'] else 'no'} | {e['roofline_s'] * 1e3:.1f} ms | "
+          f"{e['collective_share']:.0%} | {e['wall_h']:.1f} h ({EPOCHS[s['stage']]} ep.) | "
+          f"{e['largest_per_chip_batch'] if e['largest_per_chip_batch'] is not None else '-'} | "
+          f"{gpu['h100']['wall_h']:.1f} / {gpu['h200']['wall_h']:.1f} h |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--only", default=",".join(SETTINGS), help=f"settings: {','.join(SETTINGS)}")
+  ap.add_argument("--topologies", default=",".join(TOPOLOGIES.values()),
+                  help=f"topologies ({', '.join(f'{k} = {v}' for k, v in TOPOLOGIES.items())})")
+  ap.add_argument("--runs-dir", default="benchmarks/pod_compile_runs", help="one JSON per setting and topology")
+  ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per compile process")
+  ap.add_argument("--summary-only", action="store_true")
+  ap.add_argument("--out", default="benchmarks/pod_compile.json")
+  args = ap.parse_args(argv)
+  settings, topologies = args.only.split(","), args.topologies.split(",")
+  unknown = [s for s in settings if s not in SETTINGS]
+  if unknown:
+    ap.error(f"--only: unknown {unknown}; choose from {list(SETTINGS)}")
+  runs_dir = pathlib.Path(args.runs_dir)
+  runs_dir.mkdir(parents=True, exist_ok=True)
+  load = os.getloadavg()
+  started = time.perf_counter()
+  if not args.summary_only:
+    for setting in settings:
+      for topology in topologies:
+        chips = math.prod(int(n) for n in topology.split(":")[1].split("x"))
+        batch = BATCH[setting]  # the study's 8 does not divide over 16 chips: one face per chip there
+        compile_one(setting, topology, runs_dir, chips if batch % chips else None, args.timeout)
+        write(args, settings, topologies, runs_dir, load)
+  report = write(args, settings, topologies, runs_dir, load)
+  print(table(report))
+  print(f"wrote {args.out} ({time.perf_counter() - started:.0f} s)")
+  return 0
+
+
+def write(args, settings, topologies, runs_dir, load) -> dict:
+  report = collect(runs_dir, settings, topologies)
+  results.write_json(args.out, {"machine": results.machine(load), "command": results.command("pod_compile", None),
+                                **report})
+  return report
+
+
+if __name__ == "__main__":
+  sys.exit(main())
