@@ -46,7 +46,10 @@ ASSETS = pathlib.Path(os.environ.get("ERASABLEMASK_ASSETS", REPO.parent / "share
 CELEBA = ASSETS / "images" / "celeba_wild_identities"
 KINDS = ("meta_auxiliary", "first_order", "ensemble")
 BASELINES = ("clean", "edit", "fgsm", "pgd")
-# Each FR model: how to get a converted directory (bundled, or converted from ../shared/assets into the workdir).
+# Each FR model: how to get a converted directory (bundled, converted from ../shared/assets into the workdir, or
+# ("shared", NAME): `shared:NAME` of `erasablemask_jax.fr.real_models`, converted once into ~/.cache/erasablemask/fr,
+# e.g. "faceres": ("shared", "faceres"), "faceres_deep": ("shared", "faceres_deep"),
+# "mobileface_v3": ("shared", "mobileface_v3"), the TF.js models).
 MODELS = {
     "mobileface_v2": ("mobileface_v2", ASSETS / "models/becauseofai_mobileface_v2/MobileFace_Identification_V2-0000.params"),
     "xiaoccer": ("mobilefacenet_sphereface", ASSETS / "models/xiaoccer_mobilefacenet_068.ckpt"),
@@ -119,8 +122,8 @@ def prepare_models(workdir: pathlib.Path) -> dict[str, str]:
 
   specs = {}
   for name, (arch, source) in MODELS.items():
-    if arch == "bundled":
-      specs[name] = f"bundled:{source}"
+    if arch in ("bundled", "shared"):
+      specs[name] = f"{arch}:{source}"
       continue
     out = workdir / "models" / name
     if not (out / "card.json").is_file():
