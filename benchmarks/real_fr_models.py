@@ -8,7 +8,7 @@ For each model (`fr.real_models`, loaded as `shared:NAME`, converted once into t
    43216 impostor pairs) as they are (the model's own preprocessing upscales 112 to 224 for faceres: bilinear,
    half-pixel centres): AUC, TAR and thresholds at FAR 0.1 / 0.01 / 0.001, the figures MANIFEST.md quotes;
 2. the transfer study's view (`loose_to_arcface@128`): the same photos aligned by our MTCNN to loose 128 crops
-   (`benchmarks/transfer_study.prepare_faces`, cached in `--workdir`) and seen through the ArcFace box, the view whose
+   (`benchmarks/study_scoring.prepare_faces`, cached in `--workdir`) and seen through the ArcFace box, the view whose
    thresholds the study uses;
 3. seconds per embedding on the 296 crops at batch 32 (steady state, and the first pass with compilation), unfolded and
    with `fold_batchnorm` (the trainer's default);
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
   load_start = os.getloadavg()
   prepared = calibration.prepare_pairs(assets / FACES, assets / IDENTITIES)
   images = np.stack(calibration.load_faces(prepared["paths"]))
-  from benchmarks import transfer_study  # the study's own aligned faces, so the study view is the study's
-  loose = transfer_study.prepare_faces(pathlib.Path(args.workdir), 128, 0)
+  from benchmarks import study_scoring  # the study's own aligned faces, so the study view is the study's
+  loose = study_scoring.prepare_faces(pathlib.Path(args.workdir), 128, 0)
   out = pathlib.Path(args.out)
   rows = json.loads(out.read_text())["models"] if out.is_file() else {}  # other models' rows are kept
   for name in args.models.split(","):
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
       card = recogniser.card
       faces_note = {"arcface112": f"shared assets {FACES} (296 CelebA crops, 74 identities)",
                     STUDY_VIEW: "shared assets images/celeba_wild_identities aligned by our MTCNN to the loose "
-                                "template at 128 (benchmarks/transfer_study.py prepare_faces), seen through the "
+                                "template at 128 (benchmarks/study_scoring.py prepare_faces), seen through the "
                                 "ArcFace box"}
       for view in ("arcface112", STUDY_VIEW):
         v = row["views"][view]

@@ -19,3 +19,4 @@ from erasablemask_jax.fr.recogniser import from_variables
 from erasablemask_jax.fr.recogniser import l2_normalise
 from erasablemask_jax.fr.recogniser import load
 from erasablemask_jax.fr.recogniser import load_bundled
+from erasablemask_jax.fr import real_models  # noqa: E402,F401  (`shared:NAME`: the real models of ../shared/assets)

@@ -101,3 +101,20 @@ def test_batched_surrogates_is_the_same_fr_work(tmp_path):
   for what, row in rows.items():
     assert row["max_rel_diff"] < 1e-4, what
     assert len(row["separate_s_per_round"]) == 2 and row["batched_over_separate"] > 0
+
+
+@pytest.mark.assets
+def test_fr_throughput_times_a_real_model(assets_dir, tmp_path, monkeypatch):
+  """`--real NAME` times a real model (`shared:NAME`) unfolded and folded, with no torch side."""
+  pytest.importorskip("torch")
+  from benchmarks import fr_throughput  # pylint: disable=g-import-not-at-top
+
+  del assets_dir
+  monkeypatch.setenv("ERASABLEMASK_FR_CACHE", str(tmp_path / "cache"))
+  out = tmp_path / "fr_real.json"
+  assert fr_throughput.main(["--archs", "", "--real", "mobileface_v3", "--batch", "2", "--rounds", "2", "--iters", "1",
+                             "--threads", "1", "--out", str(out)]) == 0
+  report = json.loads(out.read_text())
+  (row,) = report["real_models"]
+  assert report["results"] == [] and row["model"] == "mobileface_v3" and row["input_size"] == [112, 112]
+  assert len(row["s_per_round"]["folded"]) == 2 and row["folded_max_abs_diff"] < 1e-5 and row["ms_per_image"] > 0
