@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from erasablemask_jax import attack as attack_lib
@@ -181,9 +182,7 @@ class Trainer:
     if step is None:
       return self.init_state()
     if self.checkpoints.latest_step() != step:  # newer damaged steps were set aside: list the folder again
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
+      if jax.process_count() > 1:  # the first host renamed them
         multihost_utils.sync_global_devices("damaged checkpoints set aside")
       self.checkpoints.reload()
     self.source.set_state(restored["data"])
@@ -201,6 +200,8 @@ class Trainer:
       error = preemption.save_error(e, step, self.workdir / "checkpoints", last)
       if error is None:
         raise
+      # The save's other writes failed the same way; asyncio would print each one's traceback as it is collected.
+      logging.getLogger("asyncio").setLevel(logging.CRITICAL)
       raise error from e
 
   def report_faces(self) -> dict[str, Any]:
