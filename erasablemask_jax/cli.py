@@ -10,7 +10,7 @@ otherwise) and `--no-compile-cache` (by default compiled XLA programs are cached
 compiles; `JAX_COMPILATION_CACHE_DIR` chooses another folder).
 
 Errors end a command with one line on stderr: exit status 2 for a usage or config error, 1 for a runtime one (a missing
-file, a full disk, ...); 130 after Ctrl-C.
+file, a full disk, ...); 130 after Ctrl-C (`erasablemask train`: 143 after SIGTERM, with the step it saved).
 """
 
 from __future__ import annotations

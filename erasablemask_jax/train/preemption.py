@@ -204,10 +204,7 @@ _ADVICE = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space", err
 def save_error(error: BaseException, step: int, checkpoints: pathlib.Path,
                last_step: int | None) -> CheckpointSaveError | None:
   """The one-line error for a save of `step` that failed with `error`, or None when it is not the file system's."""
-  code = error.errno if isinstance(error, OSError) else None
-  match = re.search(r"os_error_code='?(\d+)", str(error))  # tensorstore's errors carry the errno this way
-  if code is None and match:
-    code = int(match[1])
+  code = _errno(error)
   if code is None:
     return None
   reason = os.strerror(code)
@@ -219,3 +216,37 @@ def save_error(error: BaseException, step: int, checkpoints: pathlib.Path,
             f"step {last_step}")
   return CheckpointSaveError(code, str(checkpoints / str(step)),
                              f"cannot save the checkpoint at step {step} in {checkpoints} ({reason}); {rest}")
+
+
+@contextlib.contextmanager
+def file_system_errors_in_one_line() -> Iterator[None]:
+  """While saving, orbax's threads log a write the file system refused with its whole traceback; keep their message.
+
+  The save then raises `CheckpointSaveError`, one line; asyncio would also print the traceback of each of the save's
+  other writes, which failed the same way, as their tasks are collected, so it is quieted once a save failed.
+  """
+  quiet = _WithoutFileSystemTracebacks()
+  logging.getLogger("absl").addFilter(quiet)
+  try:
+    yield
+  except Exception as e:
+    if _errno(e) is not None:
+      logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    raise
+  finally:
+    logging.getLogger("absl").removeFilter(quiet)
+
+
+class _WithoutFileSystemTracebacks(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and _errno(record.exc_info[1]) is not None:
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def _errno(error: BaseException | None) -> int | None:
+  """The errno of a file-system failure: an `OSError`'s, or the one tensorstore writes into its `ValueError`s."""
+  if isinstance(error, OSError) and error.errno is not None:
+    return error.errno
+  match = re.search(r"os_error_code='?(\d+)", str(error)) if isinstance(error, (ValueError, RuntimeError)) else None
+  return int(match[1]) if match else None

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from erasablemask_jax.attack import end_epoch
 from erasablemask_jax.config import ConfigError
@@ -152,9 +153,7 @@ class Trainer:
     if step is None:
       return self.init_state()
     if self.checkpoints.latest_step() != step:  # newer damaged steps were set aside: list the folder again
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
+      if jax.process_count() > 1:  # the first host renamed them
         multihost_utils.sync_global_devices("damaged checkpoints set aside")
       self.checkpoints.reload()
     self.source.set_state(restored["data"])
@@ -165,9 +164,10 @@ class Trainer:
     """Saves `step` and waits until it is complete; a file system that refuses it raises `CheckpointSaveError`."""
     last = self.checkpoints.latest_step()
     try:
-      self.checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                          data=ocp.args.JsonSave(self.source.get_state())), force=True)
-      self.checkpoints.wait_until_finished()
+      with preemption.file_system_errors_in_one_line():
+        self.checkpoints.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(self.source.get_state())), force=True)
+        self.checkpoints.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       error = preemption.save_error(e, step, self.workdir / "checkpoints", last)
       if error is None:
@@ -194,18 +194,18 @@ class Trainer:
       on_step: optional `callback(step)` after each completed (and, when due, saved) step.
     """
     schedule = self.schedule
-    state = self.restore_or_init()
-    step = int(state.step)
-    self.writer.drop_after(step)  # rows a killed run logged after its last checkpoint are logged again
-    if self.is_chief:
-      self.workdir.mkdir(parents=True, exist_ok=True)
-      (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
     multihost = jax.process_count() > 1
-    with (_progress(schedule.total, step, self.is_chief) as progress,
-          preemption.stop_on_signals(self.checkpoints, multihost) as stop,
-          preemption.stop_when_a_host_is_lost(self.checkpoints, self.workdir / "checkpoints", multihost)):
-      state = self._loop(state, step, progress, on_step, stop)
-    self.checkpoints.wait_until_finished()
+    with preemption.stop_when_a_host_is_lost(self.checkpoints, self.workdir / "checkpoints", multihost):
+      state = self.restore_or_init()
+      step = int(state.step)
+      self.writer.drop_after(step)  # rows a killed run logged after its last checkpoint are logged again
+      if self.is_chief:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
+      with (_progress(schedule.total, step, self.is_chief) as progress,
+            preemption.stop_on_signals(self.checkpoints, multihost) as stop):
+        state = self._loop(state, step, progress, on_step, stop)
+      self.checkpoints.wait_until_finished()
     self.writer.close()
     return state
 

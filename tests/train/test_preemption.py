@@ -1,4 +1,4 @@
-"""The one-line errors of `train.preemption`: which failures are a lost host, which a refused save, and what they say."""
+"""The one-line errors of `train.preemption`: which failures are a lost host or a refused save, and what they say."""
 
 import errno
 import pathlib
