@@ -206,3 +206,14 @@ def test_the_demo_finds_the_held_out_originals(assets_dir):
                                     assets_dir)
   assert sorted(got) == ["deepface_img12.png", "deepface_img16.png", "facenet_paul_rudd.png"]
   assert got["deepface_img12.png"].name == "img12.jpg"
+
+
+def test_existing_photo_outputs_are_refused_before_any_work(photo_run, tiny_run, capsys):
+  before = {p: p.read_bytes() for p in photo_run["out"].iterdir()}
+  assert _protect(tiny_run, photo_run["in"], photo_run["out"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert "output file(s) exist" in err and "--force" in err and len(err.splitlines()) == 1
+  assert {p: p.read_bytes() for p in photo_run["out"].iterdir()} == before
+  rc = cli.main(["erase", "--workdir", str(tiny_run), "--in", str(photo_run["out"]), "--out",
+                 str(photo_run["restored"]), "--source-attrs", "bits:0000000000000"])
+  assert rc == 2 and "a photo's faces need its sidecar" in capsys.readouterr().err
