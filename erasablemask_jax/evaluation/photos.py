@@ -281,8 +281,9 @@ def evaluate_photos(run: Run, photos_dir: str | os.PathLike[str], models: Sequen
     images["shared.clean"] = share(images["clean"])
     images["shared.adv"] = shared_adv
     for kind in ("shared.clean", "shared.adv"):
-      scaled = [b * record["shared_scale"] for b in boxes]
-      crops[kind] += _found_crops(images[kind], scaled, size, template)[0]
+      found = _found_crops(images[kind], [b * record["shared_scale"] for b in boxes], size, template)[0]
+      crops[kind] += found
+      record[f"lost_{kind}"] = int(sum(c is None for c in found))
   photos_lib.erase_photos(run, folders["shared/protected"], folders["shared/restored"], progress=progress)
   for path, record in zip(sidecars, records):
     stem = str(path.relative_to(folders["protected"]).with_suffix(""))

@@ -250,6 +250,7 @@ def protect_photos(run: Run, in_dir: str | os.PathLike[str], out_dir: str | os.P
   with _progress(len(photos), "protect", progress) as bar:
     for ph in photos:
       n = len(ph["faces"])
+      # Read again rather than kept from the detection pass: a folder of 12-megapixel photos is never all in memory.
       image = image_io.read_image(ph["path"], ph["rel"])
       out, _ = protect_faces(run, image, [f.transform for f in ph["faces"]], att_b[start:start + n], options.feather)
       faces = [{**f.to_json(), "att_a": [int(v) for v in att_a[start + j]], "att_a_source": sources[start + j],

@@ -182,7 +182,8 @@ def test_evaluate_photos_scores_the_end_to_end_path(tiny_run, assets_dir, tmp_pa
   assert report["changed_outside_faces"]["max"] == {"adv": 0.0, "rec": 0.0}  # PNG: not one pixel outside
   assert set(report["lost"]) == {"clean", "adv", "rec", "shared.clean", "shared.adv", "shared.rec"}
   assert report["lost"]["clean"] == 0
-  m = report["models"]["mobilefacenet"]
+  assert all(len(report["lost_faces"][k]) == n for k, n in report["lost"].items())  # one face per photo: named
+  (m,) = report["models"].values()
   for where in ("photos", "shared"):
     for rate in ("asr", "esr", "smr", "irr"):
       assert 0.0 <= m[where][rate] <= 1.0
@@ -205,3 +206,14 @@ def test_the_demo_finds_the_held_out_originals(assets_dir):
                                     assets_dir)
   assert sorted(got) == ["deepface_img12.png", "deepface_img16.png", "facenet_paul_rudd.png"]
   assert got["deepface_img12.png"].name == "img12.jpg"
+
+
+def test_existing_photo_outputs_are_refused_before_any_work(photo_run, tiny_run, capsys):
+  before = {p: p.read_bytes() for p in photo_run["out"].iterdir()}
+  assert _protect(tiny_run, photo_run["in"], photo_run["out"]) == 1
+  err = capsys.readouterr().err.strip()
+  assert "output file(s) exist" in err and "--force" in err and len(err.splitlines()) == 1
+  assert {p: p.read_bytes() for p in photo_run["out"].iterdir()} == before
+  rc = cli.main(["erase", "--workdir", str(tiny_run), "--in", str(photo_run["out"]), "--out",
+                 str(photo_run["restored"]), "--source-attrs", "bits:0000000000000"])
+  assert rc == 2 and "a photo's faces need its sidecar" in capsys.readouterr().err
