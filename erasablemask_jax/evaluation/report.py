@@ -26,8 +26,8 @@ run's image size, e.g. `loose_to_arcface@128`): its card's calibration of that v
 else with `fr.threshold_source="peer_default"` the peers' published one, each labelled in the report
 (`fr.thresholds.lookup`); no threshold makes the rates "not available", never a made-up number. The clean face has
 no SMR / IRR (its source is itself: both trivially 1). Table V applies each evaluation transform T (seeded:
-`rng = fold_in(PRNGKey(seed), index of T)`) to x_adv: ASR and SMR of T(x_adv), ESR and IRR of R(T(x_adv), att_a)
-(rounded). Table VI: L1, MSE (on [0, 1]), LPIPS and FID of x_adv against x_edit and of x_rec against x.
+`rng = fold_in(PRNGKey(seed), index of T)`) to the published x_adv and rounds T(x_adv) to uint8 in turn (the image a
+re-encoded, noised or rotated copy of the PNG would be): ASR and SMR of it, ESR and IRR of R(it, att_a) (rounded). Table VI: L1, MSE (on [0, 1]), LPIPS and FID of x_adv against x_edit and of x_rec against x.
 
 Written to the report folder: `report.json`, `report.md`, `embeddings/<model>.npz` (keys `clean`, `edit`, `adv`,
 `rec`, `fgsm`, `pgd`, `<T>.adv`, `<T>.rec`: [N, D] unit embeddings, `clean` being the sources; `target`: [M, D];
@@ -267,7 +267,7 @@ def _transformed(run: Run, x_adv: np.ndarray, att_a: np.ndarray, transforms: Seq
   for i, name in enumerate(transforms):
     try:
       fn = noise.get_eval_transform(name)
-      adv_t = np.asarray(fn(jax.numpy.asarray(x_adv), jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+      adv_t = published(np.asarray(fn(jax.numpy.asarray(x_adv), jax.random.fold_in(jax.random.PRNGKey(seed), i))))
     except ValueError as e:
       out[name] = availability.Unavailable(f"{name} does not apply to {x_adv.shape[1]}x{x_adv.shape[2]} faces: {e}")
       continue
