@@ -30,7 +30,7 @@ import pytest
 
 import tiny
 from erasablemask_jax.attack import make_attack
-from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.image_io import uint8_to_minus1_1
 from erasablemask_jax.fr.surrogates import target_embeddings
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import steps as steps_lib
