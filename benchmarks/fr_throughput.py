@@ -76,7 +76,7 @@ def main(argv=None) -> int:
   p.add_argument("--iters", type=int, default=3, help="calls per framework per round")
   p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per architecture")
   p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
-  p.add_argument("--out", default="benchmarks/fr_throughput.json")
+  p.add_argument("--out", default=results.out_path("fr_throughput.json"))
   args = p.parse_args(argv)
   torch.set_num_threads(args.threads or os.cpu_count() or 1)
   load_start = os.getloadavg()
@@ -89,11 +89,10 @@ def main(argv=None) -> int:
     rows.append(r)
     print(f"{arch:28s} {r['batch']:5d} {r['flax_emb_per_s']:11.1f} {r['torch_emb_per_s']:12.1f} "
           f"{r['flax_over_torch']:9.2f}x {r['flax_compile_s']:10.1f} {r['max_abs_diff']:10.2e}", flush=True)
-  info = {"machine": results.machine(load_start, torch_threads=torch.get_num_threads()),
-          "versions": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()},
-          "settings": {**vars(args), "command": results.command("fr_throughput", argv)},
-          "results": rows}
-  print(f"wrote {results.write_json(args.out, info, indent=2)}")
+  info = {"versions": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()},
+          "settings": vars(args), "results": rows}
+  out = results.write_report(args.out, "fr_throughput", argv, info, load_start, torch_threads=torch.get_num_threads())
+  print(f"wrote {out}")
   return 0
 
 
