@@ -16,17 +16,17 @@ GFLOPs are XLA's cost analysis of the compiled program; it counts while loops an
 the figure for for_scan is not comparable with the others. Times are medians over round-robin calls (after a warm-up
 call), so load drifting on a shared machine affects every variant alike.
 
-Usage: python benchmarks/attack_variants.py [--size 64 --batch 4 --repeats 10 --out benchmarks/attack_variants.json]
+Usage: python -m benchmarks.attack_variants [--size 64 --batch 4 --repeats 10 --out benchmarks/results/attack_variants.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import flax
@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import results as results_lib
 from erasablemask_jax import attack
 
 
@@ -170,15 +171,16 @@ def time_round_robin(results: dict, args, repeats: int) -> None:
     r["min_ms"] = 1e3 * min(times[name])
 
 
-def main():
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--size", type=int, default=64)
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--lr-inner", type=float, default=2e-5)
   ap.add_argument("--only", default="", help="comma-separated subset of variants")
-  ap.add_argument("--out", default="benchmarks/attack_variants.json")
-  args = ap.parse_args()
+  ap.add_argument("--out", default=results_lib.out_path("attack_variants.json"))
+  args = ap.parse_args(argv)
+  load_start = os.getloadavg()
 
   theta, generate, fr_losses, w = build_problem(args.size, args.batch)
   chosen = variants(generate, fr_losses, args.lr_inner)
@@ -204,19 +206,17 @@ def main():
 
   for row in rows.values():
     row.pop("grad")
-  out = {
-      "machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-      "device": jax.devices()[0].device_kind, "load_avg": os.getloadavg(),
+  body = {
       "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__},
       "settings": {"size": args.size, "batch": args.batch, "repeats": args.repeats, "lr_inner": args.lr_inner,
                    "num_surrogates": len(fr_losses), "theta_params": int(sum(a.size for a in jax.tree.leaves(theta)))},
       "results": rows,
   }
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1)
-  print(f"wrote {args.out}")
+  path = results_lib.write_report(args.out, "attack_variants", argv, body, load_start,
+                                  device=jax.devices()[0].device_kind)
+  print(f"wrote {path}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
   ap.add_argument("--rounds", type=int, default=6)
   ap.add_argument("--steps", type=int, default=3, help="calls per form per round")
   ap.add_argument("--no-fold-bn", action="store_true", help="the unfolded network (the trainer folds by default)")
-  ap.add_argument("--out", default="benchmarks/batched_surrogates.json")
+  ap.add_argument("--out", default=results.out_path("batched_surrogates.json"))
   args = ap.parse_args(argv)
   load_start = os.getloadavg()
   rows = measure(args.image_size, args.batch, args.rounds, args.steps, fold=not args.no_fold_bn)
@@ -99,9 +99,8 @@ def main(argv=None) -> int:
   for what, row in rows.items():
     print(f"{what:<8}{row['separate_s']:>12.4f}{row['batched_s']:>12.4f}{row['batched_over_separate']:>12.2f}x"
           f"{row['max_rel_diff']:>14.1e}")
-  report = {"machine": results.machine(load_start), "versions": {"jax": jax.__version__},
-            "settings": {**vars(args), "command": results.command("batched_surrogates", argv)}, "rows": rows}
-  print(f"wrote {results.write_json(args.out, report)}")
+  report = {"versions": {"jax": jax.__version__}, "settings": vars(args), "rows": rows}
+  print(f"wrote {results.write_report(args.out, 'batched_surrogates', argv, report, load_start)}")
   return 0
 
 

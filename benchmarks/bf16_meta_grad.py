@@ -11,7 +11,7 @@ reports the relative L2 error of each network's gradient against the reference, 
 meaningful. Not a timing, so it may run on a loaded machine.
 
     python -m benchmarks.bf16_meta_grad                     # bf16 at the README setting: 128x128, width 16, batch 4
-    python -m benchmarks.bf16_meta_grad --variant fold_bn --out benchmarks/fold_bn_meta_grad.json
+    python -m benchmarks.bf16_meta_grad --variant fold_bn --out benchmarks/results/fold_bn_meta_grad.json
     python -m benchmarks.bf16_meta_grad --image-size 32 --width 8 --layers 3 --batch 2 --lr-inner 0.5
 """
 
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import pathlib
+import os
 import sys
 
 import jax
 import numpy as np
 
+from benchmarks import results as results_lib
 from benchmarks import step_setup as st
 
 
@@ -69,8 +69,9 @@ def main(argv=None) -> int:
   ap.add_argument("--fr", default="bundled:mobilefacenet,bundled:mobilefacenet@flip")
   ap.add_argument("--lr-inner", type=float, default=-1.0, help="< 0: the optimiser's lr (the README setting)")
   ap.add_argument("--variant", default="bf16", choices=VARIANTS)
-  ap.add_argument("--out", default="benchmarks/bf16_meta_grad.json")
+  ap.add_argument("--out", default=results_lib.out_path("bf16_meta_grad.json"))
   args = ap.parse_args(argv)
+  load_start = os.getloadavg()
   settings = st.Settings(image_size=args.image_size, batch=args.batch, width=args.width, layers=args.layers,
                          fc_dim=args.fc_dim, fr=tuple(args.fr.split(",")), lr_inner=args.lr_inner, fold_bn=False)
   row = measure(settings, variant=args.variant)
@@ -78,10 +79,9 @@ def main(argv=None) -> int:
     print(f"grad {net:<6} {args.variant} vs float32 unfolded, relative L2 {err:.2e}")
   print(f"losses: max rel diff {row['loss_max_rel_err']:.2e}; E_adv Hessian term (2nd vs 1st order, float32) "
         f"{row['hessian_term_rel_f32']:.2e}")
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"settings": {**dataclasses.asdict(settings), "command": " ".join(sys.argv)},
-                             "versions": st.versions(), "rows": [row]}, indent=1))
+  out = results_lib.write_report(args.out, "bf16_meta_grad", argv, {"settings": dataclasses.asdict(settings),
+                                                                   "versions": st.versions(), "rows": [row]},
+                                  load_start)
   print(f"wrote {out}")
   return 0
 

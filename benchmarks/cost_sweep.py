@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
+
+from benchmarks import results as results_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 AXES = ("image_size", "width", "batch")
@@ -103,8 +105,9 @@ def main(argv=None) -> int:
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--matmul", type=int, default=0, help="as step_throughput.py (0: its default)")
-  ap.add_argument("--out", default="benchmarks/cost_sweep.json")
+  ap.add_argument("--out", default=results_lib.out_path("cost_sweep.json"))
   args = ap.parse_args(argv)
+  load_start = os.getloadavg()
   values = {"image_size": [int(v) for v in args.sizes.split(",")], "width": [int(v) for v in args.widths.split(",")],
             "batch": [int(v) for v in args.batches.split(",")]}
   base = dict(zip(AXES, (int(v) for v in args.base.split(","))))
@@ -132,11 +135,9 @@ def main(argv=None) -> int:
   joint = {key: fit_joint(ok, key) for key in ("median_s", "flops")} if args.grid and len(ok) > len(AXES) else None
   if joint:
     print("joint fit (time): " + ", ".join(f"{a} {joint['median_s'][a]:.2f}" for a in AXES))
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"machine": {"platform": platform.platform(), "processor": platform.processor()},
-                             "settings": {**vars(args), "base": base, "command": " ".join(sys.argv)},
-                             "points": points, "exponents": fits, "joint_fit": joint}, indent=1))
+  out = results_lib.write_report(args.out, "cost_sweep", argv, {"settings": {**vars(args), "base": base},
+                                                                 "points": points, "exponents": fits,
+                                                                 "joint_fit": joint}, load_start)
   if fits:
     plot(ok, fits, base, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")

@@ -2,7 +2,7 @@
 the six real models (`--real`, `shared:NAME`: foamliu, Xiaoccer, MobileFace V2, faceres, faceres-deep, MobileFace V3).
 
     python -m benchmarks.fr_throughput [--archs mobilefacenet,iresnet50] [--batch 8] [--rounds 5] [--iters 3]
-    python -m benchmarks.fr_throughput --archs "" --real all --out benchmarks/fr_throughput_real.json
+    python -m benchmarks.fr_throughput --archs "" --real all --out benchmarks/results/fr_throughput_real.json
 
 Real models take 112x112 ArcFace crops, as the attack's `arcface112` view gives them (faceres upscales to 224 inside
 its preprocessing); each is timed unfolded and with `fold_batchnorm` (the trainer's default) in the same interleaved
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
   p.add_argument("--iters", type=int, default=3, help="calls per framework per round")
   p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per architecture")
   p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
-  p.add_argument("--out", default="benchmarks/fr_throughput.json")
+  p.add_argument("--out", default=results.out_path("fr_throughput.json"))
   args = p.parse_args(argv)
   torch.set_num_threads(args.threads or os.cpu_count() or 1)
   load_start = os.getloadavg()
@@ -131,11 +131,10 @@ def main(argv=None) -> int:
     real_rows.append(r)
     print(f"{name:28s} {'x'.join(map(str, r['input_size'])):>9s} {r['emb_per_s']:8.1f} {r['ms_per_image']:8.1f} "
           f"{r['folded_emb_per_s']:13.1f} {r['folded_ms_per_image']:8.1f}", flush=True)
-  info = {"machine": results.machine(load_start, torch_threads=torch.get_num_threads()),
-          "versions": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()},
-          "settings": {**vars(args), "command": results.command("fr_throughput", argv)},
-          "results": rows, "real_models": real_rows}
-  print(f"wrote {results.write_json(args.out, info, indent=2)}")
+  info = {"versions": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()},
+          "settings": vars(args), "results": rows, "real_models": real_rows}
+  out = results.write_report(args.out, "fr_throughput", argv, info, load_start, torch_threads=torch.get_num_threads())
+  print(f"wrote {out}")
   return 0
 
 

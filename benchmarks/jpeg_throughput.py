@@ -223,7 +223,7 @@ def main(argv=None) -> None:
   ap.add_argument("--no-compile", action="store_true", help="skip kornia under torch.compile")
   ap.add_argument("--no-fidelity", action="store_true")
   ap.add_argument("--no-dct-forms", action="store_true")
-  ap.add_argument("--out", default="benchmarks/jpeg_throughput.json")
+  ap.add_argument("--out", default=results.out_path("jpeg_throughput.json"))
   args = ap.parse_args(argv)
 
   threads = args.threads or os.cpu_count() or 1
@@ -260,12 +260,10 @@ def main(argv=None) -> None:
       print(f"{q:>4}" + "".join(f"{row[c + '_vs_libjpeg']:>12.2f}{row[c + '_bias']:>+12.3f}" for c in cols))
 
   result = {
-      "machine": results.machine(load_start),
       "versions": {"jax": jax.__version__, "numpy": np.__version__, "pillow": Image.__version__,
                    **{k: v for k, v in torch_info.items() if k.endswith("_version")}},
       "settings": {"batch": args.batch, "size": args.size, "quality": args.quality, "rounds": args.rounds,
                    "reps": args.reps, "torch_threads": torch_info.get("torch_threads"),
-                   "command": results.command("jpeg_throughput", argv),
                    "timing": "interleaved rounds, every codec once per round in a rotated order, best of reps calls "
                              "per round, median over rounds; fwd+bwd = jax.grad / torch backward of sum(out**2)"},
       "gradients": GRADIENTS,
@@ -275,8 +273,7 @@ def main(argv=None) -> None:
       "dct_forms_images_per_s": dct,
       "fidelity": fidelity,
   }
-  results.write_json(args.out, result, indent=2)
-  print(f"\nwrote {args.out}")
+  print(f"\nwrote {results.write_report(args.out, 'jpeg_throughput', argv, result, load_start)}")
 
 
 if __name__ == "__main__":

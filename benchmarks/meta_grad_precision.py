@@ -7,15 +7,14 @@ and reports the relative L2 gap of E_adv's raw gradient, beside the size of the 
 second- and first-order float64 gradients). A float32-vs-float64 gap as large as the JAX-vs-torch one says that gap is
 float32 sensitivity of the problem, not a difference between the implementations.
 
-    python -m benchmarks.meta_grad_precision --lr-inner 0.5,0.05
+    python -m benchmarks.meta_grad_precision --lr-inner 0.5,0.05     # -> benchmarks/results/meta_grad_precision.json
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
-import pathlib
+import os
 import sys
 
 import jax
@@ -26,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import results as results_lib  # noqa: E402
 from benchmarks import step_setup as st  # noqa: E402
 
 from erasablemask_jax.models import ErasableMask  # noqa: E402
@@ -68,8 +68,9 @@ def main(argv=None) -> int:
   ap.add_argument("--fc-dim", type=int, default=256, help="D's FC width")
   ap.add_argument("--fr", default="bundled:mobilefacenet,bundled:mobilefacenet@flip",
                   help="surrogates, as step_throughput.py's --fr")
-  ap.add_argument("--out", default="benchmarks/meta_grad_precision.json")
+  ap.add_argument("--out", default=results_lib.out_path("meta_grad_precision.json"))
   args = ap.parse_args(argv)
+  load_start = os.getloadavg()
   rows = []
   print(f"{'lr_inner':>9} {'f32 vs f64':>11} {'Hessian term':>13} {'L_adv f32':>11} {'L_adv f64':>11}")
   for lr in (float(v) for v in args.lr_inner.split(",")):
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
            "l_adv_f32": l32, "l_adv_f64": l64}
     rows.append(row)
     print(f"{lr:>9g} {row['f32_vs_f64_rel']:>11.2e} {row['hessian_term_rel']:>13.2e} {l32:>11.6f} {l64:>11.6f}")
-  out = pathlib.Path(args.out)
-  out.write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+  out = results_lib.write_report(args.out, "meta_grad_precision", argv, {"settings": vars(args), "rows": rows},
+                                  load_start)
   print(f"wrote {out}")
   return 0
 

@@ -2,7 +2,8 @@
 
 Sources: one bundled sample face (MIT; 256x256) per identity, target: another identity (facenet_paul_rudd); the surrogate is the bundled foamliu
 MobileFaceNet with its calibrated FAR 0.01 threshold (tau1). Throughput uses random weights (speed does not depend on
-them). Prints a table and writes JSON. Usage: `python benchmarks/metrics_baselines.py [--n 8] [--steps 20]`.
+them). Prints a table and writes JSON. Usage: `python -m benchmarks.metrics_baselines [--n 8] [--steps 20]`
+(default `benchmarks/results/metrics_baselines.json`).
 
 `--lpips-only` measures just the `lpips_pretrained` section and merges it into the JSON, keeping the other sections as
 they were measured: LPIPS v0.1 with the `metrics` extra's real weights (`metrics.lpips.default_lpips`) on a batch of 64
@@ -19,6 +20,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import time
 
 import jax
@@ -26,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from benchmarks import results as results_lib
 from erasablemask_jax import fr
 from erasablemask_jax.image_io import read_image
+from erasablemask_jax.image_io import uint8_to_minus1_1
 from erasablemask_jax.metrics import fid
 from erasablemask_jax.metrics import lpips
 from erasablemask_jax.metrics import recognition
@@ -50,7 +54,7 @@ def _random_variables(abstract, seed=0):
 def lpips_pretrained(batch: int = 64, size: int = 256) -> dict:
   """The `lpips_pretrained` section (module docstring)."""
   files = sorted(SAMPLE.glob("*.png"))
-  faces = np.stack([read_image(p) for p in files]).astype(np.float32) / 127.5 - 1.0
+  faces = uint8_to_minus1_1(np.stack([read_image(p) for p in files]))
   if faces.shape[1:3] != (size, size):
     raise SystemExit(f"the bundled faces are {faces.shape[2]}x{faces.shape[1]}, not {size}x{size}")
   a = np.concatenate([faces, faces[:, :, ::-1], faces])[:batch]
@@ -81,14 +85,15 @@ def lpips_pretrained(batch: int = 64, size: int = 256) -> dict:
   return out
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--n", type=int, default=8, help="source faces")
   ap.add_argument("--steps", type=int, default=20, help="PGD steps")
-  ap.add_argument("--out", default="benchmarks/metrics_baselines.json")
+  ap.add_argument("--out", default=results_lib.out_path("metrics_baselines.json"))
   ap.add_argument("--lpips-only", action="store_true", help="measure only `lpips_pretrained`; merge it into --out")
   ap.add_argument("--note", default="", help="recorded with `lpips_pretrained` (e.g. what else loads the machine)")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
+  load_start = os.getloadavg()
   section = lpips_pretrained()
   section["note"] = args.note
   for net, r in section["nets"].items():
@@ -103,8 +108,9 @@ def main() -> None:
     out = pathlib.Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {}
     result["lpips_pretrained"] = section
-    out.write_text(json.dumps(result, indent=2))
-    return
+    result.pop("machine", None), result.pop("command", None)  # this run's, written anew
+    print(f"wrote {results_lib.write_report(out, 'metrics_baselines', argv, result, load_start)}")
+    return 0
 
   with open(SAMPLE / "attributes.csv") as f:
     identity = {row.split(",")[0]: row.strip().split(",")[-1] for row in f.readlines()[1:]}
@@ -114,7 +120,7 @@ def main() -> None:
     if identity[name] not in seen and len(sources) < args.n:
       seen.add(identity[name])
       sources.append(SAMPLE / name)
-  load = lambda p: np.asarray(Image.open(p).convert("RGB"), np.float32) / 127.5 - 1.0
+  load = lambda p: uint8_to_minus1_1(np.asarray(Image.open(p).convert("RGB")))
   x = jnp.asarray(np.stack([load(p) for p in sources]))
   x_target = jnp.asarray(load(target_file))[None]
   rec = fr.load_bundled()
@@ -152,15 +158,14 @@ def main() -> None:
     print(f"{name:10s} {r['mean_cos']:9.4f} {r['asr']:6.2f} {r['linf_0_1']:10.5f} {r['seconds_incl_compile']:18.1f}")
   for k, val in speed.items():
     print(f"{k:34s} {val:8.1f}")
-  result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "devices": [str(d) for d in jax.devices()]},
-            "versions": {"jax": jax.__version__, "python": platform.python_version()},
+  result = {"versions": {"jax": jax.__version__, "python": platform.python_version()},
             "settings": {"n_sources": len(sources), "pgd_steps": args.steps, "epsilon_0_1": 4 / 255,
                          "surrogate": rec.name, "tau1": tau1, "target": target_file.name, "throughput_batch": 8,
                          "throughput_size": size},
             "attacks": rows, "throughput": speed, "lpips_pretrained": section}
-  pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+  print(f"wrote {results_lib.write_report(args.out, 'metrics_baselines', argv, result, load_start)}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -3,7 +3,7 @@
 For each setting and topology it runs `erasablemask compile` in its own process (libtpu must be installed: the `tpu`
 extra), one after the other, each writing its JSON under `--runs-dir` as each program finishes; a rerun keeps what is
 there and compiles only what is missing, so the whole sweep can be stopped and resumed. It then collects
-`benchmarks/pod_compile.json` (`runs`: each with `config`, `topology` as passed, and the compile's `stages`) and prints
+`benchmarks/results/pod_compile.json` (`runs`: each with `config`, `topology` as passed, and the compile's `stages`) and prints
 the README table: per-chip HBM and roofline time per stage, the implied wall time of the paper's 200/100/50 epochs of
 CelebA-HQ (30,000 faces), the largest per-chip batch that fits (the step's temporaries scaled linearly from the one
 compiled batch, an extrapolation), and the collectives' share of the step; beside it the same estimate for one
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
   ap.add_argument("--runs-dir", default="benchmarks/pod_compile_runs", help="one JSON per setting and topology")
   ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per compile process")
   ap.add_argument("--summary-only", action="store_true")
-  ap.add_argument("--out", default="benchmarks/pod_compile.json")
+  ap.add_argument("--out", default="benchmarks/results/pod_compile.json")
   args = ap.parse_args(argv)
   settings, topologies = args.only.split(","), args.topologies.split(",")
   unknown = [s for s in settings if s not in SETTINGS]

@@ -20,6 +20,8 @@ import re
 import sys
 from typing import Any
 
+from benchmarks import results as results_lib
+
 _SUFFIX = re.compile(r"(\.\d+)+$")
 
 
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
     for r in rows:
       print(f"{r['op'][:59]:<60}{r['ms_per_step']:>10.2f}{r['busy_share']:>8.1%}{r['step_share']:>9.1%}")
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(summary, indent=1))
+    results_lib.write_report(args.json, "profile_summary", argv, {"profile": str(directory), "summary": summary})
   return 0
 
 

@@ -17,7 +17,7 @@ For each model (`fr.real_models`, loaded as `shared:NAME`, converted once into t
    224 models also fed a PIL bilinear upscale of the uint8 crop, as MANIFEST.md's executor was (minimum cosine).
 
 `--store` writes both views' thresholds into the cached model cards (not the bundled foamliu card, which has them).
-Writes `--out` (benchmarks/real_fr_models.json), replacing the rows of the models it ran and keeping the others.
+Writes `--out` (benchmarks/results/real_fr_models.json), replacing the rows of the models it ran and keeping the others.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--workdir", default=str(REPO / "runs" / "transfer_study"), help="where the study's loose crops live")
   p.add_argument("--store", action="store_true", help="store both views' thresholds in the cached model cards")
   p.add_argument("--parity-every", type=int, default=1, help="check parity on every N-th crop (0: skip)")
-  p.add_argument("--out", default=str(REPO / "benchmarks" / "real_fr_models.json"))
+  p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "real_fr_models.json"))
   args = p.parse_args(argv)
   assets = real_models.ASSETS_DIR
   if not (assets / FACES).is_dir():

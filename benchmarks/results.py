@@ -1,4 +1,5 @@
-"""Writing a benchmark's JSON so that an interrupted run never leaves a half-written file in place of a good one."""
+"""Where a benchmark's JSON goes and how it is written: under `benchmarks/results/`, with the machine, the command that
+reproduces it and the load, never half-written in place of a good one (`write_report`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import json
 import os
 import pathlib
 from typing import Any
+
+RESULTS_DIR = "benchmarks/results"  # relative to the repository root, where the scripts are run from
+
+
+def out_path(name: str) -> str:
+  """The default place of a benchmark's output `name`: `benchmarks/results/<name>`."""
+  return f"{RESULTS_DIR}/{name}"
 
 
 def write_json(path: str | os.PathLike[str], report: Any, indent: int = 1) -> pathlib.Path:
@@ -37,3 +45,10 @@ def command(module: str, argv: list[str] | None) -> str:
   import sys  # pylint: disable=g-import-not-at-top
 
   return " ".join(["python -m benchmarks." + module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_report(path: str | os.PathLike[str], module: str, argv: list[str] | None, body: dict[str, Any],
+                 load_average_start: tuple[float, ...] | None = None, **machine_extra: Any) -> pathlib.Path:
+  """`{"machine": machine(...), "command": command(module, argv), **body}` written to `path` by `write_json`."""
+  report = {"machine": machine(load_average_start, **machine_extra), "command": command(module, argv), **body}
+  return write_json(path, report)

@@ -1,8 +1,9 @@
 """Runs every benchmark at its documented setting and prints one summary table with each goal and whether it holds.
 
 Needs the `bench` extra for the PyTorch sides (`pip install -e ".[bench]"`: torch 2.13.0 and kornia). Run it on a
-quiet machine, from the repository root; each benchmark writes its JSON where benchmarks/README.md says, and this
-script reads those files back for the table (so `--summary-only` re-prints the table of an earlier run).
+quiet machine, from the repository root; each benchmark writes its JSON under `benchmarks/results/` (through
+`benchmarks.results`: the machine, the command and the load beside the figures), and this script reads those files
+back for the table (so `--summary-only` re-prints the table of an earlier run).
 
     python -m benchmarks.run_all                 # everything (hours on the 2-core CPU VM; step_cpu128 took 5.6 min)
     python -m benchmarks.run_all --list          # the commands, with rough durations, without running them
@@ -54,47 +55,57 @@ def _paper(batch: int) -> Bench:
                ("--image-size", "128", "--batch", str(batch), "--width", "64", "--fc-dim", "1024",
                 "--stages", "2:meta_auxiliary", "--warmup", "1", "--steps", "3", "--interleave-rounds", "0",
                 "--compare-torch", "--torch-formulations", "best", "--torch-rounds", "3", "--torch-steps", "1",
-                "--out", f"benchmarks/step_throughput_cpu128_w64_b{batch}.json"),
-               f"benchmarks/step_throughput_cpu128_w64_b{batch}.json", "2-3" if batch == 4 else "3-4",
+                "--out", f"benchmarks/results/step_throughput_cpu128_w64_b{batch}.json"),
+               f"benchmarks/results/step_throughput_cpu128_w64_b{batch}.json", "2-3" if batch == 4 else "3-4",
                tuple(CACHE.items()))
 
 
 BENCHES = (
-    Bench("step_cpu128", "step_throughput", _STEP_README + ("--out", "benchmarks/step_throughput_cpu128.json"),
-          "benchmarks/step_throughput_cpu128.json", "5-10", tuple(CACHE.items())),  # run F: 4.7 min
+    Bench("step_cpu128", "step_throughput", _STEP_README + ("--out", "benchmarks/results/step_throughput_cpu128.json"),
+          "benchmarks/results/step_throughput_cpu128.json", "5-10", tuple(CACHE.items())),  # run F: 4.7 min
     _paper(4),
     _paper(8),
     Bench("headroom_variants", "step_throughput",
           ("--image-size", "128", "--batch", "4", "--width", "16", "--stages", "2:meta_auxiliary", "--warmup", "2",
            "--steps", "3", "--interleave-rounds", "4", "--no-fold-bn", "--compare-variants", "linearize,fold_bn,bf16",
-           "--out", "benchmarks/step_throughput_headroom.json"),
-          "benchmarks/step_throughput_headroom.json", "10-15", tuple(CACHE.items())),
-    Bench("xla_cpu_flags", "xla_cpu_flags", ("--rounds", "2", "--out", "benchmarks/xla_cpu_flags.json"),
-          "benchmarks/xla_cpu_flags.json", "20-30"),
+           "--out", "benchmarks/results/step_throughput_headroom.json"),
+          "benchmarks/results/step_throughput_headroom.json", "10-15", tuple(CACHE.items())),
+    Bench("xla_cpu_flags", "xla_cpu_flags", ("--rounds", "2", "--out", "benchmarks/results/xla_cpu_flags.json"),
+          "benchmarks/results/xla_cpu_flags.json", "20-30"),
     Bench("profile_cpu128", "step_throughput",
           ("--image-size", "128", "--batch", "4", "--width", "16", "--stages", "2:meta_auxiliary", "--warmup", "1",
            "--steps", "2", "--interleave-rounds", "0", "--torch-formulations", "naive,best",
-           "--profile", "benchmarks/profile_cpu128", "--profile-steps", "3",
-           "--out", "benchmarks/step_throughput_profile.json"),
-          "benchmarks/step_throughput_profile.json", "5-10", tuple(CACHE.items())),
-    Bench("cost_sweep", "cost_sweep", ("--out", "benchmarks/cost_sweep.json"), "benchmarks/cost_sweep.json", "5-10",
+           "--profile", "benchmarks/results/profile_cpu128", "--profile-steps", "3",
+           "--out", "benchmarks/results/step_throughput_profile.json"),
+          "benchmarks/results/step_throughput_profile.json", "5-10", tuple(CACHE.items())),
+    Bench("cost_sweep", "cost_sweep", ("--out", "benchmarks/results/cost_sweep.json"), "benchmarks/results/cost_sweep.json", "5-10",
           tuple(CACHE.items())),
-    Bench("bf16_meta_grad", "bf16_meta_grad", ("--out", "benchmarks/bf16_meta_grad.json"),
-          "benchmarks/bf16_meta_grad.json", "3-6", tuple(CACHE.items())),
+    Bench("bf16_meta_grad", "bf16_meta_grad", ("--out", "benchmarks/results/bf16_meta_grad.json"),
+          "benchmarks/results/bf16_meta_grad.json", "3-6", tuple(CACHE.items())),
     Bench("fold_bn_meta_grad", "bf16_meta_grad",
-          ("--variant", "fold_bn", "--out", "benchmarks/fold_bn_meta_grad.json"),
-          "benchmarks/fold_bn_meta_grad.json", "2-4", tuple(CACHE.items())),
-    Bench("batched_surrogates", "batched_surrogates", ("--out", "benchmarks/batched_surrogates.json"),
-          "benchmarks/batched_surrogates.json", "2-4", tuple(CACHE.items())),
-    Bench("jpeg_throughput", "jpeg_throughput", ("--out", "benchmarks/jpeg_throughput.json"),
-          "benchmarks/jpeg_throughput.json", "3-5"),
-    Bench("fr_throughput", "fr_throughput", ("--out", "benchmarks/fr_throughput.json"),
-          "benchmarks/fr_throughput.json", "10-20"),
+          ("--variant", "fold_bn", "--out", "benchmarks/results/fold_bn_meta_grad.json"),
+          "benchmarks/results/fold_bn_meta_grad.json", "2-4", tuple(CACHE.items())),
+    Bench("batched_surrogates", "batched_surrogates", ("--out", "benchmarks/results/batched_surrogates.json"),
+          "benchmarks/results/batched_surrogates.json", "2-4", tuple(CACHE.items())),
+    Bench("jpeg_throughput", "jpeg_throughput", ("--out", "benchmarks/results/jpeg_throughput.json"),
+          "benchmarks/results/jpeg_throughput.json", "3-5"),
+    Bench("fr_throughput", "fr_throughput", ("--out", "benchmarks/results/fr_throughput.json"),
+          "benchmarks/results/fr_throughput.json", "10-20"),
+    Bench("attack_variants", "attack_variants", ("--out", "benchmarks/results/attack_variants.json"),
+          "benchmarks/results/attack_variants.json", "10-15", tuple(CACHE.items())),
+    Bench("meta_grad_precision", "meta_grad_precision", ("--out", "benchmarks/results/meta_grad_precision.json"),
+          "benchmarks/results/meta_grad_precision.json", "3-6", tuple(CACHE.items())),
+    Bench("data_throughput", "data_throughput", ("--batches", "20", "--out", "benchmarks/results/data_throughput.json"),
+          "benchmarks/results/data_throughput.json", "1-2"),
+    Bench("metrics_baselines", "metrics_baselines", ("--out", "benchmarks/results/metrics_baselines.json"),
+          "benchmarks/results/metrics_baselines.json", "5-10"),
+    Bench("alignment_accuracy", "alignment_accuracy", ("--out", "benchmarks/results/alignment_accuracy.json"),
+          "benchmarks/results/alignment_accuracy.json", "5-10"),  # needs ../shared/assets
     Bench("fr_throughput_real", "fr_throughput", ("--archs", "", "--real", "all", "--out",
-                                                  "benchmarks/fr_throughput_real.json"),
-          "benchmarks/fr_throughput_real.json", "3-6"),
-    Bench("real_fr_models", "real_fr_models", ("--store", "--out", "benchmarks/real_fr_models.json"),
-          "benchmarks/real_fr_models.json", "30-45"),
+                                                  "benchmarks/results/fr_throughput_real.json"),
+          "benchmarks/results/fr_throughput_real.json", "3-6"),
+    Bench("real_fr_models", "real_fr_models", ("--store", "--out", "benchmarks/results/real_fr_models.json"),
+          "benchmarks/results/real_fr_models.json", "30-45"),
 )
 
 
@@ -173,6 +184,21 @@ def _info(bench: Bench, report: dict | None) -> str:
           + " AUC (study view)"
     if bench.name == "fr_throughput":
       return ", ".join(f"{r['arch']} {r['flax_over_torch']:.2f}x" for r in report["results"]) + " (Flax over torch)"
+    if bench.name == "attack_variants":
+      rows = report["results"]
+      return ", ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in rows.items()) + " per call"
+    if bench.name == "meta_grad_precision":
+      return ", ".join(f"lr {r['lr_inner']:g}: f32 vs f64 {r['f32_vs_f64_rel']:.1e} (Hessian term "
+                       f"{r['hessian_term_rel']:.1e})" for r in report["rows"])
+    if bench.name == "data_throughput":
+      return ", ".join(f"prefetch {r['prefetch']} {r['images_per_s']:.0f} img/s" for r in report["results"])
+    if bench.name == "metrics_baselines":
+      a = report["attacks"]
+      return (f"PGD ASR {a[next(k for k in a if k.startswith('pgd'))]['asr']:.0%}, LPIPS alex "
+              f"{report['lpips_pretrained']['nets']['alex']['ms_per_pair']:.0f} ms/pair")
+    if bench.name == "alignment_accuracy":
+      marks = ", ".join(f"{r['set']} {r['mean_px']:.2f} px" for r in report["landmarks"])
+      return f"{marks}; AUC ours - assets' crops {report['verification']['auc_diff']:+.4f}"
     if bench.name.endswith("_meta_grad"):
       row = report["rows"][0]
       return f"E_adv grad rel. err {row['grad_rel_err']['e_adv']:.2e} (Hessian term {row['hessian_term_rel_f32']:.2e})"
@@ -196,10 +222,10 @@ def summary(selected: list[Bench]) -> int:
     value, result = goal.check(_load(bench.out))
     failed += result == "FAILS"
     print(f"{goal.bench:<20}{goal.what:<60}{'' if value is None else f'{value:.2f}x':>10}  {result}")
-  print(f"\n{'benchmark':<20}{'output':<50}  notes")
+  print(f"\n{'benchmark':<20}{'output':<56}  notes")
   for bench in selected:
     report = _load(bench.out)
-    print(f"{bench.name:<20}{bench.out:<50}  {_info(bench, report) if report else 'not run'}")
+    print(f"{bench.name:<20}{bench.out:<56}  {_info(bench, report) if report else 'not run'}")
   return failed
 
 

@@ -8,7 +8,7 @@ image size), with tau1 (FAR 0.01) / tau2 (FAR 0.1) calibrated on that view over 
 run's size by our MTCNN. A model the run never attacked is a black box to it (`"whitebox": false` in the JSON).
 
     erasablemask train --config demo --workdir runs/demo
-    python -m benchmarks.score_run runs/demo --out benchmarks/demo_real_models.json
+    python -m benchmarks.score_run runs/demo --out benchmarks/results/demo_real_models.json
 
 Writes `--out`: `{"run", "step", "view", "faces", "calibration": {MODEL: ...}, "metrics": {MODEL: {"asr", "esr",
 "irr", "smr", "cos_adv_mean", "cos_adv_ci95", ..., "jpeg50": {...}, "whitebox", "tau1", "tau2"}}, "clean": {MODEL: {"asr",
@@ -19,9 +19,11 @@ Writes `--out`: `{"run", "step", "view", "faces", "calibration": {MODEL: ...}, "
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 
+from benchmarks import results as results_lib
 from benchmarks import study_scoring as study
 
 
@@ -58,14 +60,13 @@ def score(workdir: pathlib.Path, cache: pathlib.Path, max_identities: int = 0, b
     clean[name] = {"asr": m["asr"], "cos_target_mean": m["cos_adv_mean"], "cos_target_ci95": m["cos_adv_ci95"]}
   return {"run": str(workdir), "step": entry["step"], "view": view, "faces": int(len(splits.eval["image"])),
           "surrogates": list(config.fr.surrogates), "whitebox": whitebox, "calibration": calibration,
-          "metrics": entry["metrics"], "clean": clean, "quality": entry["quality"],
-          "machine": study.machine()}
+          "metrics": entry["metrics"], "clean": clean, "quality": entry["quality"]}
 
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("workdir", help="a trained run (erasablemask train --workdir)")
-  p.add_argument("--out", default=str(study.REPO / "benchmarks" / "demo_real_models.json"))
+  p.add_argument("--out", default=results_lib.out_path("demo_real_models.json"))
   p.add_argument("--cache", default=str(study.REPO / "runs" / "transfer_study"),
                  help="where the converted FR models and aligned CelebA faces live (shared with the transfer study)")
   p.add_argument("--max-identities", type=int, default=0, help="calibrate on the first N CelebA identities (0: all)")
@@ -75,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {study.CELEBA} not found; scoring needs ../shared/assets beside the checkout", file=sys.stderr)
     return 2
   workdir = pathlib.Path(args.workdir)
+  load_start = os.getloadavg()
   try:
     result = score(workdir, pathlib.Path(args.cache), args.max_identities, args.bootstrap)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  result["command"] = "python -m benchmarks.score_run " + " ".join(argv if argv is not None else sys.argv[1:])
-  study.save(result, pathlib.Path(args.out))
+  results_lib.write_report(args.out, "score_run", argv, result, load_start)
   print(table(result))
   print(f"wrote {args.out}")
   return 0

@@ -18,12 +18,13 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+
+from benchmarks import results as results_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KEYWORDS = ("onednn", "xnn", "ynn", "mkl", "dnn", "fast_math", "scheduler", "eigen", "thunk", "fusion", "concurrency")
@@ -81,8 +82,9 @@ def main(argv=None) -> int:
   ap.add_argument("--rounds", type=int, default=2)
   ap.add_argument("--step-args", default="--image-size 128 --batch 4 --width 16 --warmup 2 --steps 5",
                   help="step_throughput.py arguments of each run")
-  ap.add_argument("--out", default="benchmarks/xla_cpu_flags.json")
+  ap.add_argument("--out", default=results_lib.out_path("xla_cpu_flags.json"))
   args = ap.parse_args(argv)
+  load_start = os.getloadavg()
   if args.list:
     print_discovered(args.all)
     return 0
@@ -108,11 +110,10 @@ def main(argv=None) -> int:
     m = row["median_s"]
     row["over_base"] = m / base if m and base else None
     print(f"{name:<78}" + (f"{m:>10.3f}{row['over_base']:>8.2f}x" if m else f"{'failed':>10}"))
-  pathlib.Path(args.out).write_text(json.dumps(
-      {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-       "settings": {**vars(args), "command": " ".join(sys.argv)}, "skipped_not_in_jaxlib": skipped,
-       "discovered": sorted(k for k in known if any(w in k for w in KEYWORDS)), "results": summary}, indent=1))
-  print(f"wrote {args.out}")
+  out = results_lib.write_report(args.out, "xla_cpu_flags", argv, {
+      "settings": vars(args), "skipped_not_in_jaxlib": skipped,
+      "discovered": sorted(k for k in known if any(w in k for w in KEYWORDS)), "results": summary}, load_start)
+  print(f"wrote {out}")
   return 0
 
 

@@ -1,4 +1,8 @@
-"""Image I/O: reading face photos robustly, and writing model outputs ([-1, 1] floats) as uint8 and PNG grids.
+"""Image I/O: reading face photos robustly, the uint8 <-> [-1, 1] conversions, and writing PNG grids.
+
+The models see images as float32 in [-1, 1]; a pixel `p` is `p / 127.5 - 1` (`uint8_to_minus1_1`) and back
+`round((x + 1) * 127.5)` clipped to [0, 255] (`to_uint8`), the PNG `protect` writes. These two are the only
+definitions of the mapping in the package.
 
 Reading: every odd file is converted to uint8 RGB or skipped, with the reason recorded.
 
@@ -20,6 +24,7 @@ import os
 import pathlib
 import warnings
 
+import jax
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
@@ -166,6 +171,16 @@ def encode_png(image: np.ndarray) -> bytes:
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """[-1, 1] float -> uint8, rounding to nearest."""
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def uint8_to_minus1_1(images):
+  """uint8 RGB pixels -> float32 in [-1, 1]: `p / 127.5 - 1`.
+
+  A JAX array (also a traced one, inside `jit`) stays a JAX array; anything else becomes a numpy array.
+  """
+  if isinstance(images, jax.Array):
+    return images.astype(np.float32) / 127.5 - 1.0
+  return np.asarray(images, np.float32) / 127.5 - 1.0
 
 
 def save_image_grid(path: os.PathLike[str], columns: list[np.ndarray]) -> None:

@@ -24,3 +24,22 @@ def assets_dir() -> pathlib.Path:
   if not (ASSETS_DIR / "MANIFEST.md").is_file():
     pytest.skip(f"shared assets not found at {ASSETS_DIR} (set ERASABLEMASK_ASSETS or place ../shared beside the repo)")
   return ASSETS_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> pathlib.Path:
+  """The tiny trained run of the evaluation and inference tests (`evaluation_helpers.tiny_run_config`), trained once
+  per session."""
+  from evaluation_helpers import tiny_run_config
+  from erasablemask_jax.train import trainer
+
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  trainer.Trainer(tiny_run_config(), workdir).run()
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def loaded_run(tiny_run):
+  from erasablemask_jax import inference
+
+  return inference.load_run(tiny_run, batch_size=8)

@@ -1,13 +1,11 @@
-"""Measuring the aligner against recorded alignments: landmark error, and face-verification AUC of its crops.
+"""Measuring the aligner against recorded alignments: its detections and their landmark error.
 
-Used by `tests/align/test_accuracy.py` (on subsets) and `benchmarks/alignment_accuracy.py` (on full sets).
+Used by `tests/align/test_accuracy.py` (on subsets) and `benchmarks/alignment_accuracy.py` (on full sets; the
+face-verification AUC of the crops, which needs a face-recognition model, is computed there).
 
 - Landmark error of one photo: `mean_k ||p_k - q_k||_2` over the five landmarks, our `p` (of the face `select_face`
   picks) against the recorded `q` of an `alignment_meta.json` (`{file name: {"landmarks5": [[x, y] x5], ...}}`), in
   original-image pixels.
-- Verification AUC: every unordered pair of images is genuine when both stems share an identity, impostor otherwise;
-  the score is the cosine of the L2-normalised embeddings; the AUC is `calibration.metrics_from_embeddings`'s
-  (Mann-Whitney) AUC. Our crops and the reference crops are scored on the same images and pairs.
 """
 
 from __future__ import annotations
@@ -103,37 +101,3 @@ def subset_by_identity(identities: Mapping[str, str], n_identities: int, per_ide
     by_id.setdefault(ident, []).append(stem)
   chosen = [i for i in sorted(by_id) if len(by_id[i]) >= per_identity][:n_identities]
   return [s for i in chosen for s in sorted(by_id[i])[:per_identity]]
-
-
-def verification_auc(recogniser: Any, crops: Sequence[np.ndarray], stems: Sequence[str],
-                     identities: Mapping[str, str]) -> dict[str, Any]:
-  """`calibration.metrics_from_embeddings` (AUC, TAR@FAR, ...) of all pairs of `crops` labelled by stem identity."""
-  from erasablemask_jax.fr import calibration  # pylint: disable=g-import-not-at-top
-  genuine, impostor = calibration.pairs_from_identities(list(stems), identities)
-  emb = recogniser.embed(np.stack(crops), flip=False)
-  return calibration.metrics_from_embeddings(emb, genuine, impostor)
-
-
-def compare_verification(recogniser: Any, results: Sequence[PhotoResult], reference_dir: str | os.PathLike[str],
-                         identities: Mapping[str, str]) -> dict[str, Any]:
-  """AUC of our ArcFace crops vs the reference crops `reference_dir/<stem>.png` on the same photos and pairs.
-
-  Photos where we found no face are left out of BOTH sides (and listed).
-  """
-  reference_dir = pathlib.Path(reference_dir)
-  kept = [r for r in results if r.arcface_crop is not None]
-  stems = [pathlib.Path(r.name).stem for r in kept]
-  ref_crops = []
-  for stem in stems:
-    path = reference_dir / f"{stem}.png"
-    if not path.is_file():
-      raise FileNotFoundError(f"reference crop {path} is missing")
-    with Image.open(path) as im:
-      ref_crops.append(np.asarray(im.convert("RGB")))
-  ours = verification_auc(recogniser, [r.arcface_crop for r in kept], stems, identities)
-  ref = verification_auc(recogniser, ref_crops, stems, identities)
-  return {"auc_ours": ours["auc"], "auc_reference": ref["auc"], "auc_diff": ours["auc"] - ref["auc"],
-          "tar_at_far_ours": ours["tar_at_far"], "tar_at_far_reference": ref["tar_at_far"],
-          "n_images": len(stems), "n_identities": len({identities[s] for s in stems}),
-          "n_genuine": ours["n_genuine"], "n_impostor": ours["n_impostor"],
-          "left_out": [r.name for r in results if r.arcface_crop is None]}

@@ -31,7 +31,7 @@ def _fail(message: str) -> int:
 def run(args) -> int:
   from erasablemask_jax.convert import CheckpointError  # pylint: disable=import-outside-toplevel
   from erasablemask_jax import image_io  # pylint: disable=import-outside-toplevel
-  from erasablemask_jax.fr.preprocess import uint8_to_minus1_1  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.image_io import uint8_to_minus1_1  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.metrics import lpips  # pylint: disable=import-outside-toplevel
 
   pixels = []

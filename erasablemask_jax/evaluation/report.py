@@ -26,8 +26,8 @@ run's image size, e.g. `loose_to_arcface@128`): its card's calibration of that v
 else with `fr.threshold_source="peer_default"` the peers' published one, each labelled in the report
 (`fr.thresholds.lookup`); no threshold makes the rates "not available", never a made-up number. The clean face has
 no SMR / IRR (its source is itself: both trivially 1). Table V applies each evaluation transform T (seeded:
-`rng = fold_in(PRNGKey(seed), index of T)`) to x_adv: ASR and SMR of T(x_adv), ESR and IRR of R(T(x_adv), att_a)
-(rounded). Table VI: L1, MSE (on [0, 1]), LPIPS and FID of x_adv against x_edit and of x_rec against x.
+`rng = fold_in(PRNGKey(seed), index of T)`) to the published x_adv and rounds T(x_adv) to uint8 in turn (the image a
+re-encoded, noised or rotated copy of the PNG would be): ASR and SMR of it, ESR and IRR of R(it, att_a) (rounded). Table VI: L1, MSE (on [0, 1]), LPIPS and FID of x_adv against x_edit and of x_rec against x.
 
 Written to the report folder: `report.json`, `report.md`, `embeddings/<model>.npz` (keys `clean`, `edit`, `adv`,
 `rec`, `fgsm`, `pgd`, `<T>.adv`, `<T>.rec`: [N, D] unit embeddings, `clean` being the sources; `target`: [M, D];
@@ -58,9 +58,9 @@ from erasablemask_jax.evaluation.render import SOURCE_METHODS
 from erasablemask_jax.fr.surrogates import load_surrogate
 from erasablemask_jax.fr.surrogates import target_embeddings
 from erasablemask_jax.image_io import to_uint8
+from erasablemask_jax.image_io import uint8_to_minus1_1
 from erasablemask_jax.inference import attributes as attributes_lib
 from erasablemask_jax.inference.run import Run
-from erasablemask_jax.inference.run import to_model_input
 from erasablemask_jax.metrics import availability
 from erasablemask_jax.metrics import batching
 from erasablemask_jax.metrics import fid as fid_lib
@@ -156,7 +156,7 @@ def _embed(model: EvalModel, images: np.ndarray) -> np.ndarray:
 
 def published(images: np.ndarray) -> np.ndarray:
   """Float [-1, 1] faces as a user publishes them: rounded to the uint8 PNG `protect` writes, back in [-1, 1]."""
-  return to_model_input(to_uint8(images))
+  return uint8_to_minus1_1(to_uint8(images))
 
 
 def protect_and_restore(run: Run, x: np.ndarray, att_a: np.ndarray, att_b: np.ndarray) -> dict[str, np.ndarray]:
@@ -224,7 +224,7 @@ def _faces_att_a(run: Run, data_dir: str, faces: dict) -> tuple[np.ndarray, str]
   folder = builders.resolve_manual_dir(data_dir)
   if (folder / "attributes.csv").is_file():
     return faces["att"].astype(np.float32), "attributes.csv"
-  return attributes_lib.predicted(run.attribute_logits(to_model_input(faces["image"]))), "d_att"
+  return attributes_lib.predicted(run.attribute_logits(uint8_to_minus1_1(faces["image"]))), "d_att"
 
 
 def attack_baselines(x: np.ndarray, x_t: np.ndarray, surrogates: Sequence[Any], pgd_steps: int = 20,
@@ -264,7 +264,7 @@ def _transformed(run: Run, x_adv: np.ndarray, att_a: np.ndarray, transforms: Seq
   for i, name in enumerate(transforms):
     try:
       fn = noise.get_eval_transform(name)
-      adv_t = np.asarray(fn(jax.numpy.asarray(x_adv), jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+      adv_t = published(np.asarray(fn(jax.numpy.asarray(x_adv), jax.random.fold_in(jax.random.PRNGKey(seed), i))))
     except ValueError as e:
       out[name] = availability.Unavailable(f"{name} does not apply to {x_adv.shape[1]}x{x_adv.shape[2]} faces: {e}")
       continue
@@ -355,7 +355,7 @@ def compute_tables(run: Run, data_dir: str, models: Sequence[EvalModel], *, tran
   faces, target_images = _faces(run, data_dir, target, identities, max_faces)
   att_a, att_a_source = _faces_att_a(run, data_dir, faces)
   att_b = attributes_lib.parse_spec(attrs).apply(att_a)
-  x, x_t = to_model_input(faces["image"]), to_model_input(target_images)
+  x, x_t = uint8_to_minus1_1(faces["image"]), uint8_to_minus1_1(target_images)
   images = {"clean": x, **protect_and_restore(run, x, att_a, att_b)}
   baselines = _baselines(run, x, x_t, tuple(config.fr.surrogates if surrogates is None else surrogates), pgd_steps,
                          epsilon)

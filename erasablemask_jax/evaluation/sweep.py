@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from erasablemask_jax import run_dir
 from erasablemask_jax.evaluation import plots
 from erasablemask_jax.inference import sidecar as sidecar_lib
 
@@ -30,11 +31,8 @@ def _number(value):
 
 
 def _read_run(run: pathlib.Path, report_dir: pathlib.Path | None, param: str) -> dict[str, Any]:
-  config_path = run / "config.json"
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{run} is not a training run (no config.json); pass the --workdir of each trained run")
   section, key = PARAMS[param]
-  value = float(json.loads(config_path.read_text())[section][key])
+  value = float(run_dir.read_config_dict(run)[section][key])
   report_path = (report_dir or run / DEFAULT_REPORT) / "report.json"
   if not report_path.is_file():
     raise FileNotFoundError(f"no evaluation report {report_path}; run `erasablemask evaluate --workdir {run} "

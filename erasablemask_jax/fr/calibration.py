@@ -32,9 +32,10 @@ import numpy as np
 
 from erasablemask_jax import convert
 from erasablemask_jax import image_io
+from erasablemask_jax import run_dir
 from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr import views
-from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.image_io import uint8_to_minus1_1
 
 FARS = (0.1, 0.01, 0.001)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -286,13 +287,12 @@ def metrics_from_embeddings(emb: np.ndarray, genuine_idx: np.ndarray, impostor_i
 
 def view_of_run(workdir: str | os.PathLike[str]) -> str:
   """The view a training run scores (`fr.input_crop@image_size`), from its `config.json`."""
-  path = pathlib.Path(workdir) / "config.json"
+  path = run_dir.config_path(workdir)
   try:
-    config = json.loads(path.read_text())
+    config = run_dir.read_config_dict(workdir)
     return views.view_name(config["fr"]["input_crop"], config["image_size"])
-  except FileNotFoundError:
-    raise CalibrationError(f"{workdir} is not a training run (no config.json); pass the --workdir used for "
-                           "training") from None
+  except run_dir.NotARunError as e:
+    raise CalibrationError(str(e)) from None
   except (json.JSONDecodeError, KeyError, TypeError) as e:
     raise CalibrationError(f"{path} does not give the run's view (fr.input_crop and image_size): "
                            f"{type(e).__name__}: {e}") from None

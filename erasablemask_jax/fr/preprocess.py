@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from erasablemask_jax.image_io import uint8_to_minus1_1  # noqa: F401  (defined in image_io; importable here as before)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MINUS1_1 = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}              # (p/255 - 0.5) / 0.5
@@ -80,6 +82,3 @@ def preprocess(images: jnp.ndarray, prep: Preprocessing) -> jnp.ndarray:
   return x
 
 
-def uint8_to_minus1_1(images: np.ndarray | jnp.ndarray) -> jnp.ndarray:
-  """uint8 RGB pixels -> float32 in [-1, 1]: `p / 127.5 - 1`."""
-  return jnp.asarray(images, jnp.float32) / 127.5 - 1.0

@@ -28,7 +28,7 @@ from erasablemask_jax.fr import tfjs_graph
 from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr.preprocess import Preprocessing
 from erasablemask_jax.fr.preprocess import preprocess
-from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.image_io import uint8_to_minus1_1
 
 ASSETS_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "fr"
 BUNDLED = {"mobilefacenet": "mobilefacenet_foamliu"}

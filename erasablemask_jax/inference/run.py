@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from erasablemask_jax import image_io
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train.checkpoint import restore_run
 
@@ -129,8 +130,6 @@ def load_run(workdir: str | os.PathLike[str], step: int | None = None, batch_siz
              fingerprint=params_fingerprint(state), batch_size=batch_size)
 
 
-def to_model_input(images_uint8: np.ndarray) -> np.ndarray:
-  """uint8 RGB -> float32 [-1, 1] (`x / 127.5 - 1`)."""
-  return np.asarray(images_uint8, np.float32) / 127.5 - 1.0
+to_model_input = image_io.uint8_to_minus1_1  # uint8 RGB -> float32 [-1, 1], the inverse of `image_io.to_uint8`
 
 

@@ -8,7 +8,6 @@ without building a trainer (no data, no surrogates).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import pathlib
@@ -17,7 +16,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from erasablemask_jax.config import upgrade_legacy
+from erasablemask_jax import run_dir
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train.state import TrainState, create_train_state, make_optimizer
 
@@ -34,7 +33,7 @@ class DamagedCheckpointError(RuntimeError):
 def checkpoint_manager(workdir: str | os.PathLike[str],
                        options: ocp.CheckpointManagerOptions | None = None) -> ocp.CheckpointManager:
   """The orbax manager of `workdir/checkpoints`."""
-  return ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(), options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(run_dir.checkpoints_dir(workdir).absolute(), options=options, item_names=ITEMS)
 
 
 def restore_newest_intact(manager: ocp.CheckpointManager, args, *, set_aside: bool = True):
@@ -116,10 +115,7 @@ def restore_run(workdir: str | os.PathLike[str], step: int | None = None):
     FileNotFoundError: `workdir` holds no config.json or no checkpoint.
   """
   workdir = pathlib.Path(workdir)
-  config_path = workdir / "config.json"
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{workdir} is not a training run (no config.json); pass the --workdir used for training")
-  config = ml_collections.ConfigDict(upgrade_legacy(json.loads(config_path.read_text())))
+  config = run_dir.read_config(workdir)
   manager = checkpoint_manager(workdir)
   step = manager.latest_step() if step is None else step
   if step is None:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.image_io import uint8_to_minus1_1
 from erasablemask_jax.fr.surrogates import Surrogate
 from erasablemask_jax.image_io import save_image_grid
 from erasablemask_jax.image_io import to_uint8

@@ -34,10 +34,10 @@ from typing import Any
 
 import ml_collections
 
+from erasablemask_jax import run_dir
 from erasablemask_jax.config import ConfigError
-from erasablemask_jax.config import upgrade_legacy
-
-CONFIG_FILE = "config.json"
+from erasablemask_jax.run_dir import CONFIG_FILE
+from erasablemask_jax.run_dir import latest_checkpoint_step
 ARCHITECTURE_KEYS = ("model", "image_size", "attributes", "fr.surrogates")
 SAFE_KEYS = ("train", "mesh")
 REPORT_KEYS = ("fr.threshold_source", "fr.tau1_far", "fr.tau2_far")
@@ -49,14 +49,6 @@ log = logging.getLogger(__name__)
 
 class ConfigChangeError(ConfigError):
   """The config differs from the one a workdir was trained with; the message lists the keys."""
-
-
-def latest_checkpoint_step(workdir: str | os.PathLike[str]) -> int | None:
-  """The highest finished checkpoint step in `workdir/checkpoints` (orbax's `<step>/` directories), or None."""
-  checkpoints = pathlib.Path(workdir) / "checkpoints"
-  if not checkpoints.is_dir():
-    return None
-  return max((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir()), default=None)
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -88,7 +80,7 @@ def check_resume_config(workdir: str | os.PathLike[str], config: ml_collections.
   if step is None or not (workdir / CONFIG_FILE).is_file():
     return {}
   try:
-    saved = upgrade_legacy(json.loads((workdir / CONFIG_FILE).read_text()))
+    saved = run_dir.read_config_dict(workdir)
   except json.JSONDecodeError as e:
     raise ConfigChangeError(f"{workdir / CONFIG_FILE} is not valid JSON ({e}), so the config this run was trained "
                             "with is unknown; restore the file or train in a new --workdir") from None
@@ -172,20 +164,8 @@ def _stage_of_last_step(schedule: dict[str, Any], step: int, workdir: pathlib.Pa
     end1 = lengths[0][1]
     return 1 + (step > end1) + (step > end1 + lengths[1][1])
   # Epoch counts need the data's steps per epoch; but the trainer logs the stage of every step it checkpoints.
-  stages = [entry["stage"] for entry in _read_metrics(workdir / "metrics.jsonl") if entry.get("step") == step]
+  stages = [entry["stage"] for entry in run_dir.read_metrics(workdir) if entry.get("step") == step and "stage" in entry]
   return int(stages[-1]) if stages else None
-
-
-def _read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
-  entries = []
-  for line in path.read_text().splitlines() if path.is_file() else []:
-    try:
-      entry = json.loads(line)
-    except json.JSONDecodeError:  # a line cut short by a killed run
-      continue
-    if isinstance(entry, dict) and "stage" in entry:
-      entries.append(entry)
-  return entries
 
 
 def _short(value: Any) -> str:

@@ -35,12 +35,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from erasablemask_jax import run_dir
 from erasablemask_jax.attack import end_epoch
 from erasablemask_jax.config import ConfigError
 from erasablemask_jax.data.faces import load_face_splits, read_faces
 from erasablemask_jax.data.sources import make_source
 from erasablemask_jax.fr import thresholds as thresholds_lib
-from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.image_io import uint8_to_minus1_1
 from erasablemask_jax.fr.surrogates import Surrogate, load_surrogate, target_embeddings
 from erasablemask_jax.image_io import save_image_grid
 from erasablemask_jax.train import build as build_lib
@@ -201,7 +202,7 @@ class Trainer:
       self.writer.drop_after(step)  # rows a killed run logged after its last checkpoint are logged again
       if self.is_chief:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
+        run_dir.write_config(self.workdir, self.config)
       with (_progress(schedule.total, step, self.is_chief) as progress,
             preemption.stop_on_signals(self.checkpoints, multihost) as stop):
         state = self._loop(state, step, progress, on_step, stop)

@@ -7,6 +7,8 @@ import os
 import pathlib
 import time
 
+from erasablemask_jax import run_dir
+
 
 class MetricWriter:
   """`write(step, {name: float})` to `workdir/metrics.jsonl` and TensorBoard events under `workdir/tensorboard`.
@@ -22,7 +24,7 @@ class MetricWriter:
     self._tb_dir = workdir / "tensorboard"
     self._purge_step = None
     self._jsonl = None
-    self._jsonl_path = workdir / "metrics.jsonl"
+    self._jsonl_path = run_dir.metrics_path(workdir)
     if enabled:
       workdir.mkdir(parents=True, exist_ok=True)
       self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
@@ -63,7 +65,8 @@ class MetricWriter:
     if not self._jsonl_path.is_file():
       return 0
     lines = self._jsonl_path.read_text(encoding="utf-8").splitlines()
-    keep = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    steps = [run_dir.metrics_row_step(line) for line in lines]
+    keep = [line for line, s in zip(lines, steps) if s is not None and s <= step]
     if len(keep) == len(lines):
       return 0
     self._jsonl.close()
@@ -78,13 +81,3 @@ class MetricWriter:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
-
-
-def _row_step(line: str) -> int | None:
-  """The step of one metrics.jsonl line, or None for a line that is not a complete row (a killed run's last)."""
-  try:
-    row = json.loads(line)
-  except json.JSONDecodeError:
-    return None
-  return row.get("step") if isinstance(row, dict) and isinstance(row.get("step"), int) else None
-

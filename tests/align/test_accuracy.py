@@ -2,7 +2,7 @@
 
 Detecting all 296 CelebA photos takes minutes on a 2-core CPU, so CelebA is tested on a deterministic subset of
 identities (both sides of the AUC comparison on the same photos); deepface on all 25 photos.
-`benchmarks/alignment_accuracy.py` reports the full sets.
+`python -m benchmarks.alignment_accuracy` reports the full sets (and holds the AUC comparison).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks import alignment_accuracy
 from erasablemask_jax.align import evaluate
 
 pytestmark = pytest.mark.assets
@@ -51,7 +52,7 @@ def test_arcface_crops_give_mobilefacenet_the_reference_auc(celeba, assets_dir):
   from erasablemask_jax import fr
   identities, results, _ = celeba
   recogniser = fr.load_bundled("mobilefacenet")
-  cmp = evaluate.compare_verification(recogniser, results,
+  cmp = alignment_accuracy.compare_verification(recogniser, results,
                                       assets_dir / "images/derived_aligned112/celeba_wild_identities", identities)
   assert not cmp["left_out"]
   assert cmp["n_identities"] == N_IDENTITIES and cmp["n_genuine"] == N_IDENTITIES * 6

@@ -132,7 +132,7 @@ def test_stage2_step_with_folded_real_network_same_gradients():
     assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-5), name
   assert result["grad_rel_err"]["d"] < 1e-4 and result["grad_rel_err"]["r"] < 1e-4
   # Two different roundings of one float32 meta-gradient at a huge inner step (the real net's float32 meta-gradient is
-  # itself 0.7-1.8% off float64 at lr 0.05-0.5: benchmarks/meta_grad_precision.json), far below the Hessian term.
+  # itself 0.7-1.8% off float64 at lr 0.05-0.5: benchmarks/results/meta_grad_precision.json), far below the Hessian term.
   assert result["grad_rel_err_first_order"] > 0.3
   assert result["grad_rel_err"]["e_adv"] < 2e-2
 

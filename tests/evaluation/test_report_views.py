@@ -94,3 +94,28 @@ def test_cosine_to_several_targets_is_the_mean_of_per_image_cosines(evaluated):
       assert abs(normalised.mean() - cos.mean()) > 1e-3  # the other rule would give other numbers
     rec = (data["rec"].astype(np.float64) @ target.T).mean(axis=1)
     assert tables["erasablemask"]["esr"] == pytest.approx(np.mean(rec < tau2))
+
+
+def test_flip_surrogate_takes_the_thresholds_of_the_view_it_scores():
+  """The demo's `bundled:mobilefacenet@flip` scores mirrored faces of the demo's view (`loose_to_arcface@64`) and the
+  report takes that view's calibration for it, as for the unmirrored network: not the aligned crops' (`arcface112`)
+  fallback, and not nothing."""
+  from erasablemask_jax import config as config_lib
+  from erasablemask_jax.evaluation import report as report_lib
+
+  demo = config_lib.load_config("demo")
+  plain, mirrored = report_lib.load_eval_models(["bundled:mobilefacenet", "bundled:mobilefacenet@flip"], [], demo)
+  assert mirrored.key.endswith("@flip") and mirrored.whitebox
+  card = thresholds.thresholds_by_view(fr.load_bundled().card)["loose_to_arcface@64"]
+  for name, far in (("tau1", demo.fr.tau1_far), ("tau2", demo.fr.tau2_far)):
+    found = mirrored.thresholds[name]
+    assert (found.view, found.kind) == ("loose_to_arcface@64", thresholds.CALIBRATED), name
+    assert found.value == pytest.approx(card[thresholds.far_key(far)]) == getattr(plain, name)
+  assert mirrored.view == plain.view == "loose_to_arcface@64"
+  # It is the mirrored view: the network's embedding of the view's crop, mirrored.
+  from erasablemask_jax.fr import views
+  faces = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+  recogniser = mirrored.surrogate.recogniser
+  crops = views.crop_to_box(faces, views.arcface_box_in_loose(), recogniser.input_size)
+  np.testing.assert_allclose(np.asarray(mirrored.surrogate.embed(faces)),
+                             np.asarray(recogniser.apply_fn(recogniser.variables, crops[:, :, ::-1])), atol=1e-5)

@@ -15,7 +15,7 @@ from benchmarks import torch_nets as ref  # pylint: disable=g-import-not-at-top,
 
 from erasablemask_jax import fr  # pylint: disable=wrong-import-position
 from erasablemask_jax.fr import calibration  # pylint: disable=wrong-import-position
-from erasablemask_jax.fr.preprocess import uint8_to_minus1_1  # pylint: disable=wrong-import-position
+from erasablemask_jax.image_io import uint8_to_minus1_1  # pylint: disable=wrong-import-position
 from tools.convert_torch_weights.__main__ import main as convert_main  # pylint: disable=wrong-import-position
 
 pytestmark = [pytest.mark.assets, pytest.mark.torch]

@@ -22,7 +22,7 @@ from erasablemask_jax.convert import mxnet
 from erasablemask_jax.fr import calibration
 from erasablemask_jax.fr.preprocess import Preprocessing
 from erasablemask_jax.fr.preprocess import preprocess
-from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.image_io import uint8_to_minus1_1
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_DIR = "models/becauseofai_mobileface_v2"

@@ -15,7 +15,7 @@ from erasablemask_jax.data import builders
 from erasablemask_jax.fr import calibration
 from erasablemask_jax.fr import thresholds
 from erasablemask_jax.fr import views
-from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.image_io import uint8_to_minus1_1
 from erasablemask_jax.fr.surrogates import load_surrogate
 
 SAMPLE = builders.resolve_manual_dir("bundled:sample_faces")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tiny
-from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.image_io import uint8_to_minus1_1
 from erasablemask_jax.train import report as report_lib
 from erasablemask_jax.train import trainer as trainer_lib
 from erasablemask_jax.image_io import to_uint8

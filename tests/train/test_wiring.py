@@ -25,7 +25,7 @@ import pytest
 import tiny
 from erasablemask_jax import losses
 from erasablemask_jax.attack import make_attack, weights_from_history
-from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
+from erasablemask_jax.image_io import uint8_to_minus1_1
 from erasablemask_jax.models import ErasableMask
 from erasablemask_jax.train import steps as steps_lib
 from erasablemask_jax.train import trainer as trainer_lib

@@ -1,4 +1,5 @@
-"""Helpers of the evaluation tests: the tiny run's config and copies of bundled sample faces.
+"""Helpers of the evaluation and inference tests: the tiny run's config (the `tiny_run` fixture of conftest.py trains
+it) and copies of bundled sample faces.
 
 32x32 faces, the smoke networks, one stage-1 step and one stage-3 step (stage 2 skipped: its meta-attack compile
 through MobileFaceNet is what the train tests cover); the real bundled MobileFaceNet is the run's surrogate, so the
