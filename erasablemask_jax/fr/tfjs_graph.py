@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from erasablemask_jax.convert import tfjs
 from erasablemask_jax.convert.state_dict import CheckpointError
 from erasablemask_jax.fr.layers import depthwise_taps
 from erasablemask_jax.fr.layers import relu6 as relu6_masked
@@ -453,7 +454,6 @@ def choose_input(graph, requested: str | None) -> str:
 
 
 def choose_output(graph, requested: str | None) -> str:
-  from erasablemask_jax.convert import tfjs  # pylint: disable=g-import-not-at-top
   names = {n.name for n in graph.nodes}
   if requested is not None:
     name = tfjs.strip_output_index(requested)
@@ -552,8 +552,6 @@ def build_program(graph, input_name: str | None = None, output_name: str | None 
 
   `stats`, when given, receives `float_values_on_path`: the float values of the graph's constants that the output
   depends on, before the rewrites of step 5 drop the ReLU6 / PReLU scalars."""
-  from erasablemask_jax.convert import tfjs  # pylint: disable=g-import-not-at-top
-  del tfjs
   inp = choose_input(graph, input_name)
   out = choose_output(graph, output_name)
   tf_nodes = {n.name: n for n in graph.nodes}
