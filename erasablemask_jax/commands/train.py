@@ -68,14 +68,10 @@ def run(args) -> int:
   except trainer_lib.TrainingInterrupted as e:
     print(f"erasablemask train: {e}", file=sys.stderr)
     return e.exit_status
-  except trainer_lib.HostLostError as e:
-    print(f"erasablemask train: {e}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # Not a return: at exit JAX's distributed client waits at a shutdown barrier for every host, the lost one too,
-    # until its shutdown timeout, then aborts with a C++ stack trace. Nothing is left to save or close.
-    os._exit(1)  # pylint: disable=protected-access
-  except (lock_lib.WorkdirBusyError, trainer_lib.NonFiniteLossError, trainer_lib.CheckpointSaveError,
-          checkpoint_lib.DamagedCheckpointError, ModelDirError, CheckpointError, LabelFileError) as e:
+  except (trainer_lib.HostLostError, trainer_lib.CheckpointSaveError) as e:
+    _end_now(f"erasablemask train: {e}", 1)
+  except (lock_lib.WorkdirBusyError, trainer_lib.NonFiniteLossError, checkpoint_lib.DamagedCheckpointError,
+          ModelDirError, CheckpointError, LabelFileError) as e:
     print(f"erasablemask train: {e}", file=sys.stderr)
     return 1
   if not args.no_report and jax.process_index() == 0 and trainer.surrogates:
@@ -101,3 +97,15 @@ def _photos(trainer) -> None:
   if report is not None:
     print(photos.format_photos_report(report))
   print(line)
+
+
+def _end_now(line: str, status: int) -> None:
+  """Prints `line` and ends the process without Python's shutdown, which has nothing left to save or close here.
+
+  After a lost host, JAX's distributed client would wait at its shutdown barrier for every host, the lost one too,
+  until its shutdown timeout, then abort with a C++ stack trace; after a refused save, each of orbax's writes still in
+  flight would print a traceback as the interpreter shuts down.
+  """
+  print(line, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)  # pylint: disable=protected-access

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import pathlib
+import sys
 
 import jax
 import ml_collections
@@ -56,6 +57,7 @@ def restore_newest_intact(manager: ocp.CheckpointManager, args, *, set_aside: bo
     try:
       restored = manager.restore(step, args=args)
     except Exception as e:  # pylint: disable=broad-except  # tensorstore, json and orbax each raise their own kind
+      ignore_late_io_callbacks()
       damaged.append((step, error_summary(e)))
       log.warning("the checkpoint at step %d in %s does not read back (%s); trying the one before", step,
                   manager.directory, damaged[-1][1])
@@ -74,6 +76,25 @@ def restore_newest_intact(manager: ocp.CheckpointManager, args, *, set_aside: bo
         f"no checkpoint in {manager.directory} reads back ({listed}); put back intact copies of these folders, or "
         "train from step 0 in a new --workdir (this one is left as it is)")
   return None, None
+
+
+def ignore_late_io_callbacks() -> None:
+  """After a failed save or restore, stops the traceback of each of its late tensorstore callbacks.
+
+  Orbax runs tensorstore's reads and writes on an asyncio loop that it closes once one of them fails; the others,
+  finishing later, call back into the closed loop, and each such `RuntimeError: Event loop is closed` reaches
+  `sys.excepthook` from a tensorstore thread, with a traceback that says nothing about the run. Other errors pass.
+  """
+  previous = sys.excepthook
+  if getattr(previous, "ignores_late_io_callbacks", False):
+    return
+
+  def hook(kind, value, traceback):
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(kind, value, traceback)
+
+  hook.ignores_late_io_callbacks = True
+  sys.excepthook = hook
 
 
 def _free_name(folder: pathlib.Path) -> pathlib.Path:

@@ -46,7 +46,9 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from erasablemask_jax.train.checkpoint import error_summary
+import jax
+
+from erasablemask_jax.train.checkpoint import error_summary, ignore_late_io_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +161,6 @@ def stop_on_signals(manager=None, multihost: bool = False) -> Iterator[StopReque
 
 
 def _jax_preemption_service() -> bool:
-  import jax  # pylint: disable=import-outside-toplevel
-
   return bool(jax.config.jax_enable_preemption_service)
 
 
@@ -223,7 +223,8 @@ def file_system_errors_in_one_line() -> Iterator[None]:
   """While saving, orbax's threads log a write the file system refused with its whole traceback; keep their message.
 
   The save then raises `CheckpointSaveError`, one line; asyncio would also print the traceback of each of the save's
-  other writes, which failed the same way, as their tasks are collected, so it is quieted once a save failed.
+  other writes, which failed the same way, as their tasks are collected, and tensorstore one for each write that
+  finishes after orbax closed its loop, so both are quieted once a save failed.
   """
   quiet = _WithoutFileSystemTracebacks()
   logging.getLogger("absl").addFilter(quiet)
@@ -232,6 +233,7 @@ def file_system_errors_in_one_line() -> Iterator[None]:
   except Exception as e:
     if _errno(e) is not None:
       logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+      ignore_late_io_callbacks()
     raise
   finally:
     logging.getLogger("absl").removeFilter(quiet)
