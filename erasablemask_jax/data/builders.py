@@ -230,7 +230,7 @@ class FaceFolder(_FaceBuilder, skip_registration=True):
     manual = pathlib.Path(dl_manager.manual_dir)
     csv_path = manual / ATTRIBUTES_CSV
     rows = labels_lib.read_attribute_csv(csv_path, require_attributes=False) if csv_path.is_file() else {}
-    split_of = _read_split_column(csv_path) if csv_path.is_file() else {}
+    split_of = labels_lib.read_split_column(csv_path) if csv_path.is_file() else {}
     files = {str(p.relative_to(manual)): p for p in image_io.list_images(manual)}
     missing = sorted(set(rows) - set(files))
     if missing:
@@ -245,21 +245,6 @@ class FaceFolder(_FaceBuilder, skip_registration=True):
 
   def _generate_examples(self, **kwargs):
     raise NotImplementedError
-
-
-def _read_split_column(csv_path: pathlib.Path) -> dict[str, str]:
-  import csv  # pylint: disable=g-import-not-at-top
-  with csv_path.open(newline="") as f:
-    reader = csv.DictReader(f)
-    if "split" not in (reader.fieldnames or []):
-      return {}
-    out = {}
-    for row in reader:
-      split = row["split"].strip() or "train"
-      if split not in ("train", "validation", "test"):
-        raise labels_lib.LabelFileError(f"{csv_path}: split {split!r} for {row['file']} is not train/validation/test")
-      out[row["file"].strip()] = split
-  return out
 
 
 BUILDERS = {"celeba_hq": CelebaHq, "ffhq": Ffhq, "face_folder": FaceFolder}

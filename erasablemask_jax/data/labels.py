@@ -73,6 +73,23 @@ def read_attribute_csv(path: str | pathlib.Path, require_attributes: bool = True
   return out
 
 
+def read_split_column(csv_path: str | pathlib.Path) -> dict[str, str]:
+  """`{file: "train" | "validation" | "test"}` from the optional `split` column of an `attributes.csv` (empty: train;
+  no column: `{}`)."""
+  csv_path = pathlib.Path(csv_path)
+  with csv_path.open(newline="") as f:
+    reader = csv.DictReader(f)
+    if "split" not in (reader.fieldnames or []):
+      return {}
+    out = {}
+    for row in reader:
+      split = row["split"].strip() or "train"
+      if split not in ("train", "validation", "test"):
+        raise LabelFileError(f"{csv_path}: split {split!r} for {row['file']} is not train/validation/test")
+      out[row["file"].strip()] = split
+  return out
+
+
 def write_attribute_csv(path: str | pathlib.Path, rows: dict[str, tuple[np.ndarray, int]]) -> None:
   """Writes `{file: (att, identity)}` in the `attributes.csv` format (sorted by file)."""
   with pathlib.Path(path).open("w", newline="") as f:

@@ -33,6 +33,7 @@ import numpy as np
 from erasablemask_jax import convert
 from erasablemask_jax import image_io
 from erasablemask_jax import run_dir
+from erasablemask_jax.data import labels
 from erasablemask_jax.fr import thresholds as thresholds_lib
 from erasablemask_jax.fr import views
 from erasablemask_jax.image_io import uint8_to_minus1_1
@@ -81,10 +82,11 @@ def read_identities(path: str | os.PathLike[str]) -> dict[str, str]:
   """`{image stem: identity}` from lines `<image> <identity>` (a non-numeric header line is skipped), or from the
   `file` and `identity` columns of an `attributes.csv` (rows with identity -1, unknown, are left out)."""
   if is_attribute_csv(path):
-    with open(path, newline="") as f:
-      rows = list(csv.DictReader(f))
-    out = {pathlib.Path(r["file"].strip()).stem: r["identity"].strip() for r in rows
-           if r["identity"].strip() not in ("", "-1")}
+    try:
+      rows = labels.read_attribute_csv(path, require_attributes=False)
+    except labels.LabelFileError as e:
+      raise CalibrationError(str(e)) from None
+    out = {pathlib.Path(name).stem: str(identity) for name, (_, identity) in rows.items() if identity != -1}
     if not out:
       raise CalibrationError(f"{path}: no row with a known identity (all -1 or empty)")
     return out

@@ -175,42 +175,32 @@ def test_faces_are_scored_as_published_uint8(first, loaded_run):
   assert np.max(np.abs(saved["adv"] - np.asarray(surrogate.embed(x_adv_float)))) > 1e-4
 
 
-def test_table5_scores_the_transformed_faces_rounded_to_uint8(first, loaded_run):
+def test_table5_scores_the_transformed_faces_rounded_to_uint8(loaded_run):
   """Table V, like Table II, scores published images: T(x_adv) rounded to uint8, and R(that) rounded."""
-  from erasablemask_jax import noise
-  from erasablemask_jax.fr.surrogates import load_surrogate
-  from erasablemask_jax.image_io import to_uint8
   import jax
-  report = json.loads((first / "report.json").read_text())
-  saved = np.load(first / "embeddings" / "mobilefacenet_foamliu.npz")
-  surrogate = load_surrogate("bundled:mobilefacenet", "loose_to_arcface", loaded_run.image_size)
-  x_adv = _published_x_adv(report, loaded_run)
-  att_a = _att_a(report, loaded_run)
-  for i, name in enumerate(report["transforms"]):
-    if name not in ("gauss0.003", "rotate30"):  # off the uint8 grid before rounding (JPEG decodes onto it)
-      continue
-    transformed = np.asarray(noise.get_eval_transform(name)(jax.numpy.asarray(x_adv),
+  from erasablemask_jax import noise
+  from erasablemask_jax.image_io import to_uint8
+  transforms = ["gauss0.003", "rotate30"]  # both leave the uint8 grid (JPEG decodes onto it)
+  models = report_lib.load_eval_models(["bundled:mobilefacenet"], [], loaded_run.config)
+  tables = report_lib.compute_tables(loaded_run, "bundled:sample_faces", models, transforms=transforms, seed=7,
+                                     identities=[2, 3, 4], max_faces=3, pgd_steps=1)
+  emb, images = tables["embeddings"][models[0].key], tables["images"]
+  att_a = _att_a(tables["report"], loaded_run)
+  embed = models[0].surrogate.embed
+  for i, name in enumerate(transforms):
+    transformed = np.asarray(noise.get_eval_transform(name)(jax.numpy.asarray(images["adv"]),
                                                             jax.random.fold_in(jax.random.PRNGKey(7), i)))
     rounded = to_uint8(transformed).astype(np.float32) / 127.5 - 1.0
     restored = to_uint8(loaded_run.restore(rounded, att_a)).astype(np.float32) / 127.5 - 1.0
-    np.testing.assert_allclose(saved[f"{name}.adv"], np.asarray(surrogate.embed(rounded)), atol=1e-5)
-    np.testing.assert_allclose(saved[f"{name}.rec"], np.asarray(surrogate.embed(restored)), atol=1e-5)
-    assert np.max(np.abs(saved[f"{name}.adv"] - np.asarray(surrogate.embed(transformed)))) > 1e-4, name
+    np.testing.assert_allclose(emb[f"{name}.adv"], np.asarray(embed(rounded)), atol=1e-5)
+    np.testing.assert_allclose(emb[f"{name}.rec"], np.asarray(embed(restored)), atol=1e-5)
+    assert np.max(np.abs(emb[f"{name}.adv"] - np.asarray(embed(transformed)))) > 1e-4, name
 
 
 def _att_a(report, loaded_run):
   from erasablemask_jax.data.pipeline import load_face_folder_arrays
   arrays = load_face_folder_arrays("bundled:sample_faces", loaded_run.image_size)
   return arrays["att"][[arrays["file"].index(f) for f in report["faces"]]].astype(np.float32)
-
-
-def _published_x_adv(report, loaded_run):
-  from erasablemask_jax.data.pipeline import load_face_folder_arrays
-  from erasablemask_jax.inference import attributes as attributes_lib
-  arrays = load_face_folder_arrays("bundled:sample_faces", loaded_run.image_size)
-  x = arrays["image"][[arrays["file"].index(f) for f in report["faces"]]].astype(np.float32) / 127.5 - 1.0
-  att_b = attributes_lib.parse_spec(report["attrs"]).apply(_att_a(report, loaded_run))
-  return report_lib.protect_and_restore(loaded_run, x, _att_a(report, loaded_run), att_b)["adv"]
 
 
 def test_remote_scores_match_the_server_model(first):
