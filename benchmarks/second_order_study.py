@@ -22,6 +22,7 @@ for the run's K surrogates and for its first two (K = 2: each primary has one au
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import time
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import results as results_lib
 from benchmarks import study_scoring
 
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--multiples", default="1,10,100,1000", help="lr_inner as multiples of the run's lr")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default=str(study_scoring.REPO / "benchmarks" / "results" / "second_order_study.json"))
+  p.add_argument("--out", default=results_lib.out_path("second_order_study.json"))
   args = p.parse_args(argv)
   try:
     multiples = [float(v) for v in args.multiples.split(",") if v]
@@ -129,15 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: --multiples {args.multiples!r} is not a comma-separated list of numbers", file=sys.stderr)
     return 2
   workdir = pathlib.Path(args.workdir)
+  load_start = os.getloadavg()
   print(HEADER)
   try:
     result = measure(workdir, multiples, args.batch_size, args.seed)
   except FileNotFoundError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  result["machine"] = study_scoring.machine()
-  result["command"] = "python -m benchmarks.second_order_study " + " ".join(argv if argv is not None else sys.argv[1:])
-  study_scoring.save(result, pathlib.Path(args.out))
+  results_lib.write_report(args.out, "second_order_study", argv, result, load_start)
   print(f"wrote {args.out}")
   return 0
 

@@ -13,10 +13,8 @@ scores any run with it).
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import platform
 from typing import Any
 
 import jax
@@ -42,19 +40,6 @@ def family(name: str) -> str:
 def spec(name: str) -> str:
   """The model spec the trainer and the scorer load (`bundled:` for the packaged foamliu net, else `shared:`)."""
   return "bundled:mobilefacenet" if name == "foamliu" else f"shared:{name}"
-
-
-def machine() -> dict[str, Any]:
-  return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-          "backend": jax.default_backend(), "loadavg": list(os.getloadavg())}
-
-
-def save(result: dict, out: pathlib.Path) -> None:
-  """Writes `result` as JSON atomically (a crash never leaves a half-written study)."""
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(result, indent=1))
-  os.replace(tmp, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

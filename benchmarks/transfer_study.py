@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import results as results_lib
 from benchmarks import study_scoring as scoring
 from benchmarks.study_scoring import MODELS, REPO
 
@@ -320,6 +321,12 @@ def paired_differences(result: dict, reps: int, seed: int) -> dict[str, Any]:
 # The driver
 
 
+def save(result: dict, out: pathlib.Path, argv) -> None:
+  """`result` to `out` through `results.write_report` (this invocation's machine and command at the top; atomic)."""
+  results_lib.write_report(out, "transfer_study", argv, {k: v for k, v in result.items() if k not in ("machine",
+                                                                                                      "command")})
+
+
 def split(faces: dict, eval_identities: int, seed: int) -> tuple[int, list[int]]:
   ids = np.unique(faces["identity"])
   counts = {int(i): int(np.sum(faces["identity"] == i)) for i in ids}
@@ -424,11 +431,11 @@ def main(argv: list[str] | None = None) -> int:
                            "n_identities": int(len(np.unique(faces["identity"]))), "models": specs,
                            "families": {m: scoring.family(m) for m in MODELS}, "folds": {f: {"surrogates": list(s), "blackbox": [
                                m for m in MODELS if m not in s]} for f, s in FOLDS.items()},
-                           "machine": scoring.machine(), "targets": TARGETS,
+                           "machine": results_lib.machine(), "targets": TARGETS,
                            "command": "python -m benchmarks.transfer_study " + " ".join(argv or sys.argv[1:])},
               "calibration": scoring.calibrate_views(specs, faces, views.view_name(probe.fr.input_crop, size)),
               "variants": {}, "runs": [], "timing": {}}
-    scoring.save(result, out)
+    save(result, out, argv)
   result["variants"].update({v: VARIANTS[v].as_json() for v in variants})
 
   if args.ablation:
@@ -457,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
           done.add((fold, kind, None))
           bar.update(1)
       result["timing"][f"baselines_bb-{fold}_s"] = time.perf_counter() - t0
-      scoring.save(result, out)
+      save(result, out, argv)
     for kind in kinds:
       for variant in variants:
         if (fold, kind, variant) in done or (variant != "study" and kind not in variant_kinds):
@@ -479,14 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         done.add((fold, kind, variant))
         result["paired_difference_meta_auxiliary"] = paired_differences(result, settings.bootstrap, settings.seed)
         result["targets"] = targets(result)
-        scoring.save(result, out)
+        save(result, out, argv)
         figures(result, out)
         bar.update(1)
   bar.close()
   result["timing"]["last_invocation_s"] = time.time() - started
   result["paired_difference_meta_auxiliary"] = paired_differences(result, settings.bootstrap, settings.seed)
   result["targets"] = targets(result)
-  scoring.save(result, out)
+  save(result, out, argv)
   figures(result, out)
   print(summary(result))
   print(f"wrote {out} and {out.with_suffix('.png')}")
@@ -513,7 +520,7 @@ def ablation(args, settings: Settings, result: dict, out: pathlib.Path, workdir:
       "stage2_steps": args.ablation_steps, "train_s": seconds, "loadavg": list(os.getloadavg()),
       "final_fr_cos": {w: float(np.mean([r[f"fr/{i}/cos"] for r in last])) for i, w in enumerate(whitebox)},
       "curve": rows}
-  scoring.save(result, out)
+  save(result, out, argv)
   print(json.dumps({k: v for k, v in result["ablations"][args.ablation].items() if k != "curve"}, indent=1))
   return 0
 
