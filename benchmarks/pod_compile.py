@@ -7,7 +7,8 @@ there and compiles only what is missing, so the whole sweep can be stopped and r
 the README table: per-chip HBM and roofline time per stage, the implied wall time of the paper's 200/100/50 epochs of
 CelebA-HQ (30,000 faces), the largest per-chip batch that fits (the step's temporaries scaled linearly from the one
 compiled batch, an extrapolation), and the collectives' share of the step; beside it the same estimate for one
-H100 / H200 from the slice's total FLOPs and bytes (an estimate: no GPU compile).
+H100 / H200 from the slice's total FLOPs and bytes, the replicated state's read and write counted once (an estimate:
+no GPU compile).
 
     python -m benchmarks.pod_compile                      # everything below (hours on a 2-core CPU)
     python -m benchmarks.pod_compile --only paper --topologies v5e:4x4
@@ -76,8 +77,12 @@ def derived(run: dict) -> dict:
     wall = (s["roofline_s"] + s["collective_s"]) * steps_per_epoch * EPOCHS[s["stage"]]
     total += wall
     gpu = {}
-    for name, chip in aot.GPUS.items():  # the whole global batch on one GPU: every chip's work on one
-      seconds = max(s["flops"] * chips / chip.peak_flops, s["bytes_accessed"] * chips / chip.hbm_bandwidth)
+    # The whole global batch on one GPU: every chip's FLOPs, and every chip's bytes except the replicated state's,
+    # read and written once (2 x the arguments) rather than once per chip.
+    state_bytes = 2 * m["argument"]
+    gpu_bytes = chips * max(s["bytes_accessed"] - state_bytes, 0) + state_bytes
+    for name, chip in aot.GPUS.items():
+      seconds = max(s["flops"] * chips / chip.peak_flops, gpu_bytes / chip.hbm_bandwidth)
       gpu[name] = {"step_s": seconds, "wall_h": seconds * steps_per_epoch * EPOCHS[s["stage"]] / 3600}
     out["stages"][s["stage"]] = {"hbm_gib": m["total"] / 2**30, "fits": s["fits"], "roofline_s": s["roofline_s"],
                                  "collective_share": s["collective_share"], "wall_h": wall / 3600,
@@ -125,7 +130,7 @@ def main(argv=None) -> int:
   ap.add_argument("--only", default=",".join(SETTINGS), help=f"settings: {','.join(SETTINGS)}")
   ap.add_argument("--topologies", default=",".join(TOPOLOGIES.values()),
                   help=f"topologies ({', '.join(f'{k} = {v}' for k, v in TOPOLOGIES.items())})")
-  ap.add_argument("--runs-dir", default="benchmarks/pod_compile_runs", help="one JSON per setting and topology")
+  ap.add_argument("--runs-dir", default="benchmarks/results/pod_compile_runs", help="one JSON per setting and topology")
   ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per compile process")
   ap.add_argument("--summary-only", action="store_true")
   ap.add_argument("--out", default="benchmarks/results/pod_compile.json")

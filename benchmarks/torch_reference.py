@@ -25,11 +25,8 @@ from benchmarks.torch_steps import TorchStage2, TorchStage2Best
 
 
 def to_torch_batch(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-  """NHWC JAX/numpy batch -> NCHW torch tensors; uint8 images (the pipeline's, `Setup.host_batch`) become
-  `p / 127.5 - 1` in float32, as the JAX step prepares them (`train.build.prepare`)."""
-  image = np.asarray(batch["image"])
-  image = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0) if image.dtype == np.uint8 else image
-  return {"image": torch.from_numpy(np.ascontiguousarray(np.asarray(image, np.float32).transpose(0, 3, 1, 2))),
+  """NHWC JAX/numpy batch with images in [-1, 1] (`Setup.model_batch()`) -> NCHW torch tensors."""
+  return {"image": torch.from_numpy(np.ascontiguousarray(np.asarray(batch["image"], np.float32).transpose(0, 3, 1, 2))),
           "att_a": torch.from_numpy(np.asarray(batch["att_a"], np.float32)),
           "att_b": torch.from_numpy(np.asarray(batch["att_b"], np.float32))}
 
@@ -108,7 +105,7 @@ def compare_step(setup, kind: str = "meta_auxiliary", formulation: str = "naive"
          for net in ("d", "e_adv", "r")}
   batch = setup.host_batch()
   jax_metrics, grads, new_state = setup.stage2_with_grads(kind, batch)
-  t_metrics = run_step(torch_step, to_torch_batch(batch))
+  t_metrics = run_step(torch_step, to_torch_batch(setup.model_batch()))
   out = {"metrics": {k: (float(v), t_metrics[k]) for k, v in jax_metrics.items() if k in t_metrics},
          "grad_rel_err": {}, "param_max_abs_err": {}, "update_rel_err": {}}
   for net in ("d", "e_adv", "r"):
@@ -127,7 +124,7 @@ def compare_step(setup, kind: str = "meta_auxiliary", formulation: str = "naive"
     out["update_rel_err"][net] = _rel_err(delta_j, delta_t)
   if kind == "meta_auxiliary":  # what the same check reads when the Hessian term is dropped (torch, first order)
     first = from_setup(setup, "first_order", formulation, device)
-    run_step(first, to_torch_batch(batch))
+    run_step(first, to_torch_batch(setup.model_batch()))
     fo_grads, so_grads = _grads_numpy(first, "e_adv"), _grads_numpy(torch_step, "e_adv")
     fo = np.concatenate([fo_grads[k].ravel() for k in sorted(fo_grads)])
     so = np.concatenate([so_grads[k].ravel() for k in sorted(fo_grads)])

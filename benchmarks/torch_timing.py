@@ -34,7 +34,7 @@ def compare_torch(setup: Setup, kind: str, rounds: int, steps: int, warmup: int,
   torch.set_num_threads(torch_threads)
   dtype = torch.bfloat16 if setup.settings.bf16 else torch.float32
   torch_steps = {f: torch_reference.from_setup(setup, kind, f, device, dtype) for f in formulations}
-  host = torch_reference.to_torch_batch(setup.host_batch())
+  host = torch_reference.to_torch_batch(setup.model_batch())
   t_batches = {f: step.prepare(host) for f, step in torch_steps.items()}  # on the device, outside the timed region
   compiled, extra, _ = setup.compiled(2, kind)
   state, batch = setup.state(2), setup.device_batch()
@@ -111,7 +111,7 @@ def profile_stage2(setup: Setup, kind: str, directory: pathlib.Path, steps: int,
     dtype = torch.bfloat16 if setup.settings.bf16 else torch.float32
     for f in torch_formulations:
       step = torch_reference.from_setup(setup, kind, f, torch_device, dtype)
-      t_batch = step.prepare(torch_reference.to_torch_batch(setup.host_batch()))
+      t_batch = step.prepare(torch_reference.to_torch_batch(setup.model_batch()))
       step.step(t_batch)
       step.synchronize()
       with torch.profiler.profile(activities=activities) as prof:
