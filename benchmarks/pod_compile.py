@@ -158,8 +158,7 @@ def main(argv=None) -> int:
 
 def write(args, settings, topologies, runs_dir, load) -> dict:
   report = collect(runs_dir, settings, topologies)
-  results.write_json(args.out, {"machine": results.machine(load), "command": results.command("pod_compile", None),
-                                **report})
+  results.write_report(args.out, "pod_compile", None, report, load)
   return report
 
 
