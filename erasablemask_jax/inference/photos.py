@@ -266,10 +266,9 @@ def protect_photos(run: Run, in_dir: str | os.PathLike[str], out_dir: str | os.P
           feather=options.feather, faces=faces, skipped_faces=ph["small"], attrs_spec=spec.to_json(),
           checkpoint=run.checkpoint_info(), target=str(config.fr.target), surrogates=list(config.fr.surrogates)))
       result.written.append(name)
-      note = f"{n} face{'s' * (n > 1)} protected"
-      if ph["small"]:
-        note += "; skipped: " + "; ".join(s["reason"] for s in ph["small"])
-      result.notes[name] = note
+      if ph["small"]:  # only photos with something to say get a summary line
+        result.notes[name] = (f"{n} face{'s' * (n > 1)} protected; skipped: "
+                              + "; ".join(s["reason"] for s in ph["small"]))
       bar.update(1)
   return result
 
