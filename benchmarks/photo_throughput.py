@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
       "run": {"workdir": str(args.workdir), "image_size": run.image_size, "step": run.step},
       "median_s": median, "median_cpu_s": median_cpu, "total_s": total, "photos_per_s": 1.0 / total,
       "photos_per_s_without_codec": 1.0 / (total - median["decode"] - median["encode"]),
-      "rounds": rounds, "machine": results.machine(load_start), "command": results.command("photo_throughput", argv)}
-  path = results.write_json(args.out, report)
+      "rounds": rounds}
+  path = results.write_report(args.out, "photo_throughput", argv, report, load_start)
   print(" ".join(f"{s} {1000 * median[s]:.0f} ms (cpu {1000 * median_cpu[s]:.0f})" for s in STAGES)
         + f"; {1.0 / total:.3f} photos/s -> {path}")
   return 0

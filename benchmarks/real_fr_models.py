@@ -163,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
           f"TAR@1e-3 {s['tar_at_far']['far_0.001']:.3f} | {timing['ms_per_image']:.1f} ms/img "
           f"({folded_timing['ms_per_image']:.1f} folded)"
           + (f" | parity {row['parity']}" if "parity" in row else ""), flush=True)
-    results.write_json(args.out, {"machine": results.machine(load_start),
-                                  "settings": {**vars(args), "command": results.command("real_fr_models", argv)},
-                                  "models": rows})
+    results.write_report(args.out, "real_fr_models", argv, {"settings": vars(args), "models": rows}, load_start)
   print(f"wrote {args.out}")
   return 0
 
