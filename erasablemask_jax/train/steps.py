@@ -111,7 +111,7 @@ def stage2_step(cfg: StepConfig, state: TrainState, batch: dict[str, Array], fr_
   g_vars = state.g.variables
   noise_rng, = _rngs(state, 1)
   noise = cfg.noise or (lambda images, rng: images)
-  sigma1 = losses.scaled_sigma1(w.sigma1, x.shape[1], w.get("sigma1_reference_size", 0))
+  sigma1 = losses.scaled_sigma1(w.sigma1, x.shape[1], getattr(w, "sigma1_reference_size", 0))
 
   (x_adv, _), _ = models.protect(g_vars, state.e_adv.variables, x, att_b, train_e=True)
   d, d_metrics = _discriminator_update(cfg, state.d, x, x_adv, att_a)
@@ -164,7 +164,7 @@ def stage3_step(cfg: StepConfig, state: TrainState, batch: dict[str, Array],
   `losses.identity_erasure_loss` of R's output against the source under the surrogates `fr_vars`.
   """
   x, att_a, att_b = batch["image"], batch["att_a"], batch["att_b"]
-  l_era_id = cfg.loss.get("l_era_id", 0.0)
+  l_era_id = getattr(cfg.loss, "l_era_id", 0.0)
   noise_rng, = _rngs(state, 1)
   (x_adv, _), _ = cfg.models.protect(state.g.variables, state.e_adv.variables, x, att_b)
   if cfg.noise is not None:
