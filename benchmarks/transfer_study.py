@@ -77,13 +77,13 @@ class Variant:
 
 VARIANTS = {
     "study": Variant(what="configs/transfer_study.py as it is: the paper's method with the departures that earned "
-                          "their place"),
-    "no_id": Variant(stage3=("loss.l_era_id=0.0",),
-                     what="stage 3 on L_era alone (the paper's Eq. 16): what the identity term L_id buys"),
-    "paper_l_era": Variant(stage2=("loss.l_era=150.0",), stage3=("loss.l_era_id=0.0",),
-                           what="the paper's l_era = 150 and stage 3 on L_era alone"),
+                          "their place (l_era 1; stage 3 on L_era alone, Eq. 16)"),
+    "with_id": Variant(stage3=("loss.l_era_id=10.0",),
+                       what="stage 3 on L_era + 10 * L_id (R's output vs the source in the surrogates' embeddings): "
+                            "a candidate mechanism for ESR, not yet earned"),
+    "paper_l_era": Variant(stage2=("loss.l_era=150.0",), what="the paper's l_era = 150"),
 }
-DEFAULT_VARIANTS = "study,no_id,paper_l_era"
+DEFAULT_VARIANTS = "study,with_id,paper_l_era"
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
 The tiny study aligns 32 real CelebA photos (8 identities), converts the six real FR models (three formats), calibrates
 their views, trains stage 1 once and stages 2-3 for two attack kinds on the MobileFace V3 black-box fold (three
-surrogates), two steps a stage, and the `no_id` variant's stage 3 from the meta-auxiliary run's stage 2.
+surrogates), two steps a stage, and the `with_id` variant's stage 3 from the meta-auxiliary run's stage 2.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ RATES = ("asr", "esr", "irr", "smr")
 def study(tmp_path_factory, assets_dir):
   del assets_dir  # skips without ../shared/assets
   work = tmp_path_factory.mktemp("study")
-  args = ["--tiny", "--folds", "mobileface_v3", "--kinds", "meta_auxiliary,ensemble", "--variants", "study,no_id",
+  args = ["--tiny", "--folds", "mobileface_v3", "--kinds", "meta_auxiliary,ensemble", "--variants", "study,with_id",
           "--workdir", str(work), "--out", str(work / "study.json")]
   assert transfer_study.main(args) == 0
   return work, args, json.loads((work / "study.json").read_text())
@@ -36,12 +36,12 @@ def test_json_layout_and_rates(study):
   work, _, result = study
   runs = {(r["attack"], r["variant"]): r for r in result["runs"]}
   assert set(runs) == {("clean", None), ("edit", None), ("fgsm", None), ("pgd", None), ("meta_auxiliary", "study"),
-                       ("ensemble", "study"), ("meta_auxiliary", "no_id")}
+                       ("ensemble", "study"), ("meta_auxiliary", "with_id")}
   assert set(result["calibration"]) == set(SURROGATES + BLACKBOX)
   for name, cal in result["calibration"].items():
     assert 0.5 < cal["auc"] <= 1.0, name
     assert cal["thresholds"]["far_0.1"] < cal["thresholds"]["far_0.01"]
-  for key in (("meta_auxiliary", "study"), ("ensemble", "study"), ("meta_auxiliary", "no_id")):
+  for key in (("meta_auxiliary", "study"), ("ensemble", "study"), ("meta_auxiliary", "with_id")):
     r = runs[key]
     assert r["fold"] == "mobileface_v3" and r["surrogates"] == SURROGATES and r["blackbox"] == BLACKBOX
     for model, m in r["metrics"].items():
@@ -62,13 +62,13 @@ def test_json_layout_and_rates(study):
     assert set(r["quality"]) == {"adv_vs_edit", "rec_vs_cov"}
     assert r["curve"], "the run's loss curve is kept"
     assert (work / r["faces"]).is_file()
-  # `no_id` continues the meta-auxiliary run's stage 2: the same protected faces, a stage 3 without L_id.
-  assert runs["meta_auxiliary", "no_id"]["metrics"]["faceres"]["cos_adv"] == pytest.approx(
+  # `with_id` continues the meta-auxiliary run's stage 2: the same protected faces, a stage 3 with L_id.
+  assert runs["meta_auxiliary", "with_id"]["metrics"]["faceres"]["cos_adv"] == pytest.approx(
       runs["meta_auxiliary", "study"]["metrics"]["faceres"]["cos_adv"], abs=1e-6)
   stage3 = lambda r: [c for c in r["curve"] if c.get("stage") == 3]
-  assert all("r/id" in c for c in stage3(runs["meta_auxiliary", "study"]))
-  assert stage3(runs["meta_auxiliary", "no_id"]) and not any("r/id" in c for c in stage3(runs["meta_auxiliary", "no_id"]))
-  assert result["variants"]["no_id"]["stage3"] == ["loss.l_era_id=0.0"]
+  assert stage3(runs["meta_auxiliary", "with_id"]) and all("r/id" in c for c in stage3(runs["meta_auxiliary", "with_id"]))
+  assert stage3(runs["meta_auxiliary", "study"]) and not any("r/id" in c for c in stage3(runs["meta_auxiliary", "study"]))
+  assert result["variants"]["with_id"]["stage3"] == ["loss.l_era_id=10.0"]
   # The clean face is its own source: SMR 1 at any threshold below 1; FGSM/PGD have no restorer.
   assert all(m["smr"] == 1.0 and m["irr"] is None for m in runs["clean", None]["metrics"].values())
   assert all(m["irr"] is None for m in runs["pgd", None]["metrics"].values())
