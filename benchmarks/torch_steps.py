@@ -37,6 +37,13 @@ def _bce(logits, labels):
   return F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
 
 
+def _sigma1(w, image_size: int) -> float:
+  """SPEC.md, Eq. 8: sigma1 is the hinge at `sigma1_reference_size` (256) and scales with the side, the same per-pixel
+  budget at every resolution; a reference size of 0 (runs saved before the rule) keeps it as written."""
+  reference = getattr(w, "sigma1_reference_size", 0)
+  return w.sigma1 * image_size / reference if reference else w.sigma1
+
+
 def _l2_per_image(a, b):
   return torch.linalg.vector_norm((a - b).flatten(1), dim=1)
 
@@ -153,7 +160,7 @@ class TorchStage2:
     terms = {
         "att": torch.mean(_bce(att_logits, att_b)),
         "g": torch.mean(_bce(logit, torch.ones_like(logit))),
-        "perb": torch.mean(torch.clamp(_l2_per_image(x_adv, x_edit), min=w.sigma1)),
+        "perb": torch.mean(torch.clamp(_l2_per_image(x_adv, x_edit), min=_sigma1(w, x.shape[-1]))),
         "era": torch.mean(_l2_per_image(x_rec, x)),
     }
     l_pri = None
@@ -366,7 +373,7 @@ class TorchStage2Best(TorchStage2):
     terms = {
         "att": torch.mean(_bce(att_logits.float(), att_b)),
         "g": torch.mean(_bce(logit.float(), torch.ones_like(logit, dtype=torch.float32))),
-        "perb": torch.mean(torch.clamp(_l2_per_image(x_adv, x_edit), min=w.sigma1)),
+        "perb": torch.mean(torch.clamp(_l2_per_image(x_adv, x_edit), min=_sigma1(w, x.shape[-1]))),
         "era": torch.mean(_l2_per_image(x_rec, x)),
     }
     l_pri, attack_grad = None, None

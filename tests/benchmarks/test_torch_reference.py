@@ -130,13 +130,14 @@ def test_stage2_step_with_folded_real_network_same_gradients():
   result = torch_reference.compare_step(setup, "meta_auxiliary", "best")
   for name, (ours, theirs) in result["metrics"].items():
     # L_adv passes through the inner step at lr 2.0, which magnifies the two foldings' rounding: 2.3e-4 relative
-    # measured on the pipeline's uint8 batch (the E_adv gradient below differs by up to 2e-2 for the same reason).
+    # measured on the pipeline's uint8 batch (the E_adv gradient below differs by up to 2.1e-2 for the same reason).
     assert ours == pytest.approx(theirs, rel=5e-4 if name == "e/adv" else 1e-4, abs=1e-5), name
   assert result["grad_rel_err"]["d"] < 1e-4 and result["grad_rel_err"]["r"] < 1e-4
   # Two different roundings of one float32 meta-gradient at a huge inner step (the real net's float32 meta-gradient is
   # itself 0.7-1.8% off float64 at lr 0.05-0.5: benchmarks/results/meta_grad_precision.json), far below the Hessian term.
   assert result["grad_rel_err_first_order"] > 0.3
-  assert result["grad_rel_err"]["e_adv"] < 2e-2
+  # 2.1e-2 measured once SPEC's scaled sigma1 (1.875 at 16x16) made L_perb's hinge active; still 15x below the Hessian.
+  assert result["grad_rel_err"]["e_adv"] < 3e-2
 
 
 def test_step_throughput_runs_sharded_with_torch_comparison(tmp_path):
@@ -200,6 +201,9 @@ def test_fold_bn_meta_grad_is_the_float32_step_up_to_rounding(tmp_path):
   (row,) = json.loads(out.read_text())["rows"]
   assert row["variant"] == "fold_bn" and set(row["grad_rel_err"]) == {"d", "e_adv", "r"}
   assert row["grad_rel_err"]["d"] < 1e-6 and row["grad_rel_err"]["r"] < 1e-6
-  assert 0.0 < row["grad_rel_err"]["e_adv"] < 2e-2 and row["loss_max_rel_err"] < 1e-4
+  assert 0.0 < row["grad_rel_err"]["e_adv"] < 2e-2
+  for name, (unfolded, folded) in row["metrics"].items():
+    # L_adv after the inner step magnifies the folding's rounding, as in the torch comparison above (3.1e-4 measured).
+    assert folded == pytest.approx(unfolded, rel=5e-4 if name == "e/adv" else 1e-4, abs=1e-5), name
   with pytest.raises(ValueError, match="unknown variant"):
     bf16_meta_grad.measure(step_setup.Settings(**TINY), variant="fp8")

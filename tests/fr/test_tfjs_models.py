@@ -3,7 +3,7 @@ with the independent numpy executor `benchmarks/tfjs_reference.py` on a subset o
 TAR figures, `fold_batchnorm`, a Hessian-vector product through a converted model, and the `shared:NAME` names.
 
 The full-set figures of faceres and faceres-deep (224x224 inputs, ~30 s each on the 2-core CPU) are measured by
-`python -m benchmarks.real_fr_models` into `benchmarks/real_fr_models.json`; the test checks that file against
+`python -m benchmarks.real_fr_models` into `benchmarks/results/real_fr_models.json`; the test checks that file against
 MANIFEST.md and measures mobileface_v3's AUC on all 296 crops itself.
 """
 
@@ -135,10 +135,10 @@ def test_mobileface_auc_and_tar_on_all_296_crops(converted, assets_dir):
 
 @pytest.mark.assets
 def test_recorded_full_set_figures_match_the_manifest(assets_dir):
-  """`benchmarks/real_fr_models.json` (all 296 crops, every model): AUC within 0.003 of MANIFEST.md, TAR within
+  """`benchmarks/results/real_fr_models.json` (all 296 crops, every model): AUC within 0.003 of MANIFEST.md, TAR within
   0.01, and the TF.js models' parity with the reference executor: mobileface_v3 on all 296 crops, the two 224-input
   faceres graphs (a float64 numpy pass costs ~2 s per crop on the 2-core CPU) on every 8th."""
-  report = json.loads((REPO_ROOT / "benchmarks" / "real_fr_models.json").read_text())["models"]
+  report = json.loads((REPO_ROOT / "benchmarks" / "results" / "real_fr_models.json").read_text())["models"]
   assert set(report) == set(real_models.REAL_MODELS)
   for name, row in report.items():
     m = row["manifest"]

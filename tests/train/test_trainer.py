@@ -109,7 +109,8 @@ def test_eight_simulated_devices_with_sharded_state_match_one(reference, tmp_pat
 
 
 def test_sharded_layout_splits_the_largest_dividing_axis():
-  assert mesh_lib.leaf_spec((3, 3, 64, 128), 8) == jax.sharding.PartitionSpec()  # below MIN_SHARDED_SIZE
+  assert mesh_lib.leaf_spec((3, 3, 64, 112), 8) == jax.sharding.PartitionSpec()  # 64,512 < MIN_SHARDED_SIZE = 65,536
+  assert mesh_lib.leaf_spec((3, 3, 64, 128), 8) == jax.sharding.PartitionSpec(None, None, None, "data")  # 73,728
   assert mesh_lib.leaf_spec((4, 4, 512, 1024), 8) == jax.sharding.PartitionSpec(None, None, None, "data")
   assert mesh_lib.leaf_spec((4, 4, 1024, 3), 8, min_size=1) == jax.sharding.PartitionSpec(None, None, "data", None)
   assert mesh_lib.leaf_spec((5, 7, 9), 8, min_size=1) == jax.sharding.PartitionSpec()  # no axis divides
