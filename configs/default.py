@@ -87,6 +87,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fr = ml_collections.ConfigDict()
   config.fr.surrogates = ("fr/ir_152", "fr/ir_se_50", "fr/mobilefacenet")  # white-box, attacked in training
   config.fr.blackbox = ("fr/facenet", "fr/arcface_iresnet100", "fr/cosface_iresnet100")  # evaluation only
+  # Scored in the closing report beside the surrogates, as black boxes of that report only (never trained against):
+  # specs as above, "shared:*" for every real model of ../shared/assets that loads (`fr.real_models.expand`).
+  config.fr.report_models = ()
   config.fr.target = ""  # the target identity: an image file, a folder of them, or "identity:K" of the data folder
   # Where the FR models' aligned face sits in the generator's image before resizing to their input: "none" (resize
   # the whole image, as the paper) or "loose_to_arcface" (the ArcFace box inside our aligner's loose 256 crop).

@@ -75,8 +75,12 @@ def run(args) -> int:
     print(f"erasablemask train: {e}", file=sys.stderr)
     return 1
   if not args.no_report and jax.process_index() == 0 and trainer.surrogates:
+    blackbox, blackbox_targets, not_scored = report_lib.load_report_models(trainer.config, trainer.surrogates,
+                                                                            trainer.target_images)
     report = report_lib.whitebox_report(trainer.models, state, trainer.surrogates, trainer.targets,
-                                        config=trainer.config, workdir=trainer.workdir, **trainer.report_faces())
+                                        config=trainer.config, workdir=trainer.workdir, blackbox=blackbox,
+                                        blackbox_targets=blackbox_targets, not_scored=not_scored,
+                                        **trainer.report_faces())
     print(report_lib.format_report(report))
     _photos(trainer)
   print(_outputs.outputs_line("train", args.workdir, OUTPUTS))

@@ -116,3 +116,33 @@ def model_dir(spec: str) -> pathlib.Path:
   if source.startswith(PREFIX):
     return ensure_converted(source.removeprefix(PREFIX))
   return pathlib.Path(source)
+
+
+ALL = PREFIX + "*"  # every real model of ../shared/assets (`expand`)
+
+
+def same_network(spec: str) -> str:
+  """The network a spec names, without its view: `shared:foamliu` is `bundled:mobilefacenet` (the bundled model)."""
+  source = spec.partition("@")[0]
+  return "bundled:mobilefacenet" if source == PREFIX + "foamliu" else source
+
+
+def expand(specs: tuple[str, ...] | list[str], exclude: tuple[str, ...] | list[str] = ()) -> tuple[list[str],
+                                                                                                   dict[str, str]]:
+  """`(specs to load, {spec: why not})`: `shared:*` becomes every real model whose asset is present (the absent ones
+  say so), other specs stay; a spec of a network `exclude` already names (any view) is left out, and said why."""
+  taken = {same_network(s) for s in exclude}
+  wanted, skipped = [], {}
+  for spec in specs:
+    for one in ([PREFIX + n for n in REAL_MODELS] if spec == ALL else [spec]):
+      if same_network(one) in taken:
+        skipped[one] = "already scored as a surrogate"
+        continue
+      if spec == ALL and REAL_MODELS[one.removeprefix(PREFIX)].arch != "bundled":
+        path = ASSETS_DIR / REAL_MODELS[one.removeprefix(PREFIX)].asset
+        if not path.is_file():
+          skipped[one] = f"{path} not found"
+          continue
+      taken.add(same_network(one))
+      wanted.append(one)
+  return wanted, skipped

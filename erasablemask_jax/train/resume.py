@@ -10,8 +10,9 @@ no longer describes the checkpoints. So a resume compares the saved config with 
   checkpoint cadence), `mesh.*` (the device layout; the state is replicated and the global batch unchanged), and
   schedule counts that lengthen a stage that has not finished at the checkpoint (a finished stage cannot grow: its
   steps would be rerun on a state that has moved on);
-- report-only (`fr.threshold_source`, `fr.tau1_far`, `fr.tau2_far`: which thresholds the closing report uses; a run
-  saved before such a key existed has none): accepted without asking;
+- report-only (`fr.threshold_source`, `fr.tau1_far`, `fr.tau2_far`: which thresholds the closing report uses;
+  `fr.report_models`: which models it scores besides the surrogates; a run saved before such a key existed has
+  none): accepted without asking;
 - numerics-only (`fr.fold_batchnorm`: the same surrogate networks computed another way, equal up to float rounding;
   runs saved before it existed computed them unfolded): accepted without asking, logged; the steps after such a change
   are no longer bit-identical to an uninterrupted run's;
@@ -40,7 +41,7 @@ from erasablemask_jax.run_dir import CONFIG_FILE
 from erasablemask_jax.run_dir import latest_checkpoint_step
 ARCHITECTURE_KEYS = ("model", "image_size", "attributes", "fr.surrogates")
 SAFE_KEYS = ("train", "mesh")
-REPORT_KEYS = ("fr.threshold_source", "fr.tau1_far", "fr.tau2_far")
+REPORT_KEYS = ("fr.threshold_source", "fr.tau1_far", "fr.tau2_far", "fr.report_models")
 NUMERICS_KEYS = ("fr.fold_batchnorm",)
 _ABSENT = "(absent)"
 

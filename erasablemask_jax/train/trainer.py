@@ -127,11 +127,12 @@ class Trainer:
         target_images = self.splits.target if self.splits else read_faces(config.fr.target, config.image_size)
       if len(target_images) == 0:
         raise ConfigError("the attack needs a target face: set fr.target to an image, a folder or 'identity:K'")
+      self.target_images = np.asarray(target_images)  # the closing report's black boxes embed them too
       x_t = uint8_to_minus1_1(target_images)
       self.targets = self.built.place_replicated(target_embeddings(self.surrogates, x_t))
       self.fr_vars = self.built.place_replicated([s.variables for s in self.surrogates])
     else:
-      self.targets, self.fr_vars = [], []
+      self.targets, self.fr_vars, self.target_images = [], [], None
     self._sample_images = jax.jit(functools.partial(steps_lib.sample_images, self.models))  # traced once per run
     self.checkpoints = checkpoint_lib.checkpoint_manager(
         self.workdir, ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints_to_keep, create=True))
