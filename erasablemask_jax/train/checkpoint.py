@@ -12,6 +12,7 @@ import logging
 import os
 import pathlib
 import sys
+import threading
 
 import jax
 import ml_collections
@@ -89,12 +90,25 @@ def ignore_late_io_callbacks() -> None:
   if getattr(previous, "ignores_late_io_callbacks", False):
     return
 
+  def late(value) -> bool:
+    return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
   def hook(kind, value, traceback):
-    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+    if not late(value):
       previous(kind, value, traceback)
 
+  previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
+
+  def unraisable(info):
+    if not late(info.exc_value):
+      previous_unraisable(info)
+
+  def thread_hook(args):
+    if not late(args.exc_value):
+      previous_thread(args)
+
   hook.ignores_late_io_callbacks = True
-  sys.excepthook = hook
+  sys.excepthook, sys.unraisablehook, threading.excepthook = hook, unraisable, thread_hook
 
 
 def _free_name(folder: pathlib.Path) -> pathlib.Path:

@@ -228,12 +228,14 @@ def file_system_errors_in_one_line() -> Iterator[None]:
   """
   quiet = _WithoutFileSystemTracebacks()
   logging.getLogger("absl").addFilter(quiet)
+  # Installed before the save, not after it failed: the late callbacks of the save's other writes can reach the closed
+  # loop before the failure reaches us (seen on the 2-core VM).
+  ignore_late_io_callbacks()
   try:
     yield
   except Exception as e:
     if _errno(e) is not None:
       logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-      ignore_late_io_callbacks()
     raise
   finally:
     logging.getLogger("absl").removeFilter(quiet)
