@@ -79,17 +79,21 @@ def measure(workdir: pathlib.Path, multiples: list[float], batch_size: int, seed
     fr_losses = [lambda xa, s=s, t=t: 1.0 - jnp.mean(s.apply(s.variables, xa) @ t)
                  for s, t in zip(surrogates[:k], targets[:k])]
     w = jnp.ones((k,)) if k != len(surrogates) else state.adaptive.w
-    loss_at = jax.jit(lambda theta: jnp.stack([f(generate(theta)) for f in fr_losses]))
-    primary_grads = [jax.jit(jax.grad(lambda theta, p=p: fr_losses[p](generate(theta))))(e.params) for p in range(k)]
+    losses = lambda theta, fr_losses=fr_losses: jnp.stack([f(generate(theta)) for f in fr_losses])
+    loss_at = jax.jit(losses)
+    # Each primary's gradient from one compiled Jacobian; lr_inner is an argument, so one compile serves every multiple.
+    jacobian = jax.jit(jax.jacrev(losses))(e.params)
+    primary_grads = [jax.tree.map(lambda g, p=p: g[p], jacobian) for p in range(k)]
     l0 = loss_at(e.params)
-    _, g_ens, _ = jax.jit(lambda t: make_attack("ensemble")(t, generate, fr_losses, w))(e.params)
+    _, g_ens, _ = jax.jit(lambda t, fr_losses=fr_losses, w=w: make_attack("ensemble")(t, generate, fr_losses, w))(
+        e.params)
+    attack_grad = {kind: jax.jit(lambda t, lr_inner, kind=kind, fr_losses=fr_losses, w=w: make_attack(
+        kind, lr_inner=lr_inner)(t, generate, fr_losses, w)[1]) for kind in ("meta_auxiliary", "first_order")}
     for m in multiples:
       lr_inner = m * lr
       t0 = time.perf_counter()
-      _, g_meta, _ = jax.jit(lambda t: make_attack("meta_auxiliary", lr_inner=lr_inner)(t, generate, fr_losses, w))(
-          e.params)
-      _, g_fo, _ = jax.jit(lambda t: make_attack("first_order", lr_inner=lr_inner)(t, generate, fr_losses, w))(
-          e.params)
+      g_meta = attack_grad["meta_auxiliary"](e.params, lr_inner)
+      g_fo = attack_grad["first_order"](e.params, lr_inner)
       outer, _ = tx.update(g_meta, e.opt_state, e.params)
       inner = [lr_inner * _norm(g) for g in primary_grads]
       lookahead = []

@@ -21,6 +21,7 @@ embeds them through the run's crop and resize, so the thresholds match the score
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import os
@@ -213,6 +214,26 @@ def load_faces(paths: Sequence[pathlib.Path], image_size: int | None = None) -> 
   return out
 
 
+_JITTED_VIEWS: collections.OrderedDict = collections.OrderedDict()  # (id(recogniser), crop) -> (recogniser, jitted)
+_JITTED_VIEWS_KEPT = 8
+
+
+def _jitted_view_apply(recogniser: Any, crop: str):
+  """`jax.jit(views.view_apply(recogniser, crop))`, one per recogniser and crop: a study scores each model dozens of
+  times, and a new closure per call would compile its network again every time. The few most recent are kept (each
+  entry holds its recogniser, so an id is never reused while cached)."""
+  key = (id(recogniser), crop)
+  hit = _JITTED_VIEWS.get(key)
+  if hit is not None and hit[0] is recogniser:
+    _JITTED_VIEWS.move_to_end(key)
+    return hit[1]
+  apply = jax.jit(views.view_apply(recogniser, crop))
+  _JITTED_VIEWS[key] = (recogniser, apply)
+  while len(_JITTED_VIEWS) > _JITTED_VIEWS_KEPT:
+    _JITTED_VIEWS.popitem(last=False)
+  return apply
+
+
 def embed_view(recogniser: Any, faces: Sequence[np.ndarray], view: str, flip: bool = False,
                batch_size: int = 64) -> np.ndarray:
   """Unit embeddings `(N, D)` of uint8 faces seen through `view` (`fr.views`).
@@ -230,7 +251,7 @@ def embed_view(recogniser: Any, faces: Sequence[np.ndarray], view: str, flip: bo
   images = np.stack(faces)
   if images.shape[1:3] != (size, size):
     raise CalibrationError(f"view {view} scores {size}x{size} faces; these are {images.shape[1]}x{images.shape[2]}")
-  apply = jax.jit(views.view_apply(recogniser, crop))
+  apply = _jitted_view_apply(recogniser, crop)
   batch_size = min(batch_size, len(images))
   out = []
   for start in range(0, len(images), batch_size):
