@@ -132,6 +132,42 @@ def test_train_ends_with_where_its_outputs_are(tmp_path, monkeypatch, capsys):
   assert last == f"erasablemask train: outputs in {tmp_path / 'run'} ({cli_train_outputs()})"
 
 
+def test_train_report_scores_the_configs_report_models_beside_the_surrogates(tmp_path, monkeypatch, capsys):
+  """`erasablemask train` hands `fr.report_models` (loaded by `report.load_report_models`) to the closing report."""
+  from erasablemask_jax.commands import train as train_cmd  # pylint: disable=import-outside-toplevel
+  from erasablemask_jax.train import report as report_lib  # pylint: disable=import-outside-toplevel
+
+  trainer_lib = _fake_trainer(monkeypatch, lambda self: "state")
+  trainer_lib.Trainer.surrogates, trainer_lib.Trainer.targets = ["surrogate"], ["target"]
+  trainer_lib.Trainer.models, trainer_lib.Trainer.target_images = "models", "target images"
+  trainer_lib.Trainer.config = property(lambda self: self._config)
+  trainer_lib.Trainer.report_faces = lambda self: {"images": "faces", "att_a": "att", "split": "held-out"}
+  original_init = trainer_lib.Trainer.__init__
+
+  def init(self, config, workdir):
+    original_init(self, config, workdir)
+    self._config = config
+
+  monkeypatch.setattr(trainer_lib.Trainer, "__init__", init)
+  calls = {}
+
+  def load(config, surrogates, target_images):
+    calls["load"] = (tuple(config.fr.report_models), surrogates, target_images)
+    return ["blackbox"], ["blackbox target"], {"shared:x": "why"}
+
+  monkeypatch.setattr(report_lib, "load_report_models", load)
+  monkeypatch.setattr(report_lib, "whitebox_report", lambda *a, **k: calls.setdefault("report", (a, k)))
+  monkeypatch.setattr(report_lib, "format_report", lambda report: "the report")
+  monkeypatch.setattr(train_cmd, "_photos", lambda trainer: None)
+  assert cli.main(_train(tmp_path / "run") + ["--config.fr.report_models=('shared:*',)"]) == 0
+  assert calls["load"] == (("shared:*",), ["surrogate"], "target images")
+  args, kwargs = calls["report"]
+  assert args == ("models", "state", ["surrogate"], ["target"])
+  assert kwargs["blackbox"] == ["blackbox"] and kwargs["blackbox_targets"] == ["blackbox target"]
+  assert kwargs["not_scored"] == {"shared:x": "why"} and kwargs["images"] == "faces"
+  assert "the report" in capsys.readouterr().out
+
+
 def cli_train_outputs():
   from erasablemask_jax.commands import train  # pylint: disable=import-outside-toplevel
   return train.OUTPUTS
