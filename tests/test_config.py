@@ -36,7 +36,7 @@ def test_lr_inner_follows_the_optimiser_lr_until_set():
   assert followed.attack.lr_inner == 3e-4 and json.loads(followed.to_json_best_effort())["attack"]["lr_inner"] == 3e-4
   own = load_config("smoke", ["--config.attack.lr_inner=1e-3"])
   assert own.attack.lr_inner == 1e-3 and own.optim.lr == 2e-5  # setting it never writes optim.lr
-  assert load_config("demo").attack.lr_inner == 2e-4
+  assert load_config("demo").attack.lr_inner == load_config("demo").optim.lr == 3e-4  # the demo keeps the paper's one symbol
 
 
 @pytest.mark.parametrize("saved, kind, lr_inner", [
