@@ -48,8 +48,10 @@ def _sub(a, b):
   return jax.tree.map(lambda x, y: x - y, a, b)
 
 
-def measure(workdir: pathlib.Path, multiples: list[float], batch_size: int, seed: int) -> dict:
-  """The module docstring's figures for the trained run in `workdir`."""
+def measure(workdir: pathlib.Path, multiples: list[float], batch_size: int, seed: int,
+            ks: list[int] | None = None) -> dict:
+  """The module docstring's figures for the trained run in `workdir`, for each K in `ks` (the run's first K surrogates;
+  default the run's K and 2)."""
   from erasablemask_jax.attack import make_attack
   from erasablemask_jax.data.faces import load_face_splits
   from erasablemask_jax.fr.preprocess import uint8_to_minus1_1
@@ -75,7 +77,10 @@ def measure(workdir: pathlib.Path, multiples: list[float], batch_size: int, seed
   tx = make_optimizer(config.optim)
   out = {"run": str(workdir), "step": int(step), "lr": lr, "batch_size": batch_size, "surrogates": list(config.fr.surrogates),
          "rows": []}
-  for k in sorted({len(surrogates), 2}, reverse=True):
+  ks = sorted(set(ks or (len(surrogates), 2)), reverse=True)
+  if not all(2 <= k <= len(surrogates) for k in ks):
+    raise ValueError(f"--ks {ks}: each K must be between 2 and the run's {len(surrogates)} surrogates")
+  for k in ks:
     fr_losses = [lambda xa, s=s, t=t: 1.0 - jnp.mean(s.apply(s.variables, xa) @ t)
                  for s, t in zip(surrogates[:k], targets[:k])]
     w = jnp.ones((k,)) if k != len(surrogates) else state.adaptive.w
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--multiples", default="1,10,100,1000", help="lr_inner as multiples of the run's lr")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--ks", default="", help="surrogate counts to measure, each the run's first K (default: the run's K "
+                                          "and 2)")
   p.add_argument("--out", default=results_lib.out_path("second_order_study.json"))
   args = p.parse_args(argv)
   try:
@@ -138,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
   load_start = os.getloadavg()
   print(HEADER)
   try:
-    result = measure(workdir, multiples, args.batch_size, args.seed)
-  except FileNotFoundError as e:
+    ks = [int(v) for v in args.ks.split(",") if v] or None
+    result = measure(workdir, multiples, args.batch_size, args.seed, ks)
+  except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   results_lib.write_report(args.out, "second_order_study", argv, result, load_start)
