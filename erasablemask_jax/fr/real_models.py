@@ -131,12 +131,14 @@ def expand(specs: tuple[str, ...] | list[str], exclude: tuple[str, ...] | list[s
                                                                                                    dict[str, str]]:
   """`(specs to load, {spec: why not})`: `shared:*` becomes every real model whose asset is present (the absent ones
   say so), other specs stay; a spec of a network `exclude` already names (any view) is left out, and said why."""
-  taken = {same_network(s) for s in exclude}
+  surrogates = {same_network(s) for s in exclude}
+  taken = set(surrogates)
   wanted, skipped = [], {}
   for spec in specs:
     for one in ([PREFIX + n for n in REAL_MODELS] if spec == ALL else [spec]):
       if same_network(one) in taken:
-        skipped[one] = "already scored as a surrogate"
+        skipped[one] = ("already scored as a surrogate" if same_network(one) in surrogates
+                        else "listed more than once")
         continue
       if spec == ALL and REAL_MODELS[one.removeprefix(PREFIX)].arch != "bundled":
         path = ASSETS_DIR / REAL_MODELS[one.removeprefix(PREFIX)].asset

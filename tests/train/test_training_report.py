@@ -136,6 +136,8 @@ def test_shared_star_expands_to_the_present_real_models_without_the_surrogates_n
   assert set(skipped) == {f"shared:{n}" for n in real_models.REAL_MODELS if n != "faceres"}
   assert all(why.endswith("not found") for spec, why in skipped.items() if spec != "shared:foamliu")
   assert real_models.expand(("shared:*",), [])[0][0] == "shared:foamliu"  # bundled: always present
+  assert real_models.expand(("tiny/dir", "tiny/dir@flip"), []) == (["tiny/dir"],
+                                                                    {"tiny/dir@flip": "listed more than once"})
 
 
 def _entry(clean, adv, irr=None):
