@@ -11,6 +11,9 @@ import tempfile
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="erasablemask-xla-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The suite runs on the CPU. With the `tpu` extra installed (CI installs it, for the TPU compile tests), JAX would
+# otherwise look for a TPU first in every process and libtpu would print that it finds none.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
 
