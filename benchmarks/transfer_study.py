@@ -17,7 +17,8 @@ models.
    per variant (`VARIANTS`: the study's setting, and the rows that show what each departure from the paper buys)
    stage 3 from a copy of the stage-2 run that variant shares, or stage 2 again where the variant changes it;
 4. scoring per run (`study_scoring`): ASR / ESR / IRR / SMR and cosines with bootstrap CIs on every model, LPIPS and
-   L1 / MSE of both outputs, a face grid per run, and the diagnosis that `--diagnose` prints.
+   L1 / MSE of both outputs, a face grid per run, and the diagnosis that `--diagnose` prints; the tables, targets and
+   figures from the JSON (`study_report`).
 
 Writes `--out` (benchmarks/results/transfer_study.json) after every run, so a rerun skips what is done (training
 itself resumes from its last checkpoint), `transfer_study.png` (black-box cosines) and the face grids beside it.
@@ -44,10 +45,10 @@ import numpy as np
 
 from benchmarks import results as results_lib
 from benchmarks import study_scoring as scoring
+from benchmarks.study_report import (BASELINES, KINDS, TARGETS, diagnose, face_grid, figures, paired_differences,
+                                      summary, targets)
 from benchmarks.study_scoring import MODELS, REPO
 
-KINDS = ("meta_auxiliary", "first_order", "ensemble")
-BASELINES = ("clean", "edit", "fgsm", "pgd")
 # Each fold's surrogates; its black boxes are the other three models.
 FOLDS = {
     "mobileface_v3": ("foamliu", "xiaoccer", "mobileface_v2"),
@@ -56,10 +57,6 @@ FOLDS = {
     "foamliu": ("xiaoccer", "mobileface_v2", "mobileface_v3"),
 }
 DEFAULT_FOLDS = "mobileface_v3,mobileface_v2,xiaoccer"
-# The paper's rows for the same columns (CelebA-HQ, full scale), for the README table.
-PAPER = {"asr_blackbox_range": [64.00, 94.00], "mobileface_asr_esr": [92.22, 94.89],
-         "ensemble_ablation_mobileface_asr": 90.67}
-TARGETS = {"whitebox_asr": 0.80, "irr": 0.90, "esr": 0.90, "blackbox_asr_mean_over_folds": 0.40}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +78,9 @@ VARIANTS = {
     "with_id": Variant(stage3=("loss.l_era_id=10.0",),
                        what="stage 3 on L_era + 10 * L_id (R's output vs the source in the surrogates' embeddings): "
                             "a candidate mechanism for ESR, not yet earned"),
+    "with_id_100": Variant(stage3=("loss.l_era_id=100.0",),
+                           what="stage 3 on L_era + 100 * L_id: the identity term at the weight where it, not the "
+                                "pixel residual (L_era ~30 at the plateau), leads R's gradient"),
     "paper_l_era": Variant(stage2=("loss.l_era=150.0",), what="the paper's l_era = 150"),
 }
 DEFAULT_VARIANTS = "study,with_id,paper_l_era"
@@ -181,140 +181,6 @@ def run_dirs(workdir: pathlib.Path, fold: str, kind: str, variant: str, tiny: bo
   suffix = "_tiny" if tiny else ""
   shared = next(name for name, v in VARIANTS.items() if v.stage2 == VARIANTS[variant].stage2)
   return (workdir / f"stage2_{kind}_{shared}_bb-{fold}{suffix}", workdir / f"{kind}_{variant}_bb-{fold}{suffix}")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Figures and tables
-
-
-def figures(result: dict, out: pathlib.Path) -> None:
-  """Per fold, the fold's named black box's cos(x_adv, target) per attack (study variant) with its 95% CI."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  folds = sorted({r["fold"] for r in result["runs"]})
-  if not folds:
-    return
-  fig, axes = plt.subplots(1, len(folds), figsize=(5 * len(folds), 3.6), squeeze=False)
-  order = list(BASELINES) + list(KINDS)
-  for ax, fold in zip(axes[0], folds):
-    runs = {r["attack"]: r for r in result["runs"] if r["fold"] == fold and r.get("variant") in (None, "study")}
-    names = [k for k in order if k in runs]
-    means = [runs[k]["metrics"][fold]["cos_adv_mean"] for k in names]
-    lo = [m - runs[k]["metrics"][fold]["cos_adv_ci95"][0] for k, m in zip(names, means)]
-    hi = [runs[k]["metrics"][fold]["cos_adv_ci95"][1] - m for k, m in zip(names, means)]
-    colors = ["#999999" if k in BASELINES else "#1f77b4" for k in names]
-    ax.bar(range(len(names)), means, yerr=[lo, hi], color=colors, capsize=3)
-    tau1 = result["calibration"][fold]["thresholds"]["far_0.01"]
-    ax.axhline(tau1, color="r", ls="--", lw=1, label=f"tau1 (FAR 0.01) = {tau1:.3f}")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_title(f"black box: {fold}")
-    ax.set_ylabel("cos(x_adv, target), mean with 95% CI")
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  tmp = out.with_suffix(".tmp.png")
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, out.with_suffix(".png"))
-
-
-def face_grid(out: pathlib.Path, name: str, images: dict) -> pathlib.Path:
-  """`<out stem>_faces/<name>.png`: source | edit | protected | restored, six held-out faces."""
-  from erasablemask_jax.image_io import save_image_grid
-
-  path = out.parent / f"{out.stem}_faces" / f"{name}.png"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  n = min(6, len(images["source"]))
-  save_image_grid(path, [scoring.to_float(images[k][:n]) for k in ("source", "edit", "adv", "rec")])
-  return path
-
-
-def _pct(v) -> str:
-  return "n/a" if v is None else f"{100 * v:.1f}"
-
-
-def summary(result: dict) -> str:
-  """A Markdown table per run: white-box ASR, every model's worst ESR / IRR, each black box's ASR and LPIPS."""
-  lines = ["| fold | attack | variant | WB ASR (min) | ESR (min, all) | IRR (min, all) | BB ASR per model | BB ASR mean | "
-           "LPIPS adv / rec |", "|---|---|---|---|---|---|---|---|---|"]
-  for r in result["runs"]:
-    m = r["metrics"]
-    wb_asr = min(m[w]["asr"] for w in r["surrogates"])
-    esr = None if m[r["surrogates"][0]]["esr"] is None else min(v["esr"] for v in m.values())
-    irr = None if esr is None else min(v["irr"] for v in m.values())
-    bb = " / ".join(f"{b} {_pct(m[b]['asr'])}" for b in r["blackbox"])
-    bb_mean = float(np.mean([m[b]["asr"] for b in r["blackbox"]]))
-    q = r["quality"]
-    lp = lambda k: "n/a" if q.get(k, {}).get("lpips") is None else f"{q[k]['lpips']:.3f}"
-    lines.append(f"| {r['fold']} | {r['attack']} | {r.get('variant') or '-'} | {_pct(wb_asr)} | {_pct(esr)} | "
-                 f"{_pct(irr)} | {bb} | {_pct(bb_mean)} | {lp('adv_vs_edit' if 'adv_vs_edit' in q else 'adv_vs_cov')}"
-                 f" / {lp('rec_vs_cov')} |")
-  for fold, pairs in result.get("paired_difference_meta_auxiliary", {}).items():
-    if fold == "what":
-      continue
-    for pair, d in pairs.items():
-      lines.append(f"{fold}: meta_auxiliary - {pair.replace('_vs_', ' vs ')} cos(adv, t): {d['mean']:+.4f} "
-                   f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], higher on {d['faces_meta_higher']} of {d['n']} faces")
-  for fold, t in result.get("targets", {}).items():
-    lines.append(f"targets, {fold}: " + ", ".join(f"{k} {'met' if v['met'] else 'missed'} ({_pct(v['value'])}%)"
-                                                  for k, v in t.items()))
-  return "\n".join(lines)
-
-
-def targets(result: dict) -> dict[str, Any]:
-  """Per fold, the meta_auxiliary study row against issue 29's targets; and the black-box ASR mean over folds."""
-  out, bb_means = {}, []
-  for r in result["runs"]:
-    if r["attack"] != "meta_auxiliary" or r.get("variant") != "study":
-      continue
-    m = r["metrics"]
-    wb = min(m[w]["asr"] for w in r["surrogates"])
-    irr, esr = min(v["irr"] for v in m.values()), min(v["esr"] for v in m.values())
-    bb_means.append(float(np.mean([m[b]["asr"] for b in r["blackbox"]])))
-    out[r["fold"]] = {"whitebox_asr_min": {"value": wb, "met": wb >= TARGETS["whitebox_asr"]},
-                      "irr_min_all_models": {"value": irr, "met": irr >= TARGETS["irr"]},
-                      "esr_min_all_models": {"value": esr, "met": esr >= TARGETS["esr"]},
-                      "blackbox_asr_mean": {"value": bb_means[-1],
-                                            "met": bb_means[-1] >= TARGETS["blackbox_asr_mean_over_folds"]}}
-  if bb_means:
-    mean = float(np.mean(bb_means))
-    out["all_folds"] = {"blackbox_asr_mean": {"value": mean, "met": mean >= TARGETS["blackbox_asr_mean_over_folds"]}}
-  return out
-
-
-def diagnose(result: dict) -> str:
-  """Per run and model: cos of R(x_adv) and R(x_cov) to the source, a 64-px downscale's, and the restored faces'
-  cosine to the target against tau2 (where ESR is lost)."""
-  lines = ["| fold | attack | variant | model | cos R(adv),src | cos R(cov),src | cos down64,src | cos R(adv),t | "
-           "cos R(cov),t | tau2 | ESR lost |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in result["runs"]:
-    for model, d in r.get("diagnosis", {}).items():
-      lines.append(f"| {r['fold']} | {r['attack']} | {r.get('variant')} | {model} | {d['cos_rec_source']:.3f} | "
-                   f"{d['cos_rec_clean_source']:.3f} | {d['cos_down64_source']:.3f} | {d['cos_rec_target']:.3f} | "
-                   f"{d['cos_rec_clean_target']:.3f} | {d['tau2']:.3f} | {len(d['esr_lost'])} |")
-  return "\n".join(lines)
-
-
-def paired_differences(result: dict, reps: int, seed: int) -> dict[str, Any]:
-  """Per fold and FR model, meta_auxiliary's per-face cos(x_adv, target) minus each other attack kind's on the same
-  faces (the study variant): the mean, its bootstrap 95% CI over faces and how many faces meta_auxiliary moved
-  further."""
-  out: dict[str, Any] = {"what": "per-face cos(x_adv, target) of meta_auxiliary minus the other kind, same faces, "
-                                 f"bootstrap 95% CI over faces ({reps} resamples, seed {seed})"}
-  runs = {(r["fold"], r["attack"]): r for r in result["runs"] if r.get("variant") in (None, "study")}
-  for (fold, kind), meta in runs.items():
-    if kind != "meta_auxiliary":
-      continue
-    for other in ("ensemble", "first_order"):
-      if (fold, other) not in runs:
-        continue
-      for model, m in meta["metrics"].items():
-        d = np.asarray(m["cos_adv"]) - np.asarray(runs[fold, other]["metrics"][model]["cos_adv"])
-        out.setdefault(f"bb-{fold}", {})[f"{model}_vs_{other}"] = {
-            "mean": float(d.mean()), "ci95": scoring.bootstrap_ci(d, reps, seed),
-            "faces_meta_higher": int((d > 0).sum()), "n": int(d.size), "whitebox": m["whitebox"]}
-  return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -84,6 +84,12 @@ def test_json_layout_and_rates(study):
     assert p["ci95"][0] <= p["mean"] <= p["ci95"][1] and p["faces_meta_higher"] == int((d > 0).sum())
   t = result["targets"]["mobileface_v3"]
   assert t["esr_min_all_models"]["met"] == (t["esr_min_all_models"]["value"] >= 0.9)
+  # Beside the ESR target, the untouched faces' ESR (what an exact restorer scores) and the worst gap to it.
+  clean = runs["clean", None]["metrics"]
+  ceiling = {m: float(np.mean(np.asarray(v["cos_adv"]) < v["tau2"])) for m, v in clean.items()}
+  assert t["esr_min_all_models"]["clean_faces"] == pytest.approx(min(ceiling.values()))
+  meta = runs["meta_auxiliary", "study"]["metrics"]
+  assert t["esr_min_all_models"]["worst_gap_to_clean"] == pytest.approx(max(ceiling[m] - meta[m]["esr"] for m in meta))
 
 
 def test_diagnose_prints_every_run_and_model(study, capsys):
