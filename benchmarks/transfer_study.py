@@ -81,6 +81,10 @@ VARIANTS = {
     "with_id_100": Variant(stage3=("loss.l_era_id=100.0",),
                            what="stage 3 on L_era + 100 * L_id: the identity term at the weight where it, not the "
                                 "pixel residual (L_era ~30 at the plateau), leads R's gradient"),
+    "inner_x1000": Variant(stage2=("attack.lr_inner=0.3",),
+                           what="lr_inner = 1000 x lr (0.3): Eq. 10's inner SGD step about the size of the outer Adam "
+                                "step (second_order_study: 1.25x; at lr_inner = lr it is 1.25e-3x and the Hessian term "
+                                "is 0.03% of E_adv's gradient)"),
     "paper_l_era": Variant(stage2=("loss.l_era=150.0",), what="the paper's l_era = 150"),
 }
 DEFAULT_VARIANTS = "study,with_id,paper_l_era"
