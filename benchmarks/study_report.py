@@ -157,21 +157,22 @@ def diagnose(result: dict) -> str:
 
 
 def paired_differences(result: dict, reps: int, seed: int) -> dict[str, Any]:
-  """Per fold and FR model, meta_auxiliary's per-face cos(x_adv, target) minus each other attack kind's on the same
-  faces (the study variant): the mean, its bootstrap 95% CI over faces and how many faces meta_auxiliary moved
-  further."""
+  """Per fold and FR model, meta_auxiliary's per-face cos(x_adv, target) (its study row) minus each other attack
+  kind's on the same faces: the mean, its bootstrap 95% CI over faces and how many faces meta_auxiliary moved further.
+  Keys are `MODEL_vs_KIND` for the other kind's study row and `MODEL_vs_KIND_VARIANT` for its variants (a control such
+  as `ensemble_l_adv`)."""
   out: dict[str, Any] = {"what": "per-face cos(x_adv, target) of meta_auxiliary minus the other kind, same faces, "
                                  f"bootstrap 95% CI over faces ({reps} resamples, seed {seed})"}
-  runs = {(r["fold"], r["attack"]): r for r in result["runs"] if r.get("variant") in (None, "study")}
-  for (fold, kind), meta in runs.items():
-    if kind != "meta_auxiliary":
+  runs = {(r["fold"], r["attack"], r.get("variant")): r for r in result["runs"]}
+  for (fold, kind, variant), meta in runs.items():
+    if kind != "meta_auxiliary" or variant != "study":
       continue
-    for other in ("ensemble", "first_order"):
-      if (fold, other) not in runs:
-        continue
+    others = [(k, v) for (f, k, v) in runs if f == fold and k in ("ensemble", "first_order")]
+    for other, other_variant in sorted(others, key=lambda kv: (kv[0], kv[1] != "study", kv[1])):
+      name = other if other_variant == "study" else f"{other}_{other_variant}"
       for model, m in meta["metrics"].items():
-        d = np.asarray(m["cos_adv"]) - np.asarray(runs[fold, other]["metrics"][model]["cos_adv"])
-        out.setdefault(f"bb-{fold}", {})[f"{model}_vs_{other}"] = {
+        d = np.asarray(m["cos_adv"]) - np.asarray(runs[fold, other, other_variant]["metrics"][model]["cos_adv"])
+        out.setdefault(f"bb-{fold}", {})[f"{model}_vs_{name}"] = {
             "mean": float(d.mean()), "ci95": scoring.bootstrap_ci(d, reps, seed),
             "faces_meta_higher": int((d > 0).sum()), "n": int(d.size), "whitebox": m["whitebox"]}
   return out

@@ -85,6 +85,11 @@ VARIANTS = {
                            what="lr_inner = 1000 x lr (0.3): Eq. 10's inner SGD step about the size of the outer Adam "
                                 "step (second_order_study: 1.25x; at lr_inner = lr it is 1.25e-3x and the Hessian term "
                                 "is 0.03% of E_adv's gradient)"),
+    "l_adv_exp": Variant(stage2=("loss.l_adv=279.1",),
+                         what="l_adv = 200 x exp(1/3) = 279.1, for the ensemble: Eq. 11's weights are "
+                              "exp(softmax(.)) ~ exp(1/K) = 1.40 each (1.386-1.403 measured), so meta_auxiliary's "
+                              "L_adv is ~1.40x the ensemble's plain mean; this control separates that scale from the "
+                              "meta-task"),
     "paper_l_era": Variant(stage2=("loss.l_era=150.0",), what="the paper's l_era = 150"),
 }
 DEFAULT_VARIANTS = "study,with_id,paper_l_era"
