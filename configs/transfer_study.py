@@ -34,10 +34,10 @@ def get_config(arg: str | None = None):
   # stay at ~0 for 140 steps (benchmarks/results/transfer_study_k2_s240.json, "ablations"), and on the demo it cut ASR
   # from 71% to 14%. The study keeps l_era = 150 as its `paper_l_era` row beside this one.
   config.loss.l_era = 1.0
-  # Stage 3 stays Eq. 16 (L_era alone). The identity term L_id (`loss.l_era_id`) is the study's `with_id` row, not
-  # a default: on the demo (its stage-2 checkpoint, 60 stage-3 steps each way) l_era_id = 10 left ESR at 85.7% on the
-  # bundled net and lowered it to 71.4% on its mirrored view (cos of R(x_adv) to the target 0.039 -> 0.046), so it
-  # has not earned its place.
+  # Stage 3 stays Eq. 16 (L_era alone) here, so that the `study` row is the paper's stage 3; the identity term L_id
+  # (`loss.l_era_id`) is the study's `with_id_100` row beside it (l_era_id = 100: on fold MobileFace V3 it raised ESR
+  # by 2-6 points on all six models and surrogate IRR to 100%, LPIPS(rec, cov) 0.255 -> 0.249; at 10 the gain was
+  # -2 to +6 points, and on the 64-px demo 60 steps at 10 gave none).
   config.schedule.stage1_steps = 1500
   # Stage 2 of 480 steps and stage 3 of 240: with 240 / 120 the white-box ASR was 58-65% with the surrogates' cosines
   # still rising and one model's IRR at 89.6%; with 480 / 240 white-box ASR is 81-85% and IRR 94-100% on every model

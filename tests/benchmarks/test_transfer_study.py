@@ -7,6 +7,7 @@ surrogates), two steps a stage, and the `with_id` variant's stage 3 from the met
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -127,6 +128,21 @@ def test_other_settings_refused(study, capsys):
   # The same flags under another schedule (a changed config file, or an override) are another study too.
   assert transfer_study.main(args + ["--override", "schedule.stage3_steps=3"]) == 2
   assert "other settings" in capsys.readouterr().err
+
+
+def test_a_variant_trained_under_other_overrides_is_refused_a_reworded_one_is_not(study, monkeypatch, capsys):
+  _, args, _ = study
+  with_id = transfer_study.VARIANTS["with_id"]
+
+  def no_training(*a, **k):
+    raise AssertionError("a finished run was trained again")
+
+  monkeypatch.setattr(transfer_study, "train", no_training)
+  monkeypatch.setitem(transfer_study.VARIANTS, "with_id", dataclasses.replace(with_id, what="reworded"))
+  assert transfer_study.main(args) == 0
+  monkeypatch.setitem(transfer_study.VARIANTS, "with_id", dataclasses.replace(with_id, stage3=("loss.l_era_id=11.0",)))
+  assert transfer_study.main(args) == 2
+  assert "holds variants ['with_id'] trained with other overrides" in capsys.readouterr().err
 
 
 def test_score_run_scores_a_trained_run_with_every_real_model(study):
