@@ -106,9 +106,12 @@ def clean_esr(result: dict, fold: str) -> dict[str, float]:
   is under tau2 (the fold's `clean` row). It is what an exact restorer (R(x_adv) = x_cov) scores, so it bounds ESR
   from above up to R's own loss of identity: tau2 sits at FAR 0.1, so about one impostor pair in ten, and more where
   the target identity is close to the held-out ones, is above it before any protection."""
+  from erasablemask_jax.metrics import recognition
+
   for r in result["runs"]:
     if r["fold"] == fold and r["attack"] == "clean":
-      return {name: float(np.mean(np.asarray(m["cos_adv"]) < m["tau2"])) for name, m in r["metrics"].items()}
+      return {name: recognition.erasure_success_rate(np.asarray(m["cos_adv"]), m["tau2"])
+              for name, m in r["metrics"].items()}
   return {}
 
 
@@ -160,7 +163,7 @@ def paired_differences(result: dict, reps: int, seed: int) -> dict[str, Any]:
   """Per fold and FR model, meta_auxiliary's per-face cos(x_adv, target) (its study row) minus each other attack
   kind's on the same faces: the mean, its bootstrap 95% CI over faces and how many faces meta_auxiliary moved further.
   Keys are `MODEL_vs_KIND` for the other kind's study row and `MODEL_vs_KIND_VARIANT` for its variants (a control such
-  as `ensemble_l_adv`)."""
+  as `ensemble_l_adv_exp`)."""
   out: dict[str, Any] = {"what": "per-face cos(x_adv, target) of meta_auxiliary minus the other kind, same faces, "
                                  f"bootstrap 95% CI over faces ({reps} resamples, seed {seed})"}
   runs = {(r["fold"], r["attack"], r.get("variant")): r for r in result["runs"]}
