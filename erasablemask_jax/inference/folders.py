@@ -66,23 +66,37 @@ def _check_outputs(paths: list[pathlib.Path], force: bool) -> None:
                             "choose another --out")
 
 
-def _read_inputs(folder: pathlib.Path, image_size: int, result: FolderResult, suffix_out: tuple[str, ...]
-                 ) -> list[dict[str, Any]]:
-  """Readable images of `folder` as dicts {rel, image uint8 (S, S, 3), source_size}; the rest go to `skipped`."""
-  items, claimed = [], {}
+def _unique_outputs(folder: pathlib.Path, suffix: str, result: FolderResult):
+  """Yields (path, rel, stem) for the images under `folder` whose output name `stem + suffix` is free; an image whose
+  stem an earlier one took (`a.jpg` after `a.png`) goes to `result.skipped`. The caller claims a stem by using it."""
+  claimed: dict[str, str] = {}
   for path in image_io.list_images(folder):
     rel = str(path.relative_to(folder))
     stem = str(pathlib.Path(rel).with_suffix(""))
     if stem in claimed:
-      result.skipped[rel] = f"its output name {stem}{suffix_out[0]} is already taken by {claimed[stem]}; rename it"
+      result.skipped[rel] = f"its output name {stem}{suffix} is already taken by {claimed[stem]}; rename it"
       continue
+    claimed[stem] = rel
+    yield path, rel, stem
+
+
+def attribute_rows(folder: pathlib.Path) -> dict[str, Any]:
+  """`folder/attributes.csv` as `labels.read_attribute_csv` reads it; {} where there is none."""
+  csv_path = folder / "attributes.csv"
+  return labels_lib.read_attribute_csv(csv_path) if csv_path.is_file() else {}
+
+
+def _read_inputs(folder: pathlib.Path, image_size: int, result: FolderResult, suffix_out: tuple[str, ...]
+                 ) -> list[dict[str, Any]]:
+  """Readable images of `folder` as dicts {rel, image uint8 (S, S, 3), source_size}; the rest go to `skipped`."""
+  items = []
+  for path, rel, stem in _unique_outputs(folder, suffix_out[0], result):
     try:
       image = image_io.read_image(path, rel)
     except image_io.SkipImage as e:
       result.skipped[rel] = str(e)
       log.warning("skipping %s: %s", rel, e)
       continue
-    claimed[stem] = rel
     items.append({"rel": rel, "stem": stem, "source_size": image.shape[:2],
                   "image": image_io.square_resize(image, image_size)})
   return items
@@ -90,8 +104,7 @@ def _read_inputs(folder: pathlib.Path, image_size: int, result: FolderResult, su
 
 def source_attributes(folder: pathlib.Path, items: list[dict[str, Any]], run: Run) -> tuple[np.ndarray, list[str]]:
   """att_a (N, 13) for `items`: from `folder/attributes.csv` where it lists the file, else D_att's prediction."""
-  csv_path = folder / "attributes.csv"
-  rows = labels_lib.read_attribute_csv(csv_path) if csv_path.is_file() else {}
+  rows = attribute_rows(folder)
   att_a = np.zeros((len(items), labels_lib.NUM_ATTRIBUTES), np.float32)
   sources = []
   missing = [i for i, item in enumerate(items) if item["rel"] not in rows]

@@ -42,13 +42,14 @@ from PIL import Image
 
 from erasablemask_jax import image_io
 from erasablemask_jax.align import detect
-from erasablemask_jax.data import labels as labels_lib
 from erasablemask_jax.inference import attributes as attributes_lib
 from erasablemask_jax.inference import paste
 from erasablemask_jax.inference import sidecar as sidecar_lib
 from erasablemask_jax.inference.folders import FolderResult
 from erasablemask_jax.inference.folders import _check_outputs
 from erasablemask_jax.inference.folders import _progress
+from erasablemask_jax.inference.folders import _unique_outputs
+from erasablemask_jax.inference.folders import attribute_rows
 from erasablemask_jax.inference.run import Run
 from erasablemask_jax.inference.run import to_model_input
 
@@ -180,23 +181,10 @@ def encode(image: np.ndarray, output_format: str = "png", quality: int = 95) -> 
   return buf.getvalue()
 
 
-def _csv_rows(folder: pathlib.Path) -> dict[str, Any]:
-  csv_path = folder / "attributes.csv"
-  return labels_lib.read_attribute_csv(csv_path) if csv_path.is_file() else {}
-
-
 def _inputs(in_dir: pathlib.Path, out_dir: pathlib.Path, suffix: str, result: FolderResult, force: bool,
             sidecars: bool = True) -> list[dict[str, Any]]:
   """The photos under `in_dir` with their output names; names that collide are skipped; existing outputs refused."""
-  items, claimed = [], {}
-  for path in image_io.list_images(in_dir):
-    rel = str(path.relative_to(in_dir))
-    stem = str(pathlib.Path(rel).with_suffix(""))
-    if stem in claimed:
-      result.skipped[rel] = f"its output name {stem}{suffix} is already taken by {claimed[stem]}; rename it"
-      continue
-    claimed[stem] = rel
-    items.append({"path": path, "rel": rel, "stem": stem})
+  items = [{"path": path, "rel": rel, "stem": stem} for path, rel, stem in _unique_outputs(in_dir, suffix, result)]
   names = (suffix, ".json") if sidecars else (suffix,)
   _check_outputs([out_dir / f"{it['stem']}{ext}" for it in items for ext in names], force)
   return items
@@ -275,7 +263,7 @@ def protect_photos(run: Run, in_dir: str | os.PathLike[str], out_dir: str | os.P
 
 def _source_attributes(run: Run, in_dir: pathlib.Path, photos: list[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
   """att_a (N, 13) for all faces of all photos, in order, and where each came from (module docstring)."""
-  rows = _csv_rows(in_dir)
+  rows = attribute_rows(in_dir)
   crops = np.concatenate([ph["crops"] for ph in photos])
   att_a = attributes_lib.predicted(run.attribute_logits(to_model_input(crops)))
   sources = ["d_att"] * len(crops)

@@ -87,20 +87,7 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
       length.
   """
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise SidecarError(f"no sidecar {path}: erase needs the JSON that `erasablemask protect` wrote beside the image; "
-                       "pass --source-attrs (bits, a CSV, or 'predicted') instead")
-  try:
-    payload = json.loads(path.read_text())
-  except (ValueError, UnicodeDecodeError) as e:
-    raise SidecarError(f"sidecar {path} is not valid JSON ({e}); restore it or pass --source-attrs") from e
-  if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-    raise SidecarError(f"sidecar {path} is not an {FORMAT} file; pass --source-attrs instead")
-  if list(payload.get("attributes", ATTRIBUTES)) != list(ATTRIBUTES):
-    raise SidecarError(f"sidecar {path} lists attributes {payload.get('attributes')}, this version uses {ATTRIBUTES}")
-  if not isinstance(payload.get("checkpoint"), dict):
-    raise SidecarError(f"sidecar {path} has no \"checkpoint\" entry (the run that protected the image), so it was not "
-                       "written by `erasablemask protect`; protect the original again, or pass --source-attrs")
+  payload = _read_checked(path, FORMAT, what="image", fix="pass --source-attrs (bits, a CSV, or 'predicted') instead")
   for key in ("att_a", "att_b"):
     value = payload.get(key)
     if not isinstance(value, list) or len(value) != NUM_ATTRIBUTES or any(v not in (0, 1) for v in value):
@@ -159,19 +146,8 @@ def read_photo_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
     SidecarError: missing, not JSON, another format, no checkpoint, or a face entry that cannot be used.
   """
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise SidecarError(f"no sidecar {path}: erase needs the JSON that `erasablemask protect` wrote beside the photo "
-                       "(each face's transform and attributes)")
-  try:
-    payload = json.loads(path.read_text())
-  except (ValueError, UnicodeDecodeError) as e:
-    raise SidecarError(f"sidecar {path} is not valid JSON ({e}); restore it from the protect output") from e
-  if not isinstance(payload, dict) or payload.get("format") != PHOTO_FORMAT:
-    raise SidecarError(f"sidecar {path} is not an {PHOTO_FORMAT} file")
-  if list(payload.get("attributes", ATTRIBUTES)) != list(ATTRIBUTES):
-    raise SidecarError(f"sidecar {path} lists attributes {payload.get('attributes')}, this version uses {ATTRIBUTES}")
-  if not isinstance(payload.get("checkpoint"), dict):
-    raise SidecarError(f"sidecar {path} has no \"checkpoint\" entry; protect the original again")
+  payload = _read_checked(path, PHOTO_FORMAT, what="photo (each face's transform and attributes)",
+                          fix="protect the original again")
   faces = payload.get("faces")
   if not isinstance(faces, list) or not isinstance(payload.get("image_size"), int):
     raise SidecarError(f"sidecar {path} has no \"faces\" list or \"image_size\"; protect the original again")
@@ -187,4 +163,24 @@ def read_photo_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError("its transform is not an invertible similarity")
     except (KeyError, TypeError, ValueError) as e:
       raise SidecarError(f"sidecar {path}, face {i}: {e}; protect the original again") from e
+  return payload
+
+
+def _read_checked(path: pathlib.Path, fmt: str, what: str, fix: str) -> dict[str, Any]:
+  """The checks both sidecar formats share: the file exists, is a JSON object of format `fmt`, lists this version's
+  attributes and names the checkpoint that protected the image. `what` names the protected file, `fix` the way out."""
+  if not path.is_file():
+    raise SidecarError(f"no sidecar {path}: erase needs the JSON that `erasablemask protect` wrote beside the {what}; "
+                       f"{fix}")
+  try:
+    payload = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise SidecarError(f"sidecar {path} is not valid JSON ({e}); restore it from the protect output, or {fix}") from e
+  if not isinstance(payload, dict) or payload.get("format") != fmt:
+    raise SidecarError(f"sidecar {path} is not an {fmt} file; {fix}")
+  if list(payload.get("attributes", ATTRIBUTES)) != list(ATTRIBUTES):
+    raise SidecarError(f"sidecar {path} lists attributes {payload.get('attributes')}, this version uses {ATTRIBUTES}")
+  if not isinstance(payload.get("checkpoint"), dict):
+    raise SidecarError(f"sidecar {path} has no \"checkpoint\" entry (the run that protected it), so it was not "
+                       f"written by `erasablemask protect`; {fix}")
   return payload
