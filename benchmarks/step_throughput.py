@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from benchmarks import results as results_lib
 from benchmarks.step_setup import KINDS, Settings, Setup, timed_step, versions
 from erasablemask_jax import aot
 
@@ -196,21 +196,17 @@ def _row_name(stage: int, kind: str | None) -> str:
   return f"stage{stage}" + (f":{kind}" if kind else "")
 
 
-def _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios, torch_results) -> None:
-  out = {
-      "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                  "device": device.device_kind, "backend": device.platform, "num_devices": settings.devices,
-                  "load_avg_end": os.getloadavg()},
+def _write(path, argv, args, settings, setup, device, peak, peak_bf16, rows, ratios, torch_results) -> None:
+  body = {
       "versions": versions(),
       "settings": {**dataclasses.asdict(settings), "surrogates": [x.spec for x in setup.surrogates],
                    "lr_inner_used": setup.lr_inner, "warmup": args.warmup, "steps": args.steps,
-                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                   "command": " ".join(sys.argv)},
+                   "xla_flags": os.environ.get("XLA_FLAGS", "")},
       "peak_matmul": peak, **({"peak_matmul_bf16": peak_bf16} if peak_bf16 else {}),
       "rows": rows, "ratios": ratios, "torch": torch_results,
   }
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(out, indent=1))
+  results_lib.write_report(path, "step_throughput", argv, body, device=device.device_kind,
+                           num_devices=settings.devices)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -334,7 +330,7 @@ def main(argv=None) -> int:
           f"{r['flops_per_s'] / 1e9:>9.1f}{r['fraction_of_peak']:>8.1%}{mem:>9.0f}{r['xla_temp_mib']:>9.0f}"
           + (f"   cold compile {r['compile_cold_s']:.1f} s" if "compile_cold_s" in r else ""))
   if args.row_only:
-    _write(path, args, settings, setup, device, peak, peak_bf16, rows, {}, [])
+    _write(path, argv, args, settings, setup, device, peak, peak_bf16, rows, {}, [])
     return 0
 
   kinds = [name.partition(":")[2] for name in rows if name.startswith("stage2:")]
@@ -359,7 +355,7 @@ def main(argv=None) -> int:
           ", ".join(f"{n} {v['median_s'][n]:.3f} s ({v['over_base'][n]:.2f}x)" for n in variants))
 
   torch_results = []
-  _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios,
+  _write(path, argv, args, settings, setup, device, peak, peak_bf16, rows, ratios,
          torch_results)  # the JAX rows are kept even if the torch comparison is interrupted
   if args.compare_torch:
     from benchmarks.torch_timing import compare_torch  # pylint: disable=g-import-not-at-top  (torch is optional)
@@ -368,7 +364,7 @@ def main(argv=None) -> int:
       c = compare_torch(setup, kind, args.torch_rounds, args.torch_steps, args.warmup, args.torch_threads,
                         tuple(args.torch_formulations.split(",")), args.torch_device)
       torch_results.append(c)
-      _write(path, args, settings, setup, device, peak, peak_bf16, rows,
+      _write(path, argv, args, settings, setup, device, peak, peak_bf16, rows,
              ratios, torch_results)
       for key, label in (("torch", "PyTorch eager (naive)"), ("torch_best", "PyTorch best")):
         if f"{key}_median_s" in c:
@@ -386,7 +382,7 @@ def main(argv=None) -> int:
     print(f"profiles in {args.profile} (wall s: {meta['wall_s']}); summary: python -m benchmarks.profile_summary "
           f"{args.profile}")
 
-  _write(path, args, settings, setup, device, peak, peak_bf16, rows, ratios,
+  _write(path, argv, args, settings, setup, device, peak, peak_bf16, rows, ratios,
          torch_results)
   print(f"wrote {path}")
   return 0

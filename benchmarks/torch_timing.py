@@ -7,7 +7,6 @@ Called by `benchmarks/step_throughput.py` (`--compare-torch`, `--profile`); the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import statistics
@@ -17,6 +16,7 @@ from typing import Any
 import jax
 import torch
 
+from benchmarks import results as results_lib
 from benchmarks import torch_reference
 from benchmarks.step_setup import Setup, timed_step
 
@@ -125,6 +125,6 @@ def profile_stage2(setup: Setup, kind: str, directory: pathlib.Path, steps: int,
       (directory / f"torch_{f}.txt").write_text(averages.table(sort_by=sort, row_limit=top))
       ops = [{"name": e.key, "count": e.count, "self_cpu_us": e.self_cpu_time_total, "cpu_us": e.cpu_time_total,
               "self_device_us": getattr(e, "self_device_time_total", 0.0)} for e in averages]
-      (directory / f"torch_{f}.json").write_text(json.dumps(ops, indent=1))
-  (directory / "profile_meta.json").write_text(json.dumps(meta, indent=1))
+      results_lib.write_json(directory / f"torch_{f}.json", ops)
+  results_lib.write_json(directory / "profile_meta.json", meta)
   return meta

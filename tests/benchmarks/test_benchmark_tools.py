@@ -71,16 +71,13 @@ def test_every_benchmark_is_run_by_run_all_or_shown_in_the_readme_as_a_module():
     assert "python benchmarks/" not in readme_path.read_text(), f"{readme_path}: write `python -m benchmarks.NAME`"
 
 
-# Scripts that still write their JSON themselves (issue 28: other changes are moving them to `benchmarks.results`).
-WRITES_ITS_OWN = {"step_throughput", "transfer_study"}
-
-
 def test_results_live_under_benchmarks_results_written_by_one_writer():
   for bench in run_all.BENCHES:
     assert bench.out.startswith(results.RESULTS_DIR + "/"), bench
-  for script in sorted(set(_scripts()) - WRITES_ITS_OWN):
+  for script in _scripts():
     text = (run_all.ROOT / "benchmarks" / f"{script}.py").read_text()
-    assert "json.dump" not in text and "write_json(" not in text, f"{script}: write through results.write_report"
+    for writer in ("json.dump(", "write_text(json.dumps", "write_json("):
+      assert writer not in text, f"{script} writes JSON with {writer}: write through results.write_report"
 
 
 def test_interleaved_rounds_time_every_codec_each_round_in_rotated_order():
