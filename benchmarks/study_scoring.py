@@ -109,6 +109,28 @@ def calibrate_views(specs: dict[str, str], faces: dict[str, np.ndarray], view: s
   return out
 
 
+def clean_esr_by_target(specs: dict[str, str], faces: dict[str, np.ndarray], view: str, calibration: dict,
+                        eval_ids: list[int], tau2_far: float) -> dict[int, dict[str, float]]:
+  """For every identity that could be the target (two faces or more, not held out): per model, the ESR of the
+  untouched held-out faces against it, the fraction whose cosine to its faces (`recognition.target_cosine`) is under
+  the model's tau2. It is the ceiling of ESR an exact restorer reaches with that target (`study_report.clean_esr`),
+  known before any training."""
+  from erasablemask_jax.fr import calibration as calibration_lib
+  from erasablemask_jax.metrics import recognition
+
+  identity = np.asarray(faces["identity"])
+  held_out = np.isin(identity, np.asarray(eval_ids))
+  candidates = [int(i) for i in np.unique(identity) if int(i) not in eval_ids and np.sum(identity == i) >= 2]
+  out: dict[int, dict[str, float]] = {c: {} for c in candidates}
+  for name, model_spec in specs.items():
+    emb = calibration_lib.embed_view(load_recogniser(model_spec), list(faces["image"]), view)
+    tau2 = calibration[name]["thresholds"][f"far_{tau2_far:g}"]
+    for c in candidates:
+      cos = recognition.target_cosine(emb[held_out], emb[identity == c])
+      out[c][name] = recognition.erasure_success_rate(cos, tau2)
+  return out
+
+
 def load_recogniser(model_spec: str):
   from erasablemask_jax import fr
   from erasablemask_jax.fr import real_models

@@ -238,6 +238,9 @@ def parse_args(argv):
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                  help="a study config override, e.g. schedule.stage2_steps=300 (recorded in the settings)")
   p.add_argument("--diagnose", action="store_true", help="print where each run of --out loses ESR / IRR and exit")
+  p.add_argument("--target-scan", metavar="FILE.json", help="instead of the study: the clean faces' ESR (the ceiling "
+                 "of ESR) for every identity that could be the target, per model, written to FILE.json; --out is only "
+                 "read (its calibration)")
   p.add_argument("--ablation", metavar="NAME", help="instead of the study: a short stage 2 from the shared stage 1 "
                  "with --ablation-override changes, its loss and cosine curves stored under 'ablations' in --out")
   p.add_argument("--ablation-override", action="append", default=[], metavar="KEY=VALUE")
@@ -302,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
   faces = load_face_folder_arrays(faces_dir, size)
   specs = scoring.prepare_models()
   target_id, eval_ids = split(faces, settings.eval_identities, settings.seed)
+  if args.target_scan:
+    return target_scan(args, probe, result, specs, faces, target_id, eval_ids)
   if result is None:
     result = {"settings": {"study": key, "image_size": size, "target_identity": target_id,
                            "eval_identities": eval_ids, "n_faces": int(len(faces["identity"])),
@@ -374,6 +379,33 @@ def main(argv: list[str] | None = None) -> int:
   figures(result, out)
   print(summary(result))
   print(f"wrote {out} and {out.with_suffix('.png')}")
+  return 0
+
+
+def target_scan(args, probe, result: dict | None, specs: dict[str, str], faces: dict, target_id: int,
+                eval_ids: list[int]) -> int:
+  """`--target-scan`: `scoring.clean_esr_by_target` for every candidate target, ranked by its worst model."""
+  from erasablemask_jax.fr import views
+
+  view = views.view_name(probe.fr.input_crop, probe.image_size)
+  calibration = result["calibration"] if result is not None else scoring.calibrate_views(specs, faces, view)
+  by_target = scoring.clean_esr_by_target(specs, faces, view, calibration, eval_ids, float(probe.fr.tau2_far))
+  ranked = sorted(by_target, key=lambda c: (-min(by_target[c].values()), -float(np.mean(list(by_target[c].values())))))
+  rows = [{"identity": c, "study_target": c == target_id, "min_esr": min(by_target[c].values()), "esr": by_target[c]}
+          for c in ranked]
+  meets = [r["identity"] for r in rows if r["min_esr"] >= TARGETS["esr"]]
+  results_lib.write_report(args.target_scan, "transfer_study", None, {
+      "what": "per candidate target identity, the ESR (a fraction) of the untouched held-out faces on each model: cos to the "
+              "target's faces under tau2 (FAR %g); the ceiling an exact restorer reaches" % probe.fr.tau2_far,
+      "view": view, "eval_identities": eval_ids, "study_target": target_id, "esr_target": TARGETS["esr"],
+      "candidates_meeting_esr_target": meets, "rows": rows})
+  names = list(specs)
+  print("identity  " + "  ".join(f"{n[:12]:>12}" for n in names) + "       min")
+  for r in rows[:10] + [r for r in rows[10:] if r["study_target"]]:
+    mark = " <- the study's target" if r["study_target"] else ""
+    print(f"{r['identity']:>8}  " + "  ".join(f"{100 * r['esr'][n]:12.1f}" for n in names) + f"  {100 * r['min_esr']:8.1f}{mark}")
+  print(f"{len(meets)} of {len(rows)} candidates give ESR >= {100 * TARGETS['esr']:.0f}% on every model to the clean faces; "
+        f"wrote {args.target_scan}")
   return 0
 
 

@@ -100,6 +100,26 @@ def test_diagnose_prints_every_run_and_model(study, capsys):
   assert sum(line.startswith("| mobileface_v3 |") for line in table.splitlines()) == 3 * 6
 
 
+def test_target_scan_gives_the_clean_rows_esr_for_the_study_target_and_ranks_every_candidate(study, capsys):
+  from benchmarks import study_report  # pylint: disable=g-import-not-at-top
+
+  work, args, result = study
+  scan_path = work / "target_scan.json"
+  written = (work / "study.json").stat().st_mtime_ns
+  assert transfer_study.main(args + ["--target-scan", str(scan_path)]) == 0
+  assert "<- the study's target" in capsys.readouterr().out
+  scan = json.loads(scan_path.read_text())
+  assert scan["study_target"] == result["settings"]["target_identity"]
+  assert scan["eval_identities"] == result["settings"]["eval_identities"]
+  (mine,) = [r for r in scan["rows"] if r["study_target"]]
+  # The ceiling the scan predicts before training is what the study's clean row measured.
+  assert mine["esr"] == pytest.approx(study_report.clean_esr(result, "mobileface_v3"))
+  mins = [r["min_esr"] for r in scan["rows"]]
+  assert mins == sorted(mins, reverse=True) and all(r["identity"] not in scan["eval_identities"] for r in scan["rows"])
+  assert scan["candidates_meeting_esr_target"] == [r["identity"] for r in scan["rows"] if r["min_esr"] >= 0.9]
+  assert (work / "study.json").stat().st_mtime_ns == written  # the study's JSON is only read
+
+
 def test_unknown_fold_or_variant_is_one_line(study, capsys):
   _, args, _ = study
   assert transfer_study.main(args + ["--folds", "nonsense"]) == 2
