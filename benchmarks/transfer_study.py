@@ -106,9 +106,13 @@ class Settings:
   pgd_steps: int = 20
   bootstrap: int = 2000
   overrides: tuple[str, ...] = ()
+  target_identity: int = -1  # -1: the first identity of the seed's draw (`split`); else this one
 
   def key(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    key = dataclasses.asdict(self)
+    if self.target_identity < 0:  # a drawn target: the key of the studies written before the option existed
+      del key["target_identity"]
+    return key
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,16 +207,26 @@ def save(result: dict, out: pathlib.Path, argv) -> None:
                                                                                                       "command")})
 
 
-def split(faces: dict, eval_identities: int, seed: int) -> tuple[int, list[int]]:
+def split(faces: dict, eval_identities: int, seed: int, target: int = -1) -> tuple[int, list[int]]:
+  """`(target identity, held-out identities)`. The seed's permutation of the identities draws both: the target is its
+  first identity with two faces or more, the held-out ones the next `eval_identities`. A chosen `target` (>= 0, not
+  held out) replaces the drawn one and the held-out identities stay the same, so studies of two targets score the
+  same faces (the drawn target's faces then train)."""
   ids = np.unique(faces["identity"])
   counts = {int(i): int(np.sum(faces["identity"] == i)) for i in ids}
   order = [int(i) for i in np.random.default_rng(seed).permutation(ids)]
-  target = next(i for i in order if counts[i] >= 2)
-  rest = [i for i in order if i != target]
+  drawn = next(i for i in order if counts[i] >= 2)
+  rest = [i for i in order if i != drawn]
   if len(rest) < eval_identities + 2:
     raise SystemExit(f"error: {len(ids)} identities cannot give 1 target, {eval_identities} held out and a training "
                      "split; lower --eval-identities")
-  return target, sorted(rest[:eval_identities])
+  eval_ids = sorted(rest[:eval_identities])
+  if target < 0:
+    return drawn, eval_ids
+  if counts.get(target, 0) < 2 or target in eval_ids:
+    raise SystemExit(f"error: --target-identity {target} must be an identity with two faces or more that is not held "
+                     f"out ({eval_ids}); `--target-scan` lists the candidates")
+  return target, eval_ids
 
 
 def _names(value: str, known, what: str) -> list[str]:
@@ -225,8 +239,13 @@ def _names(value: str, known, what: str) -> list[str]:
 
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", default=str(REPO / "runs" / "transfer_study_k3"), help="aligned faces, models and runs")
-  p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "transfer_study.json"))
+  p.add_argument("--workdir", default=None, help="aligned faces, models and runs (default runs/transfer_study_k3, "
+                 "with --target-identity N runs/transfer_study_k3_target{N}: stage 1 trains without the target's faces)")
+  p.add_argument("--out", default=None, help="the study's JSON (default benchmarks/results/transfer_study.json, with "
+                 "--target-identity N transfer_study_target{N}.json)")
+  p.add_argument("--target-identity", type=int, default=-1, metavar="N",
+                 help="the target identity (default: drawn by the seed, identity 5 of the bundled faces; "
+                      "`--target-scan` ranks the candidates by the clean faces' ESR)")
   p.add_argument("--folds", default=DEFAULT_FOLDS, help=f"folds in order, named by their MobileFaceNet-family black "
                  f"box (default {DEFAULT_FOLDS}; each fold's surrogates: {FOLDS})")
   p.add_argument("--kinds", default=",".join(KINDS))
@@ -247,7 +266,11 @@ def parse_args(argv):
   p.add_argument("--ablation-steps", type=int, default=60, help="stage-2 steps of an ablation")
   p.add_argument("--ablation-kind", default="meta_auxiliary", choices=KINDS)
   p.add_argument("--ablation-fold", default="mobileface_v3", choices=list(FOLDS))
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  suffix = "" if args.target_identity < 0 else f"_target{args.target_identity}"
+  args.workdir = args.workdir or str(REPO / "runs" / f"transfer_study_k3{suffix}")
+  args.out = args.out or str(REPO / "benchmarks" / "results" / f"transfer_study{suffix}.json")
+  return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
   eval_identities = args.eval_identities if args.eval_identities is not None else (3 if args.tiny else 12)
   settings = Settings(config_arg="tiny" if args.tiny else "", eval_identities=eval_identities,
                       max_identities=8 if args.tiny else 0, pgd_steps=2 if args.tiny else 20,
-                      bootstrap=100 if args.tiny else 2000, overrides=tuple(args.override))
+                      bootstrap=100 if args.tiny else 2000, overrides=tuple(args.override),
+                      target_identity=args.target_identity)
   workdir = pathlib.Path(args.workdir)
   probe = base_config(settings, pathlib.Path("."), 0, [], [])
   # What the runs train, resolved from the config file and the overrides: a study whose config file has changed since
@@ -304,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
   faces_dir = scoring.prepare_faces(workdir, size, settings.max_identities)
   faces = load_face_folder_arrays(faces_dir, size)
   specs = scoring.prepare_models()
-  target_id, eval_ids = split(faces, settings.eval_identities, settings.seed)
+  try:
+    target_id, eval_ids = split(faces, settings.eval_identities, settings.seed, settings.target_identity)
+  except SystemExit as e:
+    print(e, file=sys.stderr)
+    return 2
   if args.target_scan:
     return target_scan(args, probe, result, specs, faces, target_id, eval_ids)
   if result is None:

@@ -149,3 +149,19 @@ def test_fr_throughput_times_a_real_model(assets_dir, tmp_path, monkeypatch):
   (row,) = report["real_models"]
   assert report["results"] == [] and row["model"] == "mobileface_v3" and row["input_size"] == [112, 112]
   assert len(row["s_per_round"]["folded"]) == 2 and row["folded_max_abs_diff"] < 1e-5 and row["ms_per_image"] > 0
+
+
+def test_transfer_study_split_a_chosen_target_keeps_the_drawn_held_out_faces():
+  from benchmarks import transfer_study  # pylint: disable=g-import-not-at-top
+
+  faces = {"identity": np.repeat(np.arange(20), 3)}
+  drawn, held_out = transfer_study.split(faces, 5, seed=0)
+  chosen = next(i for i in range(20) if i != drawn and i not in held_out)
+  assert transfer_study.split(faces, 5, seed=0, target=chosen) == (chosen, held_out)
+  with pytest.raises(SystemExit, match="not held out"):
+    transfer_study.split(faces, 5, seed=0, target=held_out[0])
+  # A drawn target leaves the study's key as it was before the option existed, so its JSON still resumes.
+  assert "target_identity" not in transfer_study.Settings().key()
+  assert transfer_study.Settings(target_identity=chosen).key()["target_identity"] == chosen
+  args = transfer_study.parse_args(["--target-identity", str(chosen)])
+  assert args.out.endswith(f"transfer_study_target{chosen}.json") and args.workdir.endswith(f"_target{chosen}")
