@@ -70,6 +70,12 @@ def _pct(v) -> str:
   return "n/a" if v is None else f"{100 * v:.1f}"
 
 
+def _lpips(quality: dict) -> str:
+  """"adv / rec": LPIPS of x_adv vs x_cov^{att_b} (vs x_cov for the baselines) and of x_rec vs x_cov."""
+  lp = lambda k: "n/a" if quality.get(k, {}).get("lpips") is None else f"{quality[k]['lpips']:.3f}"
+  return f"{lp('adv_vs_edit' if 'adv_vs_edit' in quality else 'adv_vs_cov')} / {lp('rec_vs_cov')}"
+
+
 def summary(result: dict) -> str:
   """A Markdown table per run: white-box ASR, every model's worst ESR / IRR, each black box's ASR and LPIPS."""
   lines = ["| fold | attack | variant | WB ASR (min) | ESR (min, all) | IRR (min, all) | BB ASR per model | BB ASR mean | "
@@ -83,11 +89,8 @@ def summary(result: dict) -> str:
       esr = min(clean_esr(result, r["fold"]).values())
     bb = " / ".join(f"{b} {_pct(m[b]['asr'])}" for b in r["blackbox"])
     bb_mean = float(np.mean([m[b]["asr"] for b in r["blackbox"]]))
-    q = r["quality"]
-    lp = lambda k: "n/a" if q.get(k, {}).get("lpips") is None else f"{q[k]['lpips']:.3f}"
     lines.append(f"| {r['fold']} | {r['attack']} | {r.get('variant') or '-'} | {_pct(wb_asr)} | {_pct(esr)} | "
-                 f"{_pct(irr)} | {bb} | {_pct(bb_mean)} | {lp('adv_vs_edit' if 'adv_vs_edit' in q else 'adv_vs_cov')}"
-                 f" / {lp('rec_vs_cov')} |")
+                 f"{_pct(irr)} | {bb} | {_pct(bb_mean)} | {_lpips(r['quality'])} |")
   for fold, pairs in result.get("paired_difference_meta_auxiliary", {}).items():
     if fold == "what":
       continue
@@ -99,6 +102,45 @@ def summary(result: dict) -> str:
         f"{k} {'met' if v['met'] else 'missed'} ({_pct(v['value'])}%"
         + (f"; the clean faces' {_pct(v['clean_faces'])}%" if "clean_faces" in v else "") + ")" for k, v in t.items()))
   return "\n".join(lines)
+
+
+def fold_tables(result: dict) -> str:
+  """Markdown, per fold: the clean faces' ESR, then every trained run's ASR / ESR / IRR (%) on each model (surrogates
+  first), its LPIPS and stage-2 + 3 seconds; at the end one row per fold against the targets, with meta_auxiliary
+  minus the ensemble and minus first order on the fold's named black box. The README's tables are this output."""
+  out = []
+  for fold in dict.fromkeys(r["fold"] for r in result["runs"]):
+    runs = [r for r in result["runs"] if r["fold"] == fold and r.get("variant")]
+    if not runs:
+      continue
+    models = runs[0]["surrogates"] + runs[0]["blackbox"]
+    roles = [f"{m} ({'white' if m in runs[0]['surrogates'] else 'black'})" for m in models]
+    out += [f"Fold {fold}: ASR / ESR / IRR in %", "", "| run | " + " | ".join(roles) + " | LPIPS adv / rec | stage 2 + 3 (s) |",
+            "|---" * (len(models) + 3) + "|"]
+    ceiling = clean_esr(result, fold)
+    out.append("| clean faces' ESR | " + " | ".join(_pct(ceiling.get(m)) for m in models) + " | | |")
+    for r in runs:
+      m, t = r["metrics"], r.get("train_s", {})
+      cells = [f"{_pct(m[n]['asr'])} / {_pct(m[n]['esr'])} / {_pct(m[n]['irr'])}" for n in models]
+      seconds = " + ".join(f"{t[k]:.0f}" for k in ("stage2", "stage3") if k in t)
+      out.append(f"| {r['attack']}, {r['variant']} | " + " | ".join(cells)
+                 + f" | {_lpips(r['quality'])} | {seconds} |")
+    out.append("")
+  out += ["| fold | WB ASR min | IRR min | ESR min (clean faces') | BB ASR mean | meta - ensemble, named black box | "
+          "meta - first order, named black box |", "|---|---|---|---|---|---|---|"]
+  pairs = result.get("paired_difference_meta_auxiliary", {})
+  for fold, t in result.get("targets", {}).items():
+    if fold == "all_folds":
+      continue
+    diff = lambda other: (lambda d: "n/a" if d is None else f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")(
+        pairs.get(f"bb-{fold}", {}).get(f"{fold}_vs_{other}"))
+    esr = t["esr_min_all_models"]
+    out.append(f"| {fold} | {_pct(t['whitebox_asr_min']['value'])} | {_pct(t['irr_min_all_models']['value'])} | "
+               f"{_pct(esr['value'])} ({_pct(esr.get('clean_faces'))}) | {_pct(t['blackbox_asr_mean']['value'])} | "
+               f"{diff('ensemble')} | {diff('first_order')} |")
+  if "all_folds" in result.get("targets", {}):
+    out.append(f"\nBlack-box ASR, mean over folds: {_pct(result['targets']['all_folds']['blackbox_asr_mean']['value'])}%")
+  return "\n".join(out)
 
 
 def clean_esr(result: dict, fold: str) -> dict[str, float]:

@@ -45,8 +45,8 @@ import numpy as np
 
 from benchmarks import results as results_lib
 from benchmarks import study_scoring as scoring
-from benchmarks.study_report import (BASELINES, KINDS, TARGETS, diagnose, face_grid, figures, paired_differences,
-                                      summary, targets)
+from benchmarks.study_report import (BASELINES, KINDS, TARGETS, diagnose, face_grid, figures, fold_tables,
+                                      paired_differences, summary, targets)
 from benchmarks.study_scoring import MODELS, REPO
 
 # Each fold's surrogates; its black boxes are the other three models.
@@ -257,6 +257,7 @@ def parse_args(argv):
   p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                  help="a study config override, e.g. schedule.stage2_steps=300 (recorded in the settings)")
   p.add_argument("--diagnose", action="store_true", help="print where each run of --out loses ESR / IRR and exit")
+  p.add_argument("--tables", action="store_true", help="print --out's tables per fold (the README's) and exit")
   p.add_argument("--target-scan", metavar="FILE.json", help="instead of the study: the clean faces' ESR (the ceiling "
                  "of ESR) for every identity that could be the target, per model, written to FILE.json; --out is only "
                  "read (its calibration)")
@@ -276,11 +277,11 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   out = pathlib.Path(args.out)
-  if args.diagnose:
+  if args.diagnose or args.tables:
     if not out.is_file():
       print(f"error: {out} not found; run the study first (or pass --out)", file=sys.stderr)
       return 2
-    print(diagnose(json.loads(out.read_text())))
+    print((diagnose if args.diagnose else fold_tables)(json.loads(out.read_text())))
     return 0
   if not scoring.CELEBA.is_dir():
     print(f"error: {scoring.CELEBA} not found; the study needs ../shared/assets beside the checkout", file=sys.stderr)

@@ -98,6 +98,12 @@ def test_diagnose_prints_every_run_and_model(study, capsys):
   assert transfer_study.main(["--diagnose", "--out", str(work / "study.json")]) == 0
   table = capsys.readouterr().out
   assert sum(line.startswith("| mobileface_v3 |") for line in table.splitlines()) == 3 * 6
+  assert transfer_study.main(["--tables", "--out", str(work / "study.json")]) == 0
+  tables = capsys.readouterr().out.splitlines()
+  trained = [r for r in result["runs"] if r["variant"]]
+  assert sum(line.startswith(("| meta_auxiliary, ", "| ensemble, ")) for line in tables) == len(trained) == 3
+  assert any(line.startswith("| clean faces' ESR | ") for line in tables)
+  assert sum(line.startswith("| mobileface_v3 | ") for line in tables) == 1  # its row against the targets
 
 
 def test_target_scan_gives_the_clean_rows_esr_for_the_study_target_and_ranks_every_candidate(study, capsys):
