@@ -46,7 +46,7 @@ def score(workdir: pathlib.Path, cache: pathlib.Path, max_identities: int = 0, b
   specs = study.prepare_models()
   faces = load_face_folder_arrays(study.prepare_faces(cache, size, max_identities), size)
   view = views.view_name(config.fr.input_crop, size)
-  calibration = study.calibrate_views(specs, faces, view)
+  calibration = study.calibrate_views(study.embed_faces(specs, faces, view), faces["identity"], view)
   splits = load_face_splits(config.data, config.fr, size)
   if len(splits.eval["image"]) == 0:
     raise ValueError(f"{workdir} has no held-out faces (data.eval_identities is empty); score a run that held some out")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,41 +92,55 @@ def prepare_models(names=None) -> dict[str, str]:
   return {name: spec(name) for name in names}
 
 
-def calibrate_views(specs: dict[str, str], faces: dict[str, np.ndarray], view: str) -> dict[str, dict]:
+class Embedded(NamedTuple):
+  """One FR model's embeddings of every aligned face, through one view."""
+  input_size: tuple[int, int]
+  embeddings: np.ndarray  # (N, D)
+
+
+def embed_faces(specs: dict[str, str], faces: dict[str, np.ndarray], view: str) -> dict[str, Embedded]:
+  """Each model's embeddings of every aligned face through `view` (the view it gets in training), computed once for
+  `calibrate_views` and `clean_esr_by_target`."""
+  from erasablemask_jax.fr import calibration
+
+  out = {}
+  for name, model_spec in specs.items():
+    recogniser = load_recogniser(model_spec)
+    out[name] = Embedded(tuple(recogniser.input_size), calibration.embed_view(recogniser, list(faces["image"]), view))
+  return out
+
+
+def calibrate_views(embedded: dict[str, Embedded], identity: np.ndarray, view: str) -> dict[str, dict]:
   """ROC of each FR model on every aligned face through the view it gets in training (thresholds per view)."""
   from erasablemask_jax.fr import calibration
 
-  stems = [str(i) for i in range(len(faces["identity"]))]
-  genuine, impostor = calibration.pairs_from_identities(stems, dict(zip(stems, faces["identity"].tolist())))
+  stems = [str(i) for i in range(len(identity))]
+  genuine, impostor = calibration.pairs_from_identities(stems, dict(zip(stems, np.asarray(identity).tolist())))
   out = {}
-  for name, spec in specs.items():
-    recogniser = load_recogniser(spec)
-    emb = calibration.embed_view(recogniser, list(faces["image"]), view)
-    m = calibration.metrics_from_embeddings(emb, genuine, impostor, fars=(0.1, 0.01, 0.001))
-    out[name] = {"view": view, "input_size": list(recogniser.input_size), "auc": m["auc"],
+  for name, e in embedded.items():
+    m = calibration.metrics_from_embeddings(e.embeddings, genuine, impostor, fars=(0.1, 0.01, 0.001))
+    out[name] = {"view": view, "input_size": list(e.input_size), "auc": m["auc"],
                  "tar_at_far": m["tar_at_far"], "thresholds": m["thresholds"], "n_images": len(stems),
                  "n_genuine": int(len(genuine)), "n_impostor": int(len(impostor))}
   return out
 
 
-def clean_esr_by_target(specs: dict[str, str], faces: dict[str, np.ndarray], view: str, calibration: dict,
-                        eval_ids: list[int], tau2_far: float) -> dict[int, dict[str, float]]:
+def clean_esr_by_target(embedded: dict[str, Embedded], identity: np.ndarray, calibration: dict, eval_ids: list[int],
+                        tau2_far: float) -> dict[int, dict[str, float]]:
   """For every identity that could be the target (two faces or more, not held out): per model, the ESR of the
   untouched held-out faces against it, the fraction whose cosine to its faces (`recognition.target_cosine`) is under
   the model's tau2. It is the ceiling of ESR an exact restorer reaches with that target (`study_report.clean_esr`),
   known before any training."""
-  from erasablemask_jax.fr import calibration as calibration_lib
   from erasablemask_jax.metrics import recognition
 
-  identity = np.asarray(faces["identity"])
+  identity = np.asarray(identity)
   held_out = np.isin(identity, np.asarray(eval_ids))
   candidates = [int(i) for i in np.unique(identity) if int(i) not in eval_ids and np.sum(identity == i) >= 2]
   out: dict[int, dict[str, float]] = {c: {} for c in candidates}
-  for name, model_spec in specs.items():
-    emb = calibration_lib.embed_view(load_recogniser(model_spec), list(faces["image"]), view)
+  for name, e in embedded.items():
     tau2 = calibration[name]["thresholds"][f"far_{tau2_far:g}"]
     for c in candidates:
-      cos = recognition.target_cosine(emb[held_out], emb[identity == c])
+      cos = recognition.target_cosine(e.embeddings[held_out], e.embeddings[identity == c])
       out[c][name] = recognition.erasure_success_rate(cos, tau2)
   return out
 

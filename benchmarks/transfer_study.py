@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
   started = time.time()
   size = probe.image_size
+  view = views.view_name(probe.fr.input_crop, size)
   faces_dir = scoring.prepare_faces(workdir, size, settings.max_identities)
   faces = load_face_folder_arrays(faces_dir, size)
   specs = scoring.prepare_models()
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print(e, file=sys.stderr)
     return 2
   if args.target_scan:
-    return target_scan(args, probe, result, specs, faces, target_id, eval_ids)
+    return target_scan(args, probe, result, specs, faces, view, target_id, eval_ids)
   if result is None:
     result = {"settings": {"study": key, "image_size": size, "target_identity": target_id,
                            "eval_identities": eval_ids, "n_faces": int(len(faces["identity"])),
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                                m for m in MODELS if m not in s]} for f, s in FOLDS.items()},
                            "machine": results_lib.machine(), "targets": TARGETS,
                            "command": "python -m benchmarks.transfer_study " + " ".join(argv or sys.argv[1:])},
-              "calibration": scoring.calibrate_views(specs, faces, views.view_name(probe.fr.input_crop, size)),
+              "calibration": scoring.calibrate_views(scoring.embed_faces(specs, faces, view), faces["identity"], view),
               "variants": {}, "runs": [], "timing": {}}
     save(result, out, argv)
   result["variants"].update({v: VARIANTS[v].as_json() for v in variants})
@@ -411,14 +412,13 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-def target_scan(args, probe, result: dict | None, specs: dict[str, str], faces: dict, target_id: int,
+def target_scan(args, probe, result: dict | None, specs: dict[str, str], faces: dict, view: str, target_id: int,
                 eval_ids: list[int]) -> int:
   """`--target-scan`: `scoring.clean_esr_by_target` for every candidate target, ranked by its worst model."""
-  from erasablemask_jax.fr import views
-
-  view = views.view_name(probe.fr.input_crop, probe.image_size)
-  calibration = result["calibration"] if result is not None else scoring.calibrate_views(specs, faces, view)
-  by_target = scoring.clean_esr_by_target(specs, faces, view, calibration, eval_ids, float(probe.fr.tau2_far))
+  embedded = scoring.embed_faces(specs, faces, view)
+  calibration = (result["calibration"] if result is not None
+                 else scoring.calibrate_views(embedded, faces["identity"], view))
+  by_target = scoring.clean_esr_by_target(embedded, faces["identity"], calibration, eval_ids, float(probe.fr.tau2_far))
   ranked = sorted(by_target, key=lambda c: (-min(by_target[c].values()), -float(np.mean(list(by_target[c].values())))))
   rows = [{"identity": c, "study_target": c == target_id, "min_esr": min(by_target[c].values()), "esr": by_target[c]}
           for c in ranked]
