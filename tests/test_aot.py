@@ -79,14 +79,18 @@ STAGE_KEYS = {"stage", "per_chip_bytes", "chip_bytes", "fits", "flops", "bytes_a
 
 @pytest.mark.skipif(not HAVE_LIBTPU, reason='libtpu is not installed: pip install -e ".[tpu]" (the `tpu` extra) to '
                     "compile for TPU topologies")
-@pytest.mark.parametrize("topology, chips, hosts, programs", [
-    ("v5e:2x2", 4, 1, "1,2,3,protect,restore"),
-    ("v4:2x2x2", 8, 2, "2"),  # the attack's step across two hosts (each program costs CI minutes)
+@pytest.mark.parametrize("topology, chips, hosts, programs, effort", [
+    ("v5e:2x2", 4, 1, "1,2,3,protect,restore", 0.0),
+    # The attack's step across two hosts (each program costs CI minutes), compiled at the lowest effort (about half the
+    # compile time).
+    ("v4:2x2x2", 8, 2, "2", -1.0),
 ])
-def test_tiny_config_with_the_attack_compiles_for_one_and_two_hosts(tmp_path, topology, chips, hosts, programs):
+def test_tiny_config_with_the_attack_compiles_for_one_and_two_hosts(tmp_path, topology, chips, hosts, programs,
+                                                                    effort):
   out = tmp_path / "compile.json"
   cmd = [sys.executable, "-m", "erasablemask_jax.cli", "compile", "--config", "smoke", "--topology", topology,
-         "--out", str(out), "--programs", programs, ATTACK_ON, "--config.data.batch_size=8"]
+         "--out", str(out), "--programs", programs, ATTACK_ON, "--config.data.batch_size=8",
+         f"--compile-effort={effort}"]
   proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
                         timeout=3000, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -97,6 +101,7 @@ def test_tiny_config_with_the_attack_compiles_for_one_and_two_hosts(tmp_path, to
   assert [s["stage"] for s in report["stages"]] == [int(p) for p in stages]
   for stage in report["stages"]:
     assert STAGE_KEYS <= set(stage), stage["stage"]
+    assert stage["compile_effort"] == effort
     assert set(stage["per_chip_bytes"]) == {"argument", "output", "temp", "alias", "total"}
     assert stage["fits"] and 0 < stage["per_chip_bytes"]["total"] < stage["chip_bytes"]
     assert stage["per_chip_bytes"]["alias"] > 0  # the state is donated
@@ -108,3 +113,10 @@ def test_tiny_config_with_the_attack_compiles_for_one_and_two_hosts(tmp_path, to
     assert flops[2] > max(flops[1], flops[3])  # stage 2 differentiates through the surrogates (second order)
     assert {f["function"] for f in report["functions"]} == {"protect", "restore"}
   assert "stage 2" in proc.stdout and "roofline" in proc.stdout
+  assert ("compiled at a lower effort" in proc.stdout) == (effort != 0), proc.stdout
+
+
+@pytest.mark.parametrize("effort", [-1.5, 2.0])
+def test_compile_effort_outside_xlas_range_is_a_config_error(effort):
+  with pytest.raises(ConfigError, match=r"outside \[-1, 1\]"):
+    aot.compile_run(types.SimpleNamespace(), "v5e:2x2", effort=effort)

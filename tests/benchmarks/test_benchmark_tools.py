@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import cost_sweep
+from benchmarks import pod_compile
 from benchmarks import profile_summary
 from benchmarks import results
 from benchmarks import run_all
@@ -165,3 +166,28 @@ def test_transfer_study_split_a_chosen_target_keeps_the_drawn_held_out_faces():
   assert transfer_study.Settings(target_identity=chosen).key()["target_identity"] == chosen
   args = transfer_study.parse_args(["--target-identity", str(chosen)])
   assert args.out.endswith(f"transfer_study_target{chosen}.json") and args.workdir.endswith(f"_target{chosen}")
+
+
+def test_pod_compile_derives_training_time_largest_batch_and_marks_quick_compiles(tmp_path):
+  gib = 2**30
+
+  def stage(n, effort):
+    return {"stage": n, "compile_s": 1.0, "compile_effort": effort, "chip_bytes": 16 * gib, "fits": True,
+            "per_chip_bytes": {"argument": 2 * gib, "output": 2 * gib, "alias": 2 * gib, "temp": gib, "total": 3 * gib},
+            "flops": 1e12, "bytes_accessed": 3 * gib, "roofline_s": 0.01, "collective_s": 0.0025,
+            "collective_share": 0.2}
+
+  run = {"config": "celebahq_paper", "overrides": [], "chip": "TPU v5e", "chips": 16, "hosts": 4, "global_batch": 32,
+         "mesh_state": "replicated", "surrogates": [], "stages": [stage(1, 0.0), stage(2, -1.0)]}
+  (tmp_path / "paper__v5e-4x4.json").write_text(json.dumps(run))
+  report = pod_compile.collect(tmp_path, ["paper", "study"], ["v5e:4x4", "v5e:2x4"])
+  assert len(report["runs"]) == 1 and not report["runs"][0]["complete"]  # stage 3 missing; the absent runs skipped
+  d = report["runs"][0]["derived"]
+  assert d["steps_per_epoch"] == 938  # ceil(30000 / 32)
+  # 12.5 ms a step (roofline + collectives) x 938 steps x 200 epochs (stage 1) and x 100 (stage 2).
+  assert d["stages"][1]["wall_h"] == pytest.approx(0.0125 * 938 * 200 / 3600)
+  assert d["wall_h"] == pytest.approx(0.0125 * 938 * 300 / 3600)
+  # 2 faces per chip use 1 GiB of temporaries; 16 - (2 + 2 - 2) GiB left holds 28 faces.
+  assert d["stages"][1]["largest_per_chip_batch"] == 28
+  rows = pod_compile.table(report).splitlines()[2:]
+  assert [r.split(" | ")[3] for r in rows] == ["1", "2 (effort -1)"]
