@@ -303,7 +303,8 @@ def compile_run(config: ml_collections.ConfigDict, topology: str, num_slices: in
             "surrogates": notes, "stages": [], "functions": []}
   options = {"exec_time_optimization_effort": effort} if effort else None
   done = dict(done or {})
-  for name in only:
+  # Programs compiled earlier stay in the report beside those asked for now (a partial rerun never drops them).
+  for name in [n for n in ("1", "2", "3", "protect", "restore") if n in only or n in done]:
     if name in done:
       result = done[name]
     else:

@@ -120,3 +120,36 @@ def test_tiny_config_with_the_attack_compiles_for_one_and_two_hosts(tmp_path, to
 def test_compile_effort_outside_xlas_range_is_a_config_error(effort):
   with pytest.raises(ConfigError, match=r"outside \[-1, 1\]"):
     aot.compile_run(types.SimpleNamespace(), "v5e:2x2", effort=effort)
+
+
+def test_a_partial_rerun_keeps_the_programs_compiled_before(monkeypatch):
+  """`--programs 3` on a report that holds stage 1 compiles stage 3 and keeps stage 1, in program order."""
+  compiled = []
+
+  class Lowered:
+    def __init__(self, name):
+      self.name = name
+
+    def compile(self, compiler_options=None):
+      compiled.append((self.name, compiler_options))
+      return self.name
+
+  class Fn:
+    def __init__(self, name):
+      self.name = name
+
+    def lower(self, *args):
+      return Lowered(self.name)
+
+  monkeypatch.setattr(aot, "topology_devices", lambda topology, num_slices=1: [types.SimpleNamespace(process_index=0)])
+  monkeypatch.setattr(aot, "programs", lambda config, devices, hosts, archs: (
+      None, [], {n: (Fn(n), ()) for n in ("1", "2", "3", "protect", "restore")}))
+  monkeypatch.setattr(aot, "analyse", lambda c, chip: {"flops": float(len(c))})
+  config = types.SimpleNamespace(data=types.SimpleNamespace(batch_size=8), mesh={})
+  earlier = {"stage": 1, "compile_s": 4330.0, "compile_effort": 0.0, "flops": 7.0}
+  reports = []
+  report = aot.compile_run(config, "v5e:2x2", only=["3"], done={"1": earlier}, on_result=reports.append, effort=-1.0)
+  assert compiled == [("3", {"exec_time_optimization_effort": -1.0})]
+  assert report["stages"][0] == earlier
+  assert [(s["stage"], s["compile_effort"]) for s in report["stages"]] == [(1, 0.0), (3, -1.0)]
+  assert report["functions"] == []
