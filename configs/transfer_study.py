@@ -32,7 +32,9 @@ def get_config(arg: str | None = None):
   # R is trained by L_era alone under Adam (scale-invariant) in stage 2, so l_era only weighs how much E_adv serves
   # restorability against the attack. The paper's 150 dominates E_adv's gradient at this scale: the white-box cosines
   # stay at ~0 for 140 steps (benchmarks/results/transfer_study_k2_s240.json, "ablations"), and on the demo it cut ASR
-  # from 71% to 14%. The study keeps l_era = 150 as its `paper_l_era` row beside this one.
+  # from 71% to 14%. The study keeps l_era = 150 as its `paper_l_era` row beside this one: on fold MobileFace V3 at
+  # K = 3 it gave white-box ASR 4 / 8 / 0% (this config: 73 / 77 / 40%) for ESR 85-94% (75-89%) and IRR 100% on five
+  # models (benchmarks/README.md, "Transfer study").
   config.loss.l_era = 1.0
   # Stage 3 stays Eq. 16 (L_era alone) here, so that the `study` row is the paper's stage 3; the identity term L_id
   # (`loss.l_era_id`) is the study's `with_id_100` row beside it (l_era_id = 100: on fold MobileFace V3 it raised ESR
