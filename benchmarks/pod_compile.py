@@ -143,7 +143,10 @@ def main(argv=None) -> int:
   # The compiles run in child processes with the caller's environment; this process only reads and writes JSON, and
   # its jax (the report's machine line) keeps to the CPU, so libtpu never starts here to look for a TPU.
   child_env = dict(os.environ)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if not os.environ.get("JAX_PLATFORMS"):
+    import jax  # pylint: disable=import-outside-toplevel
+
+    jax.config.update("jax_platforms", "cpu")  # jax read $JAX_PLATFORMS at import, so the variable would come late
   settings, topologies = args.only.split(","), args.topologies.split(",")
   unknown = [s for s in settings if s not in SETTINGS]
   if unknown:
