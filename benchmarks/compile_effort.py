@@ -35,13 +35,18 @@ def main(argv=None) -> int:
   ap.add_argument("--topology", default="v5e:2x2")
   ap.add_argument("--stages", default="3,2", help="stages to compile, in order")
   ap.add_argument("--options", default="default,effort_-1", help=f"option sets, in order: {','.join(OPTIONS)}")
-  ap.add_argument("--out", default=results.out_path("compile_effort"))
+  ap.add_argument("--out", default=results.out_path("compile_effort.json"))
   args = ap.parse_args(argv)
   names = args.options.split(",")
   unknown = [n for n in names if n not in OPTIONS]
   if unknown:
     ap.error(f"--options: unknown {unknown}; choose from {list(OPTIONS)}")
   load = os.getloadavg()
+  if not os.environ.get("JAX_PLATFORMS"):
+    import jax  # pylint: disable=import-outside-toplevel
+
+    # Compiling for a TPU topology needs no TPU backend: jax stays on the CPU (else libtpu looks for a chip).
+    jax.config.update("jax_platforms", "cpu")
 
   from erasablemask_jax import aot  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.config import load_config  # pylint: disable=import-outside-toplevel
