@@ -3,12 +3,13 @@
 For each setting and topology it runs `erasablemask compile` in its own process (libtpu must be installed: the `tpu`
 extra), one after the other, each writing its JSON under `--runs-dir` as each program finishes; a rerun keeps what is
 there and compiles only what is missing, so the whole sweep can be stopped and resumed. It then collects
-`benchmarks/results/pod_compile.json` (`runs`: each with `config`, `topology` as passed, and the compile's `stages`) and prints
-the README table: per-chip HBM and roofline time per stage, the implied wall time of the paper's 200/100/50 epochs of
-CelebA-HQ (30,000 faces), the largest per-chip batch that fits (the step's temporaries scaled linearly from the one
-compiled batch, an extrapolation), and the collectives' share of the step; beside it the same estimate for one
-H100 / H200 from the slice's total FLOPs and bytes, the replicated state's read and write counted once (an estimate:
-no GPU compile).
+`benchmarks/results/pod_compile.json` (`runs`: each with `config`, `topology` as passed, and the compile's `stages`)
+and prints the README table: per-chip HBM and roofline time per stage (marked "(XLA)" where it is the compiler's own
+estimate, which libtpu gives at `--compile-effort -1`; else max(FLOPs / peak, bytes / HBM bandwidth)), the implied
+wall time of the paper's 200/100/50 epochs of CelebA-HQ (30,000 faces), the largest per-chip batch that fits (the
+step's temporaries scaled linearly from the one compiled batch, an extrapolation), and the collectives' share of the
+step; beside it the same estimate for one H100 / H200 from the slice's total FLOPs and bytes, the replicated state's
+read and write counted once (an estimate: no GPU compile).
 
     python -m benchmarks.pod_compile                      # everything below (hours on a 2-core CPU)
     python -m benchmarks.pod_compile --only paper --topologies v5e:4x4
@@ -30,11 +31,12 @@ from benchmarks import results
 from erasablemask_jax import aot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# name: (config, overrides, --surrogate-archs). The paper's three white-box surrogates; the study's fold of two.
+# name: (config, overrides, --surrogate-archs). The paper's three white-box surrogates; the K = 3 study's fold
+# MobileFace V3 (foamliu, Xiaoccer, MobileFace V2: their architectures, abstract, so no converted file is needed).
 SETTINGS = {
     "paper": ("celebahq_paper", [], "ir_152,ir_se_50,mobilefacenet"),
-    "study": ("transfer_study", ['--config.fr.surrogates=("fr/xiaoccer","bundled:mobilefacenet")'],
-              "mobilefacenet_sphereface,mobilefacenet"),
+    "study": ("transfer_study", ['--config.fr.surrogates=("fr/foamliu","fr/xiaoccer","fr/mobileface_v2")'],
+              "mobilefacenet,mobilefacenet_sphereface,mobileface_v2"),
 }
 # Cloud TPU names -> topologies: v5e-8 (one host of 8 chips), v5e-16 (4 hosts), v4-16 (8 chips), v5p-8, v6e-8.
 BATCH = {"paper": 32, "study": 8}  # the configs' global batches
@@ -86,6 +88,7 @@ def derived(run: dict) -> dict:
       seconds = max(s["flops"] * chips / chip.peak_flops, gpu_bytes / chip.hbm_bandwidth)
       gpu[name] = {"step_s": seconds, "wall_h": seconds * steps_per_epoch * EPOCHS[s["stage"]] / 3600}
     out["stages"][s["stage"]] = {"hbm_gib": m["total"] / 2**30, "fits": s["fits"], "roofline_s": s["roofline_s"],
+                                 "roofline_source": s.get("roofline_source", "flops_bytes_over_peaks"),
                                  "collective_share": s["collective_share"], "wall_h": wall / 3600,
                                  "largest_per_chip_batch": largest, "gpu_estimate": gpu}
   out["wall_h"] = total / 3600
@@ -120,7 +123,8 @@ def table(report: dict) -> str:
       lines.append(
           f"| {run['setting']} (batch {run['global_batch']}) | {run['topology']} | {run['chips']} / {run['hosts']} | "
           f"{s['stage']}{' (effort %g)' % s['compile_effort'] if s.get('compile_effort') else ''} | "
-          f"{e['hbm_gib']:.2f} | {'yes' if e['fits'] else 'no'} | {e['roofline_s'] * 1e3:.1f} ms | "
+          f"{e['hbm_gib']:.2f} | {'yes' if e['fits'] else 'no'} | {e['roofline_s'] * 1e3:.1f} ms"
+          f"{' (XLA)' if e['roofline_source'] == 'compiler' else ''} | "
           f"{e['collective_share']:.0%} | {e['wall_h']:.1f} h ({EPOCHS[s['stage']]} ep.) | "
           f"{e['largest_per_chip_batch'] if e['largest_per_chip_batch'] is not None else '-'} | "
           f"{gpu['h100']['wall_h']:.1f} / {gpu['h200']['wall_h']:.1f} h |")

@@ -175,7 +175,7 @@ def test_pod_compile_derives_training_time_largest_batch_and_marks_quick_compile
     return {"stage": n, "compile_s": 1.0, "compile_effort": effort, "chip_bytes": 16 * gib, "fits": True,
             "per_chip_bytes": {"argument": 2 * gib, "output": 2 * gib, "alias": 2 * gib, "temp": gib, "total": 3 * gib},
             "flops": 1e12, "bytes_accessed": 3 * gib, "roofline_s": 0.01, "collective_s": 0.0025,
-            "collective_share": 0.2}
+            "collective_share": 0.2, "roofline_source": "compiler" if effort else "flops_bytes_over_peaks"}
 
   run = {"config": "celebahq_paper", "overrides": [], "chip": "TPU v5e", "chips": 16, "hosts": 4, "global_batch": 32,
          "mesh_state": "replicated", "surrogates": [], "stages": [stage(1, 0.0), stage(2, -1.0)]}
@@ -191,3 +191,4 @@ def test_pod_compile_derives_training_time_largest_batch_and_marks_quick_compile
   assert d["stages"][1]["largest_per_chip_batch"] == 28
   rows = pod_compile.table(report).splitlines()[2:]
   assert [r.split(" | ")[3] for r in rows] == ["1", "2 (effort -1)"]
+  assert [r.split(" | ")[6] for r in rows] == ["10.0 ms", "10.0 ms (XLA)"]  # whose roofline it is
