@@ -59,10 +59,17 @@ def compile_one(setting: str, topology: str, runs_dir: pathlib.Path, batch: int 
          *([f"--compile-effort={effort}"] if effort else []), *overrides, *extra]
   print("$", " ".join(cmd), flush=True)
   try:
-    return subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, check=False).returncode
+    rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, check=False).returncode
   except subprocess.TimeoutExpired:
     print(f"{setting} {topology}: stopped after {timeout:.0f} s; rerun to resume", flush=True)
     return 124
+  if rc < 0:  # a signal: libtpu 0.0.42.1 overflows its stack on some programs (the study's for v6e:2x4)
+    print(f"{setting} {topology}: the compiler crashed (signal {-rc}); the programs compiled before it are kept, the "
+          "other runs go on; try another --compile-effort or libtpu version", flush=True)
+  elif rc:
+    print(f"{setting} {topology}: erasablemask compile exited with {rc} (its message is above); the other runs go on",
+          flush=True)
+  return rc
 
 
 def derived(run: dict) -> dict:

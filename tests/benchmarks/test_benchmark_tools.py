@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import types
 
 import numpy as np
 import pytest
@@ -192,3 +193,9 @@ def test_pod_compile_derives_training_time_largest_batch_and_marks_quick_compile
   rows = pod_compile.table(report).splitlines()[2:]
   assert [r.split(" | ")[3] for r in rows] == ["1", "2 (effort -1)"]
   assert [r.split(" | ")[6] for r in rows] == ["10.0 ms", "10.0 ms (XLA)"]  # whose roofline it is
+
+
+def test_pod_compile_says_when_the_compiler_crashes_and_goes_on(monkeypatch, tmp_path, capsys):
+  monkeypatch.setattr(pod_compile.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=-11))
+  assert pod_compile.compile_one("study", "v6e:2x4", tmp_path, None, 60.0) == -11
+  assert "the compiler crashed (signal 11)" in capsys.readouterr().out
