@@ -42,14 +42,11 @@ def main(argv=None) -> int:
   if unknown:
     ap.error(f"--options: unknown {unknown}; choose from {list(OPTIONS)}")
   load = os.getloadavg()
-  if not os.environ.get("JAX_PLATFORMS"):
-    import jax  # pylint: disable=import-outside-toplevel
-
-    # Compiling for a TPU topology needs no TPU backend: jax stays on the CPU (else libtpu looks for a chip).
-    jax.config.update("jax_platforms", "cpu")
 
   from erasablemask_jax import aot  # pylint: disable=import-outside-toplevel
   from erasablemask_jax.config import load_config  # pylint: disable=import-outside-toplevel
+
+  aot.keep_host_on_cpu()
 
   out = pathlib.Path(args.out)
   key = {"config": args.config, "topology": args.topology}

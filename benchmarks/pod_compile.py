@@ -50,7 +50,7 @@ def run_path(runs_dir: pathlib.Path, setting: str, topology: str) -> pathlib.Pat
 
 
 def compile_one(setting: str, topology: str, runs_dir: pathlib.Path, batch: int | None, timeout: float,
-                programs: str = "1,2,3", effort: float = 0.0, env: dict[str, str] | None = None) -> int:
+                programs: str = "1,2,3", effort: float = 0.0) -> int:
   """`erasablemask compile` of one setting on one topology, resuming whatever `runs_dir` already holds."""
   config, overrides, archs = SETTINGS[setting]
   extra = [f"--config.data.batch_size={batch}"] if batch else []
@@ -59,7 +59,7 @@ def compile_one(setting: str, topology: str, runs_dir: pathlib.Path, batch: int 
          *([f"--compile-effort={effort}"] if effort else []), *overrides, *extra]
   print("$", " ".join(cmd), flush=True)
   try:
-    rc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, check=False).returncode
+    rc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, check=False).returncode
   except subprocess.TimeoutExpired:
     print(f"{setting} {topology}: stopped after {timeout:.0f} s; rerun to resume", flush=True)
     return 124
@@ -147,17 +147,12 @@ def main(argv=None) -> int:
   ap.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per compile process")
   ap.add_argument("--programs", default="1,2,3", help="stages to compile (each run's JSON keeps what it has)")
   ap.add_argument("--compile-effort", type=float, default=0.0, help="`erasablemask compile --compile-effort`: -1 "
-                  "compiles about twice as fast (each stage's entry and the table say so)")
+                  "compiles 2-4x as fast (each stage's entry and the table say so)")
   ap.add_argument("--summary-only", action="store_true")
   ap.add_argument("--out", default="benchmarks/results/pod_compile.json")
   args = ap.parse_args(argv)
-  # The compiles run in child processes with the caller's environment; this process only reads and writes JSON, and
-  # its jax (the report's machine line) keeps to the CPU, so libtpu never starts here to look for a TPU.
-  child_env = dict(os.environ)
-  if not os.environ.get("JAX_PLATFORMS"):
-    import jax  # pylint: disable=import-outside-toplevel
-
-    jax.config.update("jax_platforms", "cpu")  # jax read $JAX_PLATFORMS at import, so the variable would come late
+  # The compiles run in child processes; this one only reads and writes JSON (its machine line included).
+  aot.keep_host_on_cpu()
   settings, topologies = args.only.split(","), args.topologies.split(",")
   unknown = [s for s in settings if s not in SETTINGS]
   if unknown:
@@ -172,7 +167,7 @@ def main(argv=None) -> int:
         chips = math.prod(int(n) for n in topology.split(":")[1].split("x"))
         batch = BATCH[setting]  # the study's 8 does not divide over 16 chips: one face per chip there
         compile_one(setting, topology, runs_dir, chips if batch % chips else None, args.timeout, args.programs,
-                    args.compile_effort, child_env)
+                    args.compile_effort)
         write(args, settings, topologies, runs_dir, load)
   report = write(args, settings, topologies, runs_dir, load)
   print(table(report))

@@ -103,6 +103,14 @@ def quiet_libtpu(topology: str) -> None:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+def keep_host_on_cpu() -> None:
+  """Keeps this process's own jax backend on the CPU unless $JAX_PLATFORMS names one: compiling for a TPU topology
+  needs no TPU backend, and without this libtpu starts and looks for a chip. jax reads the variable when it is
+  imported, so this sets its config instead (before any backend starts)."""
+  if not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")
+
+
 def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
   """The compile-only devices of `num_slices` slices of `topology` (one device per chip; four chips per host).
 
